@@ -1,0 +1,159 @@
+"""The data contract of the dunnhumby "Let's Get Sort-of-Real" (LGSR) transaction files.
+
+One CSV per shop week, ``transactions_YYYYWW.csv``, one row per product line of a basket, with the
+22 columns of :data:`LGSR_COLUMNS` in that order. This module is the single home of that contract:
+the generator writes it, the validator enforces it, and nothing else hard-codes a column name.
+
+Shop weeks are fiscal weeks of 52 per year, consecutive Mondays: week ``200607`` starts on Monday
+2006-04-10, ``200652`` is followed by ``200701``. ``SHOP_WEEKDAY`` counts from 1 = Sunday.
+``XX`` means "unknown" and is a real value, not an error.
+"""
+
+import datetime as dt
+import re
+
+import polars as pl
+
+#: The 22 columns of an LGSR transaction file, in file order.
+LGSR_COLUMNS: tuple[str, ...] = (
+    "SHOP_WEEK",
+    "SHOP_DATE",
+    "SHOP_WEEKDAY",
+    "SHOP_HOUR",
+    "QUANTITY",
+    "SPEND",
+    "PROD_CODE",
+    "PROD_CODE_10",
+    "PROD_CODE_20",
+    "PROD_CODE_30",
+    "PROD_CODE_40",
+    "CUST_CODE",
+    "CUST_PRICE_SENSITIVITY",
+    "CUST_LIFESTAGE",
+    "BASKET_ID",
+    "BASKET_SIZE",
+    "BASKET_PRICE_SENSITIVITY",
+    "BASKET_TYPE",
+    "BASKET_DOMINANT_MISSION",
+    "STORE_CODE",
+    "STORE_FORMAT",
+    "STORE_REGION",
+)
+
+#: Some copies of the dataset name the two customer segment columns ``seg_1`` / ``seg_2``.
+HEADER_ALIASES: dict[str, str] = {
+    "seg_1": "CUST_PRICE_SENSITIVITY",
+    "seg_2": "CUST_LIFESTAGE",
+}
+
+#: Closed code sets. The order of each tuple is the class order of the matching label head.
+PRICE_SENSITIVITY_CODES: tuple[str, ...] = ("LA", "MM", "UM", "XX")
+LIFESTAGE_CODES: tuple[str, ...] = ("YA", "OA", "YF", "OF", "PE", "OT", "XX")
+BASKET_SIZE_CODES: tuple[str, ...] = ("S", "M", "L")
+BASKET_TYPE_CODES: tuple[str, ...] = ("Small Shop", "Top Up", "Full Shop", "XX")
+DOMINANT_MISSION_CODES: tuple[str, ...] = ("Fresh", "Grocery", "Mixed", "Nonfood", "XX")
+STORE_FORMAT_CODES: tuple[str, ...] = ("LS", "MS", "SS", "XLS")
+
+#: Columns whose value must come from a closed set (None allowed where the column is nullable).
+CODE_SETS: dict[str, tuple[str, ...]] = {
+    "CUST_PRICE_SENSITIVITY": PRICE_SENSITIVITY_CODES,
+    "CUST_LIFESTAGE": LIFESTAGE_CODES,
+    "BASKET_SIZE": BASKET_SIZE_CODES,
+    "BASKET_PRICE_SENSITIVITY": PRICE_SENSITIVITY_CODES,
+    "BASKET_TYPE": BASKET_TYPE_CODES,
+    "BASKET_DOMINANT_MISSION": DOMINANT_MISSION_CODES,
+    "STORE_FORMAT": STORE_FORMAT_CODES,
+}
+
+#: Typed schema of a validated transaction row (the parquet written by ``raw_transactions``).
+#: Closed code sets are ``Enum`` (a value outside the set cannot even be parsed), identifiers are
+#: ``Categorical`` (dictionary-encoded: ~5k products, ~500k customers for hundreds of millions of rows).
+TRANSACTION_SCHEMA: dict[str, pl.DataType] = {
+    "SHOP_WEEK": pl.Int32(),
+    "SHOP_DATE": pl.Int32(),
+    "SHOP_WEEKDAY": pl.Int8(),
+    "SHOP_HOUR": pl.Int8(),
+    "QUANTITY": pl.Int32(),
+    "SPEND": pl.Float64(),
+    "PROD_CODE": pl.Categorical(),
+    "PROD_CODE_10": pl.Categorical(),
+    "PROD_CODE_20": pl.Categorical(),
+    "PROD_CODE_30": pl.Categorical(),
+    "PROD_CODE_40": pl.Categorical(),
+    "CUST_CODE": pl.Categorical(),
+    "CUST_PRICE_SENSITIVITY": pl.Enum(PRICE_SENSITIVITY_CODES),
+    "CUST_LIFESTAGE": pl.Enum(LIFESTAGE_CODES),
+    "BASKET_ID": pl.Int64(),
+    "BASKET_SIZE": pl.Enum(BASKET_SIZE_CODES),
+    "BASKET_PRICE_SENSITIVITY": pl.Enum(PRICE_SENSITIVITY_CODES),
+    "BASKET_TYPE": pl.Enum(BASKET_TYPE_CODES),
+    "BASKET_DOMINANT_MISSION": pl.Enum(DOMINANT_MISSION_CODES),
+    "STORE_CODE": pl.Categorical(),
+    "STORE_FORMAT": pl.Enum(STORE_FORMAT_CODES),
+    "STORE_REGION": pl.Categorical(),
+}
+assert tuple(TRANSACTION_SCHEMA) == LGSR_COLUMNS
+
+#: Identifier formats of the real dataset (anchored regular expressions).
+ID_PATTERNS: dict[str, str] = {
+    "PROD_CODE": r"^PRD\d{7}$",
+    "PROD_CODE_10": r"^CL\d{5}$",
+    "PROD_CODE_20": r"^DEP\d{5}$",
+    "PROD_CODE_30": r"^G\d{5}$",
+    "PROD_CODE_40": r"^D\d{5}$",
+    "CUST_CODE": r"^CUST\d{10}$",
+    "STORE_CODE": r"^STORE\d{5}$",
+    "STORE_REGION": r"^[ENSW]\d{2}$",
+}
+
+#: Columns that may be empty: the loyalty-card fields of anonymous shoppers.
+NULLABLE_COLUMNS: frozenset[str] = frozenset(
+    {"CUST_CODE", "CUST_PRICE_SENSITIVITY", "CUST_LIFESTAGE"}
+)
+
+#: The four basket labels, in the order of the auxiliary heads.
+LABEL_COLUMNS: tuple[str, ...] = (
+    "BASKET_SIZE",
+    "BASKET_PRICE_SENSITIVITY",
+    "BASKET_TYPE",
+    "BASKET_DOMINANT_MISSION",
+)
+LABEL_CODES: dict[str, tuple[str, ...]] = {c: CODE_SETS[c] for c in LABEL_COLUMNS}
+
+FIRST_WEEK = 200607
+FIRST_WEEK_MONDAY = dt.date(2006, 4, 10)
+WEEKS_PER_YEAR = 52
+
+_FILE_RE = re.compile(r"^transactions_(\d{6})\.csv$")
+
+
+def week_code(week_index: int) -> int:
+    """Shop week code ``YYYYWW`` of the ``week_index``-th week (0 → 200607, 45 → 200652, 46 → 200701)."""
+    n = FIRST_WEEK % 100 - 1 + week_index
+    return (FIRST_WEEK // 100 + n // WEEKS_PER_YEAR) * 100 + n % WEEKS_PER_YEAR + 1
+
+
+def week_index(code: int) -> int:
+    """Inverse of :func:`week_code`: 200607 → 0."""
+    year, ww = divmod(int(code), 100)
+    return (year - FIRST_WEEK // 100) * WEEKS_PER_YEAR + ww - FIRST_WEEK % 100
+
+
+def week_monday(code: int) -> dt.date:
+    """Monday on which shop week ``code`` starts."""
+    return FIRST_WEEK_MONDAY + dt.timedelta(weeks=week_index(code))
+
+
+def lgsr_weekday(date: dt.date) -> int:
+    """LGSR weekday of ``date``: 1 = Sunday … 7 = Saturday."""
+    return date.isoweekday() % 7 + 1
+
+
+def weekly_file_name(code: int) -> str:
+    return f"transactions_{code}.csv"
+
+
+def week_of_file(name: str) -> int | None:
+    """Week code of a weekly file name, or None when the name is not ``transactions_YYYYWW.csv``."""
+    m = _FILE_RE.match(name)
+    return int(m.group(1)) if m else None
