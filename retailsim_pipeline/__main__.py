@@ -1,0 +1,3 @@
+from retailsim_pipeline.cli import main
+
+raise SystemExit(main())

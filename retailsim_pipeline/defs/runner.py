@@ -1,0 +1,169 @@
+"""In-process materialization for ``retailsim run``: what is missing or stale, and nothing else.
+
+1. Every ``raw/transactions_YYYYWW.csv`` without a partition is registered as one.
+2. For partitioned assets in the selection, each partition is materialized (one run each) when it
+   was never materialized, its file changed (size/mtime differ and then the content hash differs)
+   or the asset's code version changed.
+3. The selected unpartitioned assets are materialized together in one run, in dependency order,
+   when they were never materialized, their code version changed, or a parent was materialized
+   after them (in this invocation or before).
+
+Runs go through ``dagster.materialize`` on the given instance, so they appear in the UI's run list
+and asset catalog exactly like runs launched there.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import dagster as dg
+from tqdm import tqdm
+
+from retailsim_pipeline.config import DataPaths
+from retailsim_pipeline.defs.ingest_assets import weekly_files
+from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.prep.samples import file_sha256
+from retailsim_pipeline.prep.schema import week_of_file, weekly_file_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    registered: list[str] = field(default_factory=list)
+    partitions_materialized: list[str] = field(default_factory=list)
+    partitions_current: int = 0
+    assets_materialized: list[str] = field(default_factory=list)
+    assets_current: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    checks_passed: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def lines(self) -> list[str]:
+        out = [
+            f"registered {len(self.registered)} new weekly partition(s)",
+            f"materialized {len(self.partitions_materialized)} partition(s); "
+            f"{self.partitions_current} already up to date",
+            f"materialized: {', '.join(self.assets_materialized) or 'nothing'}",
+        ]
+        if self.checks_passed:
+            out.append(f"checks passed: {', '.join(self.checks_passed)}")
+        if self.assets_current:
+            out.append(f"up to date: {', '.join(self.assets_current)}")
+        out += [f"FAILED: {f}" for f in self.failures]
+        return out
+
+
+def register_weekly_files(instance: dg.DagsterInstance, paths: DataPaths) -> tuple[list[str], list[str]]:
+    """(all partition keys on disk, the ones newly registered)."""
+    weeks = sorted(w for p in paths.raw.glob("transactions_*.csv") if (w := week_of_file(p.name)) is not None)
+    keys = [str(w) for w in weeks]
+    existing = set(instance.get_dynamic_partitions(weekly_files.name))
+    new = [k for k in keys if k not in existing]
+    if new:
+        instance.add_dynamic_partitions(weekly_files.name, new)
+    return keys, new
+
+
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def _partition_is_current(record, paths: DataPaths, partition: str, code_version: str | None) -> bool:
+    if record is None:
+        return False
+    mat = record.asset_materialization
+    if code_version is not None and mat.tags and mat.tags.get("dagster/code_version") not in (None, code_version):
+        return False
+    meta = mat.metadata
+    source = paths.raw / weekly_file_name(int(partition))
+    stat = source.stat()
+    if "source_size" in meta and meta["source_size"].value == stat.st_size and \
+            meta.get("source_mtime_ns") is not None and meta["source_mtime_ns"].value == str(stat.st_mtime_ns):
+        return True
+    return "source_sha256" in meta and meta["source_sha256"].value == file_sha256(source)
+
+
+def materialize_selection(
+    select: str,
+    paths: DataPaths,
+    *,
+    instance: dg.DagsterInstance | None = None,
+    defs: dg.Definitions | None = None,
+    progress: bool = True,
+    log_level: str = "WARNING",
+) -> RunReport:
+    if defs is None:
+        from retailsim_pipeline.definitions import defs as project_defs
+
+        defs = project_defs
+    instance = instance or dg.DagsterInstance.get()
+    graph = defs.resolve_asset_graph()
+    selected = dg.AssetSelection.from_string(select).resolve(graph)
+    assets = list(defs.assets or []) + list(defs.asset_checks or [])
+    resources = {"retailsim_data": RetailSimData(data_dir=str(paths.root)), **{
+        k: v for k, v in (defs.resources or {}).items() if k != "retailsim_data"}}
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
+    report = RunReport()
+    keys, report.registered = register_weekly_files(instance, paths)
+    ran: set[dg.AssetKey] = set()
+
+    for key in graph.toposorted_asset_keys:
+        if key not in selected or graph.get(key).partitions_def is None:
+            continue
+        code_version = graph.get(key).code_version
+        todo = [k for k in keys if not _partition_is_current(_latest(instance, key, k), paths, k, code_version)]
+        report.partitions_current += len(keys) - len(todo)
+        for partition in tqdm(todo, desc=key.to_user_string(), unit="week", disable=not progress or not todo):
+            result = dg.materialize(assets, selection=[key], partition_key=partition, instance=instance,
+                                    resources=resources, run_config=run_config, raise_on_error=False)
+            report.run_ids.append(result.run_id)
+            if result.success:
+                report.partitions_materialized.append(partition)
+                ran.add(key)
+            else:
+                report.failures.append(f"{key.to_user_string()}[{partition}]: {_first_error(result)}")
+    if report.failures:
+        return report
+
+    to_run: list[dg.AssetKey] = []
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        if key not in selected or node.partitions_def is not None or not node.is_materializable:
+            continue
+        latest = _latest(instance, key)
+        stale = (
+            latest is None
+            or (node.code_version is not None and (latest.asset_materialization.tags or {}).get(
+                "dagster/code_version") not in (None, node.code_version))
+            or any(p in ran or p in to_run for p in node.parent_keys)
+            or any((pl := _latest(instance, p)) is not None and pl.timestamp > latest.timestamp
+                   for p in node.parent_keys)
+        )
+        (to_run.append(key) if stale else report.assets_current.append(key.to_user_string()))
+    if to_run:
+        log.info("materializing %s", ", ".join(k.to_user_string() for k in to_run))
+        result = dg.materialize(assets, selection=to_run, instance=instance, resources=resources,
+                                run_config=run_config, raise_on_error=False)
+        report.run_ids.append(result.run_id)
+        if result.success:
+            report.assets_materialized += [k.to_user_string() for k in to_run]
+            for e in result.get_asset_check_evaluations():
+                name = f"{e.asset_key.to_user_string()}:{e.check_name}"
+                (report.checks_passed.append(name) if e.passed else report.failures.append(f"check {name} failed"))
+        else:
+            report.failures.append(_first_error(result))
+    return report
+
+
+def _first_error(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_failure and event.step_failure_data is not None:
+            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+    return "run failed"
