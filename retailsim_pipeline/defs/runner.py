@@ -165,5 +165,8 @@ def materialize_selection(
 def _first_error(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_failure and event.step_failure_data is not None:
-            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+            error = event.step_failure_data.error
+            while error.cause is not None:  # the user code's own error, not Dagster's wrapper
+                error = error.cause
+            return f"{event.step_key}: {error.message.strip()}"
     return "run failed"

@@ -310,7 +310,8 @@ def build_product_embeddings(
     2. Positive PMI with context-distribution smoothing α = 0.75 (Levy, Goldberg & Dagan 2015):
        ``PPMI(i, j) = max(0, log P(i, j) / (P(i) P_α(j)))``.
     3. Randomized truncated SVD of the PPMI matrix; a product's co-occurrence vector is
-       ``U_k √S_k``, L2-normalised (192 dims by default).
+       ``U_k √S_k``, L2-normalised (192 dims by default; rank at most a quarter of the products, the
+       rest zero, so small vocabularies are still compressed).
     4. Hierarchy: for each of the 4 levels (CL, DEP, G, D) the mean co-occurrence vector of the
        product's group, projected by a fixed random Gaussian matrix to 16 dims and normalised, so
        rare products borrow strength from their class (64 dims).
@@ -338,7 +339,10 @@ def build_product_embeddings(
         pmi = np.log(coo.data / total) - np.log(row_sum[coo.row] / total) - np.log(ctx[coo.col])
         keep = pmi > 0
         ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=(v, v))
-        u, s = _randomized_svd(ppmi, k, config.seed)
+        # The truncation is what makes products that share contexts similar: a near-full-rank SVD
+        # of a small vocabulary would reproduce the PPMI rows and keep every product orthogonal.
+        rank = min(k, max(16, (v - N_SPECIAL) // 4))
+        u, s = _randomized_svd(ppmi, rank, config.seed)
         cooc = u * np.sqrt(s)
         norms = np.linalg.norm(cooc, axis=1, keepdims=True)
         cooc = np.divide(cooc, norms, out=np.zeros_like(cooc), where=norms > 0)

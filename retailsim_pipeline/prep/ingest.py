@@ -116,16 +116,23 @@ def read_header(path: Path) -> list[str]:
     return names
 
 
-def _typed_read(path: Path, header: list[str]) -> pl.DataFrame:
-    """Strict typed read; raises ``polars.exceptions.ComputeError`` on anything it cannot parse."""
+def _typed_read(path: Path, header: list[str]) -> tuple[pl.DataFrame, bool]:
+    """Strict typed read and whether any line may be short.
+
+    Raises ``polars.exceptions.ComputeError`` on anything it cannot parse. polars pads a short line
+    (or a blank one) with nulls instead of failing; such a line leaves the file's last column
+    empty, so any empty last field is reported and the caller takes the slow path, which counts
+    every line's fields.
+    """
     schema = {name: TRANSACTION_SCHEMA.get(name, pl.String()) for name in header}
+    frame = pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8")
+    maybe_short = frame.get_column(header[-1]).null_count() > 0
     return (
-        pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8")
-        .select(LGSR_COLUMNS)
+        frame.select(LGSR_COLUMNS)
         .with_row_index(LINE_COL, offset=2)
         .with_columns(pl.col(LINE_COL).cast(pl.Int64), pl.lit(None, pl.String).alias(REASON_COL),
                       pl.lit(None, pl.String).alias(COLUMN_COL), pl.lit(None, pl.String).alias(VALUE_COL))
-    )
+    ), maybe_short
 
 
 def _tolerant_read(path: Path, header: list[str]) -> pl.DataFrame:
@@ -311,12 +318,15 @@ def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     header = read_header(path)
     week = week_of_file(path.name)
     try:
-        df = _typed_read(path, header)
-        raw_available = False
+        df, short = _typed_read(path, header)
+        if short:
+            log.info("%s: a line may be short; counting fields", path.name)
     except pl.exceptions.PolarsError as exc:
         log.info("%s: strict read failed (%s); locating bad rows", path.name, str(exc).splitlines()[0])
+        short = True
+    if short:
         df = _tolerant_read(path, header)
-        raw_available = True
+    raw_available = short
 
     row_rules = _row_rules(week)
     # The cheap mask runs on every row; *which* rule failed is worked out for failing rows only.
