@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 export RETAILSIM_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(CURDIR)
 
-.PHONY: venv demo test bench clean-data
+.PHONY: venv demo test bench ui clean-data
 
 venv: $(STAMP)
 
@@ -35,3 +35,9 @@ bench: venv
 clean-data:
 	rm -rf $(RETAILSIM_DATA_DIR)/transactions $(RETAILSIM_DATA_DIR)/quarantine $(RETAILSIM_DATA_DIR)/samples \
 	       $(RETAILSIM_DATA_DIR)/cache $(RETAILSIM_DATA_DIR)/dagster
+
+# The Dagster UI (webserver + daemon) on the project's instance, bound to 127.0.0.1:3000.
+ui: venv
+	RETAILSIM_DAGSTER_DIR=$(RETAILSIM_DATA_DIR)/dagster \
+	RETAILSIM_DAGSTER_COMPUTE_LOGS_DIR=$(RETAILSIM_DATA_DIR)/dagster/compute_logs \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

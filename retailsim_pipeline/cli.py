@@ -11,7 +11,6 @@
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from retailsim_pipeline.config import DATA_DIR_ENV, DataPaths, data_root, generator_preset
@@ -70,11 +69,7 @@ def cmd_where(args: argparse.Namespace) -> int:
     latest = paths.cache / "LATEST"
     if latest.exists():
         print(f"  {'latest cache':20s} {paths.cache / latest.read_text().strip()}")
-    print("\nOpen the Dagster UI on this instance:")
-    print(f"  DAGSTER_HOME={REPO_ROOT} RETAILSIM_DAGSTER_DIR={paths.dagster} "
-          f"RETAILSIM_DAGSTER_COMPUTE_LOGS_DIR={paths.dagster / 'compute_logs'} \\\n"
-          f"    {Path(sys.executable).parent / 'dagster'} dev -w {REPO_ROOT / 'workspace.yaml'}   "
-          "# then http://127.0.0.1:3000")
+    print("\nOpen the Dagster UI on this instance:  make ui   (then http://127.0.0.1:3000)")
     return 0
 
 

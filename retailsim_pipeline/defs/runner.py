@@ -13,6 +13,7 @@ and asset catalog exactly like runs launched there.
 """
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -105,7 +106,9 @@ def materialize_selection(
         defs = project_defs
     instance = instance or dg.DagsterInstance.get()
     graph = defs.resolve_asset_graph()
-    selected = dg.AssetSelection.from_string(select).resolve(graph)
+    with warnings.catch_warnings():  # from_string resolves through a beta code path that warns
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        selected = dg.AssetSelection.from_string(select).resolve(graph)
     assets = list(defs.assets or []) + list(defs.asset_checks or [])
     resources = {"retailsim_data": RetailSimData(data_dir=str(paths.root)), **{
         k: v for k, v in (defs.resources or {}).items() if k != "retailsim_data"}}
