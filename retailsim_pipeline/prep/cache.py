@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def temporal_features(
 
 
 def _one_hot_expr(col: str, codes: tuple[str, ...], prefix: str) -> list[pl.Expr]:
-    return [(pl.col(col).cast(pl.String) == c).fill_null(False).cast(pl.Float32).alias(f"{prefix}_{c}") for c in codes]
+    """One float column per code; works on Enum columns (compared without building strings) and String."""
+    return [(pl.col(col) == c).fill_null(False).cast(pl.Float32).alias(f"{prefix}_{c}") for c in codes]
 
 
 _TRIP_HISTORY_LABELS = {
@@ -182,7 +184,7 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
     for label, codes in _TRIP_HISTORY_LABELS.items():
         for code in codes:
             name = f"__ind_{label}_{code}"
-            exprs.append(((pl.col(label).cast(pl.String) == code).cast(pl.Float32) * train).alias(name))
+            exprs.append(((pl.col(label) == code).fill_null(False).cast(pl.Float32) * train).alias(name))
             indicator_cols.append(name)
     exprs += [train.alias("__ind_trips"), (pl.col("n_lines").cast(pl.Float32) * train).alias("__ind_lines"),
               (pl.col("__spend").cast(pl.Float32) * train).alias("__ind_spend")]
@@ -399,6 +401,16 @@ def _mean_embedding(index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, 
     return (m @ emb) / np.maximum(counts, 1)[:, None]
 
 
+def home_stores(train: pl.DataFrame) -> pl.DataFrame:
+    """Each carded customer's most frequent train store (ties: the smallest code): cust_code, home_store."""
+    return (
+        train.filter(pl.col("cust_code").is_not_null())
+        .group_by(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String)).len()
+        .sort(["cust_code", "len", "store_code"], descending=[False, True, False])
+        .unique("cust_code", keep="first").rename({"store_code": "home_store"}).select("cust_code", "home_store")
+    )
+
+
 def build_customer_context(
     train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, stores: pl.DataFrame,
     config: CacheConfig,
@@ -423,7 +435,6 @@ def build_customer_context(
             pl.col("__spend").mean().alias("mean_spend"),
             *_weekday_exprs("c"),
             *_hour_bin_exprs("c"),
-            pl.col("store_code").cast(pl.String).mode().sort().first().alias("home_store"),
             pl.col("store_code").n_unique().alias("n_stores"),
             pl.col("week").n_unique().alias("active_weeks"),
             pl.col("week").max().alias("last_week"),
@@ -433,6 +444,7 @@ def build_customer_context(
         )
         .sort("cust_code")
         .with_row_index("row", offset=1)
+        .join(home_stores(train), on="cust_code", how="left", maintain_order="left")
     )
     n = per_cust.height + 1
     home_share = (
@@ -568,11 +580,8 @@ def _label_codes(frame: pl.DataFrame) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.int8)
 
 
-def build_split_features(
-    frames: dict[str, pl.DataFrame], customers: pl.DataFrame, stores: pl.DataFrame, home: pl.DataFrame,
-    trend_scale: float,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per-sample arrays of every split: indices, temporal and trip context, labels, ids."""
+def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl.DataFrame:
+    """:func:`trip_features` of every basket of every split (history from the train split only)."""
     everything = pl.concat(
         [f.select("basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines",
                   "spend", "cust_price_sensitivity", "cust_lifestage", *LABELS)
@@ -580,7 +589,14 @@ def build_split_features(
                        pl.col("store_code").cast(pl.String))
          for name, f in frames.items()]
     )
-    trip = trip_features(everything, home)
+    return trip_features(everything, home)
+
+
+def build_split_features(
+    frames: dict[str, pl.DataFrame], customers: pl.DataFrame, stores: pl.DataFrame, trip: pl.DataFrame,
+    trend_scale: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-sample arrays of every split: indices, temporal and trip context, labels, ids."""
     out = {}
     for name, frame in frames.items():
         keyed = frame.select(
@@ -640,16 +656,21 @@ def build_tensor_cache(
     vocab = build_vocabulary(train.lazy(), products)
     csr = {s: _csr(frames[s], vocab) for s in SPLITS}
     offsets, tokens, unit_price, _ = csr["train"]
-    emb = build_product_embeddings(offsets, tokens, vocab, config)
+    # The trip context (polars, multi-threaded) needs no embedding: compute it beside the
+    # embeddings (scipy/numpy, mostly one thread).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        trip_future = pool.submit(trip_features_all, frames, home_stores(train))
+        emb = build_product_embeddings(offsets, tokens, vocab, config)
+        trip = trip_future.result()
     # Median train unit price per token (UNK: median over all lines): the price normaliser.
     log_unit = np.log(np.maximum(unit_price, 1e-3))
     med = pl.DataFrame({"t": tokens, "p": log_unit}).group_by("t").agg(pl.col("p").median())
     product_log_price = np.full(vocab.height, float(np.median(log_unit)) if len(log_unit) else 0.0, np.float32)
     product_log_price[med.get_column("t").to_numpy()] = med.get_column("p").to_numpy()
     stores_ctx, stores_index = build_store_context(train, offsets, tokens, emb, config)
-    cust_ctx, cust_index, home = build_customer_context(train, offsets, tokens, emb, stores_index, config)
+    cust_ctx, cust_index, _ = build_customer_context(train, offsets, tokens, emb, stores_index, config)
     train_weeks = sorted(train.get_column("week").unique().to_list())
-    per_split = build_split_features(frames, cust_index, stores_index, home, trend_scale=float(len(train_weeks)))
+    per_split = build_split_features(frames, cust_index, stores_index, trip, trend_scale=float(len(train_weeks)))
 
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{key}-{os.getpid()}"
