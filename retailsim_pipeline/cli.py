@@ -5,6 +5,7 @@
   instance (``dagster.yaml``): new weekly raw files are registered as partitions first, every
   partition that is missing or whose file changed is materialized, then the selected
   unpartitioned assets that are missing or whose upstream changed in this run.
+- ``retailsim train [...]``: train standalone from a tensor cache (``--help`` for its options).
 - ``retailsim where``: where the outputs are and how to open the UI.
 """
 
@@ -50,10 +51,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_instance_env(paths.root)
     from retailsim_pipeline.defs.runner import materialize_selection
 
-    report = materialize_selection(args.select, paths, progress=not args.quiet, log_level=args.dagster_log_level)
+    report = materialize_selection(args.select, paths, progress=not args.quiet, log_level=args.dagster_log_level,
+                                   training_preset=args.preset)
     for line in report.lines():
         print(line)
     return 0 if report.success else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from retailsim_pipeline.training.run import main as training_main
+
+    return training_main(args.rest)
 
 
 def cmd_where(args: argparse.Namespace) -> int:
@@ -90,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "or 'group:prep' (default: every asset)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--dagster-log-level", default="WARNING", help="level of Dagster's console event log")
+    run.add_argument("--preset", choices=["tiny", "demo", "seed"], default="demo", help="training preset")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train standalone from a tensor cache (python -m retailsim_pipeline.training)",
+                           add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
 
     where = sub.add_parser("where", help="where the outputs are and how to open the UI")
     where.set_defaults(func=cmd_where)

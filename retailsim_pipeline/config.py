@@ -202,3 +202,116 @@ def config_hash(*models: BaseModel) -> str:
     """Stable short hash of one or more config models (part of the cache's content address)."""
     payload = json.dumps([m.model_dump(mode="json") for m in models], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Model and training (DESIGN §5–6; seeds 000–004)
+# --------------------------------------------------------------------------------------------
+
+#: Classes of the four auxiliary heads, in the order of the cache's ``labels`` columns. Each is the
+#: data contract's code set (XX included); basket_size has no XX in the contract, so it gets an
+#: explicit unknown class (DESIGN §5: "plus an unknown class").
+AUX_HEADS: tuple[str, ...] = ("basket_size", "price_sensitivity", "mission_type", "mission_focus")
+AUX_CLASSES: dict[str, int] = {"basket_size": 4, "price_sensitivity": 4, "mission_type": 4, "mission_focus": 5}
+
+
+class ModelConfig(BaseModel):
+    """Shape of the world model (seed 000: ``WorldModelConfig``). Presets in :data:`MODEL_PRESETS`."""
+
+    d_model: int = Field(512, description="Seed: 512.")
+    n_products: int = Field(5003, description="Vocabulary size V incl. PAD/MASK/UNK; set from the cache.")
+    mamba_num_layers: int = Field(4, description="Seed: 4 Mamba encoder layers.")
+    decoder_num_layers: int = Field(2, description="Seed: 2 Transformer decoder layers.")
+    max_basket_len: int = Field(50, description="Seed: baskets truncated to 50 products.")
+    n_heads: int = Field(8, description="Attention heads of the decoder (d_model / 64).")
+    ffn_mult: int = Field(4, description="Decoder feed-forward width = ffn_mult × d_model.")
+    d_state: int = Field(16, description="Mamba SSM state size (mamba_ssm default).")
+    d_conv: int = Field(4, description="Mamba causal conv width (mamba_ssm default).")
+    expand: int = Field(2, description="Mamba inner width = expand × d_model (mamba_ssm default).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    product_dim: int = Field(256, description="Product embedding width from the cache.")
+    price_dim: int = Field(64, description="Price features per line.")
+    context_dim: int = Field(400, description="customer 192 + temporal 64 + store 96 + trip 48.")
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # The seed's model: ≈ 23M parameters with the full vocabulary.
+    "seed": ModelConfig(),
+    # Trains on a 2-core CPU in minutes on the demo data.
+    "demo": ModelConfig(d_model=128, mamba_num_layers=2, decoder_num_layers=1, n_heads=4, ffn_mult=2),
+    # Unit tests: a few thousand parameters' worth of work per step.
+    "tiny": ModelConfig(d_model=32, mamba_num_layers=1, decoder_num_layers=1, n_heads=2, ffn_mult=2, d_state=8,
+                        dropout=0.0),
+}
+
+
+class LossWeights(BaseModel):
+    """Weights of the loss parts in the main and fine-tune phases (seed 001).
+
+    The seed's weights (focal 0.60, contrastive 0.20, basket_size 0.08, price_sensitivity 0.08,
+    mission_type 0.04) sum to 1.0 and leave mission_focus out, so its head would never learn: it
+    gets 0.04 here by default (DESIGN §6).
+    """
+
+    focal: float = 0.60
+    contrastive: float = 0.20
+    basket_size: float = 0.08
+    price_sensitivity: float = 0.08
+    mission_type: float = 0.04
+    mission_focus: float = 0.04
+
+
+class TrainingConfig(BaseModel):
+    """The training recipe (DESIGN §6). Phase boundaries scale with ``epochs``."""
+
+    preset: str = "demo"
+    model: ModelConfig = Field(default_factory=lambda: MODEL_PRESETS["demo"])
+    epochs: int = Field(20, ge=1, description="Seed: 20.")
+    warmup_fraction: float = Field(0.15, ge=0.0, lt=1.0,
+                                   description="Share of epochs in warm-up (seed: epochs 1–3 of 20), focal only.")
+    finetune_fraction: float = Field(0.25, ge=0.0, lt=1.0,
+                                     description="Share of epochs in fine-tune (seed: epochs 16–20 of 20).")
+    lr_warmup: float = Field(1e-5, description="Seed 001: warm-up phase LR.")
+    lr_main: float = Field(5e-5, description="Seed 001: main phase LR.")
+    lr_finetune: float = Field(1e-5, description="Seed 001: fine-tune phase LR.")
+    lr_ramp_steps: int = Field(500, ge=0, description="Linear ramp from 0 at the very start (seed 002).")
+    mask_prob: float = Field(0.15, description="BERT-style masking in warm-up and main.")
+    mask_prob_finetune: float = Field(0.20, description="Masking in fine-tune.")
+    gamma: float = Field(2.0, description="Focal loss γ.")
+    temperature: float = Field(0.07, description="InfoNCE τ.")
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    batch_size: int = Field(256, ge=1, description="Seed: 256 baskets.")
+    grad_accum_steps: int = Field(1, ge=1)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW; none on norms, biases, A_log, D.")
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="Seed 002: EMA weights used for evaluation.")
+    log_every: int = Field(100, ge=1)
+    val_every: int = Field(500, ge=1)
+    val_samples: int = Field(4096, ge=1, description="Fixed validation subset (deterministic masking).")
+    patience: int = Field(3, ge=1, description="Validations without improvement before stopping.")
+    checkpoint_every: int = Field(2000, ge=1)
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (tests, smoke runs).")
+    max_bad_steps: int = Field(10, ge=1, description="Consecutive NaN/Inf losses before aborting.")
+    seed: int = 0
+    device: str = Field("auto", description="auto: cuda if available, else cpu.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    prefetch: int = Field(2, ge=0, description="Batches assembled ahead in a background thread.")
+    n_gpus: int = Field(1, ge=1, description="GPUs for the training process: > 1 launches it under torchrun (DDP).")
+
+
+def training_preset(name: str) -> TrainingConfig:
+    """``tiny`` (tests), ``demo`` (CPU, minutes), ``seed`` (the seed documents' recipe, GPU)."""
+    if name == "tiny":
+        return TrainingConfig(preset="tiny", model=MODEL_PRESETS["tiny"], epochs=2, batch_size=32, lr_main=1e-3,
+                              lr_warmup=1e-3, lr_finetune=5e-4, lr_ramp_steps=0, log_every=5, val_every=10,
+                              val_samples=128, checkpoint_every=20, ema_decay=0.9, prefetch=0)
+    if name == "demo":
+        # Higher LRs than the seed's: a 20× smaller model, 100× fewer samples, a few epochs on a CPU.
+        return TrainingConfig(preset="demo", model=MODEL_PRESETS["demo"], epochs=6, batch_size=256,
+                              lr_warmup=5e-4, lr_main=2e-3,
+                              lr_finetune=5e-4, lr_ramp_steps=50, log_every=20, val_every=100, val_samples=2048,
+                              checkpoint_every=200, ema_decay=0.99)
+    if name == "seed":
+        return TrainingConfig(preset="seed", model=MODEL_PRESETS["seed"])
+    raise ValueError(f"unknown training preset {name!r}; one of tiny, demo, seed")

@@ -6,9 +6,14 @@ from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.training_assets import trained_world_model
 
 defs = dg.Definitions(
-    assets=[raw_transactions, basket_samples, tensor_cache],
+    assets=[raw_transactions, basket_samples, tensor_cache, trained_world_model],
     asset_checks=prep_checks,
-    resources={"retailsim_data": RetailSimData()},
+    resources={
+        "retailsim_data": RetailSimData(),
+        # forward_termination: cancelling the Dagster run terminates the training process.
+        "pipes_subprocess_client": dg.PipesSubprocessClient(forward_termination=True),
+    },
 )

@@ -14,7 +14,7 @@ def _latest_cache(context: dg.AssetCheckExecutionContext) -> TensorCache:
     event = context.instance.get_latest_materialization_event(tensor_cache.key)
     if event is None or event.asset_materialization is None:
         raise dg.Failure("tensor_cache has never been materialized")
-    return TensorCache.open(Path(event.asset_materialization.metadata["path"].value))
+    return TensorCache.open(Path(event.asset_materialization.metadata["cache_path"].value))
 
 
 @dg.asset_check(asset=basket_samples, description="Splits hold disjoint baskets and follow each other in time: "

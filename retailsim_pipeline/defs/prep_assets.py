@@ -94,8 +94,11 @@ def tensor_cache(
     ]
     context.log.info(f"tensor cache {'reused' if result.reused else 'built'}: {result.path}")
     return dg.MaterializeResult(
+        # The value (the folder's path) is what downstream assets receive: lineage, not "the newest folder".
+        value=str(result.path),
         metadata={
-            "path": dg.MetadataValue.path(str(result.path)),
+            # not "path": the IO manager storing the value writes its own "path" entry
+            "cache_path": dg.MetadataValue.path(str(result.path)),
             "cache_key": result.key,
             "reused": result.reused,
             "vocab_size": m["sizes"]["vocab"],

@@ -99,6 +99,7 @@ def materialize_selection(
     defs: dg.Definitions | None = None,
     progress: bool = True,
     log_level: str = "WARNING",
+    training_preset: str | None = None,
 ) -> RunReport:
     if defs is None:
         from retailsim_pipeline.definitions import defs as project_defs
@@ -112,7 +113,8 @@ def materialize_selection(
     assets = list(defs.assets or []) + list(defs.asset_checks or [])
     resources = {"retailsim_data": RetailSimData(data_dir=str(paths.root)), **{
         k: v for k, v in (defs.resources or {}).items() if k != "retailsim_data"}}
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
+    train_key = dg.AssetKey("trained_world_model")
     report = RunReport()
     keys, report.registered = register_weekly_files(instance, paths)
     ran: set[dg.AssetKey] = set()
@@ -152,6 +154,9 @@ def materialize_selection(
         (to_run.append(key) if stale else report.assets_current.append(key.to_user_string()))
     if to_run:
         log.info("materializing %s", ", ".join(k.to_user_string() for k in to_run))
+        if training_preset and train_key in to_run:
+            run_config["ops"] = {"trained_world_model": {"ops": {"train_world_model": {
+                "config": {"preset": training_preset}}}}}
         result = dg.materialize(assets, selection=to_run, instance=instance, resources=resources,
                                 run_config=run_config, raise_on_error=False)
         report.run_ids.append(result.run_id)

@@ -1,0 +1,147 @@
+"""Group ``training``: the world model, trained in its own process through Dagster Pipes and registered in MLflow."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field, create_model
+
+from retailsim_pipeline import tracking
+from retailsim_pipeline.config import LossWeights, ModelConfig, TrainingConfig, config_hash, training_preset
+from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.training.run import apply_overrides
+
+TRAINING_CODE_VERSION = "1"
+
+
+def _overrides_of(cls, name: str, nested: dict[str, type] | None = None) -> type[dg.Config]:
+    """A Dagster Config with every field of ``cls`` made optional (None = keep the preset's value).
+
+    Names, types and descriptions come from the config classes in ``config.py``; the values live in
+    the presets, so the launchpad shows the same knobs without a second set of defaults.
+    """
+    nested = nested or {}
+    fields = {}
+    for fname, info in cls.model_fields.items():
+        annotation = nested.get(fname, info.annotation)
+        fields[fname] = (Optional[annotation], Field(None, description=info.description))
+    return create_model(name, __base__=dg.Config, __doc__=f"Overrides of {cls.__name__} (empty = preset value).",
+                        **fields)
+
+
+ModelOverrides = _overrides_of(ModelConfig, "ModelOverrides")
+LossWeightOverrides = _overrides_of(LossWeights, "LossWeightOverrides")
+_TrainingOverrides = _overrides_of(TrainingConfig, "_TrainingOverrides",
+                                   {"model": ModelOverrides, "loss_weights": LossWeightOverrides})
+
+
+class TrainSettings(_TrainingOverrides):
+    """Training preset (tiny, demo, seed) plus any field of TrainingConfig to override."""
+
+    preset: str = Field("demo", description="tiny (tests), demo (CPU, minutes), seed (GPU, the seed recipe)")
+
+
+def resolve_training_config(settings: dg.Config) -> TrainingConfig:
+    """The preset named by ``settings.preset`` with every non-empty launchpad field applied."""
+    base = training_preset(settings.preset)
+    flat: dict = {}
+    for key, value in settings.model_dump().items():
+        if key == "preset" or value is None:
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if v is not None})
+        else:
+            flat[key] = value
+    return apply_overrides(base, flat)
+
+
+def training_command(config: TrainingConfig) -> list[str]:
+    """``python -m retailsim_pipeline.training``, or ``torchrun --nproc_per_node=N -m …`` for N > 1 GPUs."""
+    if config.n_gpus > 1:
+        torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+        return [torchrun, "--standalone", f"--nproc_per_node={config.n_gpus}", "-m", "retailsim_pipeline.training"]
+    return [sys.executable, "-m", "retailsim_pipeline.training"]
+
+
+@dg.op(pool="gpu", description="Train the world model in its own process (Dagster Pipes); returns the "
+       "MLflow run, the logged model URI, the best checkpoint and the headline metrics.")
+def train_world_model(
+    context: dg.OpExecutionContext,
+    config: TrainSettings,
+    tensor_cache: str,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+    retailsim_data: RetailSimData,
+) -> dg.Output[dict]:
+    training = resolve_training_config(config)
+    paths = retailsim_data.paths()
+    # One folder per (cache, recipe): a retried or re-launched run resumes from its last checkpoint.
+    out_dir = paths.root / "training" / f"{Path(tensor_cache).name}-{training.preset}-{config_hash(training)}"
+    params = {
+        "config": training.model_dump(mode="json"),
+        "cache_path": tensor_cache,
+        "out_dir": str(out_dir),
+        "resume": "auto",
+        "tracking": True,
+        "tracking_uri": tracking.default_tracking_uri(paths),
+        "run_name": f"{training.preset}-{context.run_id[:8]}",
+        "tags": {"dagster.run_id": context.run_id, "dagster.asset_key": "trained_world_model",
+                 "dagster.run_url": f"http://127.0.0.1:3000/runs/{context.run_id}"},
+    }
+    env = {"RETAILSIM_DATA_DIR": str(paths.root), "RETAILSIM_TRAINING_PARAMS": json.dumps(params)}
+    command = training_command(training)
+    context.log.info(f"launching {' '.join(command)} (preset {training.preset}, out {out_dir})")
+    invocation = pipes_subprocess_client.run(command=command, context=context, extras=params, env=env)
+    messages = invocation.get_custom_messages()
+    if not messages or "model_uri" not in messages[-1]:
+        raise dg.Failure(f"the training process ended without reporting a model (messages: {messages})")
+    # An Output, not a bare dict: the Pipes session turns this compute function into a generator.
+    return dg.Output(messages[-1])
+
+
+@dg.op(description="Register the trained model in the MLflow registry and point the alias `challenger` at it.")
+def register_world_model(context: dg.OpExecutionContext, trained: dict, retailsim_data: RetailSimData) -> dg.Output:
+    uri = tracking.default_tracking_uri(retailsim_data.paths())
+    version = tracking.register_world_model(
+        trained["model_uri"], alias="challenger", tracking_uri=uri,
+        tags={"dagster.run_id": context.run_id, "retailsim.cache_key": trained["cache_key"],
+              "mlflow.run_id": trained["mlflow_run_id"]},
+    )
+    info = {**trained, "model_version": str(version.version), "registered_model_uri": version.uri}
+    context.log.info(f"registered {version.uri} (alias challenger)")
+    return dg.Output(
+        info,
+        metadata={
+            "mlflow_run": dg.MetadataValue.url(trained["mlflow_run_url"]),
+            "mlflow_run_id": trained["mlflow_run_id"],
+            "model_version": str(version.version),
+            "model_uri": version.uri,
+            "logged_model_uri": trained["model_uri"],
+            "parameters": trained["parameters"],
+            "best_val_loss": float(trained["best_val_loss"]),
+            "samples_per_s": round(float(trained["samples_per_s"]), 1),
+            "wall_seconds": round(float(trained["wall_seconds"]), 1),
+            "steps": trained["steps"],
+            "stopped": trained["stopped"],
+            "best_checkpoint": dg.MetadataValue.path(str(trained["best_checkpoint"])),
+            "preset": trained["preset"],
+        },
+    )
+
+
+@dg.graph_asset(
+    group_name="training",
+    code_version=TRAINING_CODE_VERSION,
+    kinds={"pytorch", "mlflow"},
+    owners=["team:retailsim"],
+    description=(
+        "The Mamba-Transformer world model (DESIGN §5) trained on the tensor cache by a separate process "
+        "launched through Dagster Pipes (torchrun for several GPUs; pool `gpu`, one at a time), logged to "
+        "MLflow with its config, curves and system metrics, and registered as `retailsim-world-model` with "
+        "alias `challenger`. Metadata links the MLflow run and model version."
+    ),
+)
+def trained_world_model(tensor_cache: str) -> dict:
+    return register_world_model(train_world_model(tensor_cache))

@@ -1,0 +1,3 @@
+from retailsim_pipeline.training.run import main
+
+raise SystemExit(main())

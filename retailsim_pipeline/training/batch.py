@@ -1,0 +1,45 @@
+"""The batch the world model consumes: one shared contract for batch assembly, model, losses and tracking."""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A batch of B baskets padded to S = the longest basket in the batch (≤ 50).
+
+    tokens          [B, S] int64   input token ids: PAD = 0 at padding, MASK = 1 at masked positions
+                                   (or a random/kept token, BERT-style), else the product's id
+    targets         [B, S] int64   the original token id where the position is to be predicted,
+                                   ``IGNORE_INDEX`` (-100) elsewhere
+    attention_mask  [B, S] bool    True at real (non-padding) positions
+    price           [B, S, 64] f32 price features; zero at padding and at positions to predict
+    context         [B, 400] f32   customer 192 | temporal 64 | store 96 | trip 48
+    labels          [B, 4] int64   class ids of basket_size, price_sensitivity, mission_type, mission_focus
+    index           [B] int64      row of each basket in its split (joins back to basket ids)
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    price: torch.Tensor
+    context: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def predict_mask(self) -> torch.Tensor:
+        """[B, S] bool: positions whose product is to be predicted."""
+        return self.targets != IGNORE_INDEX
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]

@@ -1,0 +1,166 @@
+"""Entry point of a training process: ``python -m retailsim_pipeline.training`` (also ``retailsim train``).
+
+Runs standalone from a tensor cache and a preset/config file/overrides, or launched by the Dagster op
+``train_world_model`` through Dagster Pipes, which passes the same parameters as ``extras`` and
+receives the result as a custom message: the MLflow run id and model URI, the best checkpoint, and
+the headline metrics. Under ``torchrun`` every rank trains; rank 0 alone talks to Dagster and MLflow.
+
+Examples::
+
+    python -m retailsim_pipeline.training --preset tiny --set epochs=1 --no-tracking
+    python -m retailsim_pipeline.training --preset demo --cache data/cache/<key> --resume auto
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from retailsim_pipeline.config import DataPaths, TrainingConfig, data_root, training_preset
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.training.trainer import Trainer
+
+log = logging.getLogger("retailsim.training")
+
+
+def apply_overrides(config: TrainingConfig, overrides: dict | list[str] | None) -> TrainingConfig:
+    """Apply ``{"model.d_model": 64, "epochs": 2}`` or ``["model.d_model=64", "epochs=2"]`` (JSON values)."""
+    if not overrides:
+        return config
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not KEY=VALUE")
+            key, raw = item.split("=", 1)
+            try:
+                pairs[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                pairs[key] = raw
+        overrides = pairs
+    data = config.model_dump()
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"unknown config key {key!r}")
+        node[leaf] = value
+    return TrainingConfig.model_validate(data)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_training(params: dict, *, progress: bool = False, on_log=None) -> dict:
+    """Train and export; ``params`` = {config, cache_path, out_dir, resume, tracking, tracking_uri, tags}."""
+    config = TrainingConfig.model_validate(params["config"])
+    cache = TensorCache.open(Path(params["cache_path"]))
+    out_dir = Path(params["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    metrics = None
+    if params.get("tracking", True) and is_main:
+        from retailsim_pipeline import tracking
+
+        tags = {"retailsim.cache_key": cache.manifest["key"], "retailsim.preset": config.preset,
+                "git_commit": git_commit(), **(params.get("tags") or {})}
+        metrics = tracking.MlflowLogger(tracking_uri=params.get("tracking_uri"), run_name=params.get("run_name"),
+                                        tags=tags)
+        metrics.log_params({**config.model_dump(mode="json"), "cache_path": str(cache.path)})
+    status = "FAILED"
+    try:
+        trainer = Trainer(config, cache, out_dir, metrics=metrics, resume=params.get("resume", "auto"),
+                          progress=progress, on_log=on_log)
+        result = trainer.fit()
+        summary = {**result.to_json(), "cache_key": cache.manifest["key"], "preset": config.preset}
+        if metrics is not None:
+            summary.update(_export(metrics, trainer, result, out_dir))
+        status = "KILLED" if result.stopped == "signal" else "FINISHED"
+        (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if metrics is not None:
+            metrics.close(status)
+
+
+def _export(metrics, trainer: Trainer, result, out_dir: Path) -> dict:
+    """Log the curves, the config and the best EMA weights as a pyfunc model; returns run/model ids."""
+    from retailsim_pipeline import tracking
+    from retailsim_pipeline.training.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(result.best_checkpoint or result.last_checkpoint)
+    curve = out_dir / "training_curves.png"
+    tracking.plot_training_curves(result.history, curve)
+    metrics.log_artifact(curve)
+    metrics.log_dict(trainer.config.model_dump(mode="json"), "training_config.json")
+    metrics.log_metrics({"best_val_loss": result.best_val_loss, "samples_per_s": result.samples_per_s,
+                         "wall_seconds": result.wall_seconds, "parameters": result.parameters}, step=result.steps)
+    vocabulary = trainer.cache.vocabulary().get_column("PROD_CODE").to_list()
+    model_config = trainer.model.config.model_dump(mode="json")
+    model_uri = tracking.log_world_model(metrics, model_config, checkpoint["ema"], vocabulary)
+    return {"mlflow_run_id": metrics.run_id, "mlflow_run_url": metrics.run_url(), "model_uri": model_uri}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m retailsim_pipeline.training", description=__doc__.splitlines()[0])
+    p.add_argument("--cache", default=None, help="tensor cache folder (default: the latest under the data root)")
+    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "seed"])
+    p.add_argument("--config", default=None, help="a TrainingConfig JSON file (replaces the preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set epochs=2 --set model.d_model=64")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: DATA/training/<cache key>-<preset>)")
+    p.add_argument("--resume", default="auto", help="a checkpoint path, 'auto' (out/last.pt if any) or 'none'")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under DATA/mlflow)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def params_from_args(args: argparse.Namespace) -> dict:
+    paths = DataPaths(data_root())
+    config = (TrainingConfig.model_validate_json(Path(args.config).read_text()) if args.config
+              else training_preset(args.preset))
+    config = apply_overrides(config, args.overrides)
+    cache = Path(args.cache) if args.cache else TensorCache.latest(paths.cache).path
+    out = Path(args.out) if args.out else paths.root / "training" / f"{cache.name}-{config.preset}"
+    return {"config": config.model_dump(mode="json"), "cache_path": str(cache), "out_dir": str(out),
+            "resume": None if args.resume == "none" else args.resume, "tracking": not args.no_tracking,
+            "tracking_uri": args.tracking_uri}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+    launched_by_dagster = DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ
+    if launched_by_dagster and int(os.environ.get("RANK", "0")) == 0:
+        with open_dagster_pipes() as pipes:
+            params = dict(pipes.extras)
+            pipes.log.info(f"training {params['config'].get('preset')} on {params['cache_path']}")
+            summary = run_training(params, progress=False, on_log=pipes.log.info)
+            pipes.report_custom_message(summary)
+        return 0
+    if launched_by_dagster:  # other torchrun ranks: same parameters, no Dagster channel
+        params = json.loads(os.environ["RETAILSIM_TRAINING_PARAMS"])
+        run_training(params)
+        return 0
+    args = build_parser().parse_args(argv)
+    summary = run_training(params_from_args(args), progress=not args.quiet)
+    json.dump({k: v for k, v in summary.items()}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

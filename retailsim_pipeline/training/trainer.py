@@ -1,0 +1,406 @@
+"""The training loop (DESIGN §6; seeds 001–004): one readable class.
+
+Per optimizer step: a bucketed batch from the tensor cache (masking seeded by seed/epoch/batch) →
+forward under bf16 autocast on CUDA → phase-weighted loss → backward (gradient accumulation) →
+NaN/Inf guard → grad-norm clip 1.0 → AdamW (no decay on norms, biases, ``A_log``, ``D``) → LR from
+the phase table → EMA update. Every ``log_every`` steps the injected logger gets each loss part, LR,
+grad norm and samples/s; every ``val_every`` steps the EMA weights are scored on a fixed validation
+subset (same masked positions every time), the best is checkpointed, and ``patience`` validations
+without improvement stop training. ``checkpoint_every`` steps (and on SIGINT/SIGTERM, and at the end)
+``last.pt`` is written atomically with everything needed to resume exactly.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank takes
+every WORLD_SIZE-th batch, and only rank 0 logs, validates and writes checkpoints.
+"""
+
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retailsim_pipeline.config import TrainingConfig
+from retailsim_pipeline.model.losses import WorldModelLoss
+from retailsim_pipeline.model.world_model import WorldModel, count_parameters, no_decay_parameter_names
+from retailsim_pipeline.prep.cache import N_SPECIAL, TensorCache
+from retailsim_pipeline.training.batch import Batch
+from retailsim_pipeline.training.batches import BatchAssembler
+from retailsim_pipeline.training.checkpoint import (
+    BEST,
+    EMA,
+    LAST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_plan
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/Inf for too many steps)."""
+
+
+class NullMetrics:
+    """Logger used when none is injected (tests, dry runs)."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:  # noqa: D102
+        pass
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    best_val_loss: float
+    steps: int
+    epochs_completed: int
+    samples_per_s: float
+    wall_seconds: float
+    stopped: str  # "completed", "early_stopping", "max_steps", "signal"
+    parameters: int
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir), "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "last_checkpoint": str(self.last_checkpoint), "best_val_loss": self.best_val_loss, "steps": self.steps,
+            "epochs_completed": self.epochs_completed, "samples_per_s": self.samples_per_s,
+            "wall_seconds": self.wall_seconds, "stopped": self.stopped, "parameters": self.parameters,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainingConfig, cache: TensorCache) -> WorldModel:
+    """The world model sized to the cache's vocabulary, with its frozen product table."""
+    model_cfg = config.model.model_copy(update={"n_products": int(cache.product_embeddings.shape[0])})
+    return WorldModel(model_cfg, product_embeddings=np.array(cache.product_embeddings))  # a writable copy
+
+
+def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    no_decay = no_decay_parameter_names(model)
+    decay_params, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if name in no_decay else decay_params).append(p)
+    groups = [{"params": decay_params, "weight_decay": config.weight_decay},
+              {"params": plain, "weight_decay": 0.0}]
+    # lr=1.0: the LambdaLR multiplier *is* the learning rate (schedule.learning_rate).
+    return torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-8)
+
+
+class Trainer:
+    """Trains a :class:`WorldModel` on a tensor cache; see the module docstring for the recipe."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        cache: TensorCache,
+        out_dir: Path,
+        *,
+        metrics=None,
+        resume: str | Path | None = "auto",
+        progress: bool = False,
+        on_log: Callable[[str], None] | None = None,
+    ):
+        self.config = config
+        self.cache = cache
+        self.out_dir = Path(out_dir)
+        self.metrics = metrics or NullMetrics()
+        self.progress = progress
+        self.on_log = on_log
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        self.device = resolve_device(config.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, cache).to(self.device)
+        self.n_parameters = count_parameters(self.model)
+        self.ema = EMA(self.model, config.ema_decay)
+        self.eval_model = build_model(config, cache).to(self.device).eval()
+        self.optimizer = _optimizer(self.model, config)
+        self.plan = phase_plan(config)
+        self._epoch_for_lr = 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate(step, self._epoch_for_lr, config, self.plan))
+        self.loss_fn = WorldModelLoss(config)
+        self.train_data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=config.seed)
+        self.val_data = BatchAssembler(cache, "validation", batch_size=config.batch_size, seed=config.seed,
+                                       shuffle=False, max_samples=config.val_samples)
+        self.forward_model: torch.nn.Module = self.model
+        if config.compile:
+            self.forward_model = torch.compile(self.model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_val_loss = math.inf
+        self.bad_validations = 0
+        self.history: list[dict] = []
+        self._stop_signal: int | None = None
+        self.amp = config.amp and self.device.type == "cuda"
+        # A background assembler overlaps GPU steps; on a CPU it only competes with torch's threads.
+        self.prefetch = config.prefetch if self.device.type == "cuda" else 0
+        if resume is not None:
+            path = self.out_dir / LAST if resume == "auto" else Path(resume)
+            if resume != "auto" or path.exists():
+                self.load(path)
+
+    # ---------------------------------------------------------------- state
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(), "step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
+            "best_val_loss": self.best_val_loss, "bad_validations": self.bad_validations,
+            "history": self.history, "config": self.config.model_dump(mode="json"),
+            "cache_key": self.cache.manifest["key"],
+        }
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("cache_key") != self.cache.manifest["key"]:
+            log.warning("resuming from %s trained on cache %s, now %s", path, state.get("cache_key"),
+                        self.cache.manifest["key"])
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch"]
+        self.best_val_loss, self.bad_validations = state["best_val_loss"], state["bad_validations"]
+        self.history = list(state["history"])
+        self._epoch_for_lr = self.epoch
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
+
+    def _refresh_lr(self) -> None:
+        """Point the scheduler at the current epoch's phase and apply it to the next step at once."""
+        self._epoch_for_lr = self.epoch
+        lr = learning_rate(self.scheduler.last_epoch, self.epoch, self.config, self.plan)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, name: str = LAST) -> Path:
+        return save_checkpoint(self.out_dir / name, self.state())
+
+    # ---------------------------------------------------------------- loop
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
+            if self.on_log:
+                self.on_log(message)
+
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+            log.warning("received signal %d: checkpointing at the end of this step", signum)
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. run from a worker thread): no handlers
+                pass
+        return old
+
+    def total_steps(self) -> int:
+        per_epoch = math.ceil(len(self.train_data) / self.world_size / self.config.grad_accum_steps)
+        total = per_epoch * self.config.epochs
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        old_handlers = self._install_signal_handlers()
+        stopped = "completed"
+        samples_seen, window_samples, window_t = 0, 0, time.perf_counter()
+        bad_steps = 0
+        bar = tqdm(total=self.total_steps(), initial=self.step, unit="step", disable=not (self.progress and self.is_main),
+                   desc="train")
+        running: dict[str, list[float]] = {}
+        try:
+            while self.epoch < cfg.epochs and stopped == "completed":
+                phase = self.plan.phase(self.epoch)
+                self._refresh_lr()
+                self.model.train()
+                accum = 0
+                batches = self.train_data.iterate(self.epoch, mask_prob=mask_prob(phase, cfg),
+                                                  start_batch=self.batch_in_epoch, prefetch=self.prefetch,
+                                                  device=self.device)
+                for batch_no, batch in batches:
+                    if self.world_size > 1 and batch_no % self.world_size != self.rank:
+                        continue
+                    with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
+                        outputs = self.forward_model(batch.tokens, batch.price, batch.context, batch.attention_mask,
+                                                     predict_mask=batch.predict_mask)
+                        total, parts = self.loss_fn(outputs, batch, phase)
+                    (total / cfg.grad_accum_steps).backward()
+                    accum += 1
+                    self.batch_in_epoch = batch_no + 1
+                    samples_seen += len(batch)
+                    window_samples += len(batch)
+                    for k, v in parts.items():
+                        running.setdefault(k, []).append(float(v))
+                    if accum < cfg.grad_accum_steps:
+                        continue
+                    accum = 0
+                    if not torch.isfinite(total):
+                        bad_steps += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                        log.warning("non-finite loss at step %d (%d in a row): step skipped", self.step, bad_steps)
+                        self.metrics.log_metrics({"train/skipped_steps": bad_steps}, step=self.step)
+                        if bad_steps >= cfg.max_bad_steps:
+                            raise TrainingAborted(
+                                f"loss was NaN/Inf for {bad_steps} consecutive steps (last at step {self.step}, "
+                                f"epoch {self.epoch + 1}); lower the learning rate or check the tensor cache")
+                        continue
+                    bad_steps = 0
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.ema.update(self.model)
+                    self.step += 1
+                    bar.update(1)
+                    if self.is_main and self.step % cfg.log_every == 0:
+                        now = time.perf_counter()
+                        record = {f"train/{k}": float(np.mean(v)) for k, v in running.items()}
+                        record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                                       "train/samples_per_s": window_samples * self.world_size / (now - window_t),
+                                       "train/epoch": self.epoch + self.batch_in_epoch / max(len(self.train_data), 1)})
+                        running.clear()
+                        window_samples, window_t = 0, now
+                        self._record(record, bar)
+                    if self.is_main and self.step % cfg.val_every == 0:
+                        if self._validate_and_maybe_stop():
+                            stopped = "early_stopping"
+                    if self.is_main and self.step % cfg.checkpoint_every == 0:
+                        self.save(LAST)
+                    if self._stop_signal is not None:
+                        stopped = "signal"
+                    if cfg.max_steps and self.step >= cfg.max_steps:
+                        stopped = "max_steps"
+                    if stopped != "completed":
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                if hasattr(batches, "close"):
+                    batches.close()
+            if self.is_main and stopped in ("completed", "max_steps") and (
+                    not self.history or self.history[-1].get("step") != self.step or "val/loss" not in self.history[-1]):
+                self._validate_and_maybe_stop()
+        finally:
+            bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        last = self.save(LAST) if self.is_main else self.out_dir / LAST
+        wall = time.perf_counter() - t0
+        best = self.out_dir / BEST
+        result = TrainResult(
+            out_dir=self.out_dir, best_checkpoint=best if best.exists() else None, last_checkpoint=last,
+            best_val_loss=self.best_val_loss, steps=self.step, epochs_completed=self.epoch,
+            samples_per_s=samples_seen * self.world_size / wall if wall > 0 else 0.0, wall_seconds=wall,
+            stopped=stopped, parameters=self.n_parameters, history=self.history,
+        )
+        self._say(f"training {stopped} after {self.step} steps in {wall:.1f}s; best validation loss "
+                  f"{self.best_val_loss:.4f}")
+        return result
+
+    def _record(self, record: dict, bar) -> None:
+        record = {"step": self.step, **record}
+        self.history.append(record)
+        self.metrics.log_metrics({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k in ("train/total", "val/loss", "train/lr")}
+        bar.set_postfix(shown)
+        if not self.progress:
+            self._say(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict:
+        """Main-phase loss and masked-product accuracy on the fixed validation subset (EMA weights).
+
+        Runs under a forked RNG, so validating never changes the random stream of training (a run
+        that validates at step N and one that does not stay bit-identical).
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(model)
+
+    def _evaluate(self, model: torch.nn.Module | None) -> dict:
+        if model is None:
+            self.ema.copy_to(self.eval_model)
+            model = self.eval_model
+        model.eval()
+        totals: dict[str, float] = {}
+        n_batches, n_pred, hits1, hits10 = 0, 0, 0, 0
+        for _, batch in self.val_data.iterate(0, mask_prob=self.config.mask_prob, prefetch=0, device=self.device):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
+                outputs = model(batch.tokens, batch.price, batch.context, batch.attention_mask,
+                                predict_mask=batch.predict_mask)
+                _, parts = self.loss_fn(outputs, batch, "main")
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+            logits = outputs["product_logits"].float()
+            logits[:, :N_SPECIAL] = -torch.inf
+            target = batch.targets[batch.predict_mask]
+            top = logits.topk(min(10, logits.shape[1]), dim=1).indices
+            hits1 += int((top[:, 0] == target).sum())
+            hits10 += int((top == target[:, None]).any(dim=1).sum())
+            n_pred += int(target.numel())
+        out = {f"val/{k}": v / max(n_batches, 1) for k, v in totals.items()}
+        out["val/loss"] = out.pop("val/total")
+        out["val/accuracy_at_1"] = hits1 / max(n_pred, 1)
+        out["val/recall_at_10"] = hits10 / max(n_pred, 1)
+        return out
+
+    def _validate_and_maybe_stop(self) -> bool:
+        metrics = self.evaluate()
+        improved = metrics["val/loss"] < self.best_val_loss - 1e-4
+        if improved:
+            self.best_val_loss = metrics["val/loss"]
+            self.bad_validations = 0
+            self.save(BEST)
+        else:
+            self.bad_validations += 1
+        metrics["val/best_loss"] = self.best_val_loss
+        self.history.append({"step": self.step, **metrics})
+        self.metrics.log_metrics(metrics, step=self.step)
+        self._say(f"step {self.step}: validation loss {metrics['val/loss']:.4f} (best {self.best_val_loss:.4f}), "
+                  f"recall@10 {metrics['val/recall_at_10']:.3f}")
+        return self.bad_validations >= self.config.patience
+
+    @staticmethod
+    def batch_to(batch: Batch, device: torch.device) -> Batch:
+        return batch.to(device)

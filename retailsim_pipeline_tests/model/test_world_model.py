@@ -1,0 +1,277 @@
+"""The world model: shapes, padding and MASK semantics, gradients, overfitting, size, state_dict, inference."""
+
+import time
+
+import pytest
+import torch
+
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, MODEL_PRESETS, TrainingConfig
+from retailsim_pipeline.model.losses import WorldModelLoss
+from retailsim_pipeline.model.world_model import (
+    MASK,
+    N_SPECIAL,
+    PAD,
+    UNK,
+    WorldModel,
+    count_parameters,
+    no_decay_parameter_names,
+    top_k_products,
+)
+from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+
+V = 40  # tiny vocabulary: 3 specials + 37 products
+TINY = MODEL_PRESETS["tiny"].model_copy(update={"n_products": V})
+
+
+def make_batch(B: int = 5, S: int = 7, seed: int = 0, n_products: int = V, mask_prob: float = 0.3) -> Batch:
+    """A padded batch built by hand: random lengths 1..S (one basket of length S), some positions masked."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = S
+    attention_mask = torch.arange(S)[None, :] < lengths[:, None]
+    original = torch.randint(N_SPECIAL, n_products, (B, S), generator=g).masked_fill(~attention_mask, PAD)
+    chosen = (torch.rand(B, S, generator=g) < mask_prob) & attention_mask
+    chosen[0, 1] = True  # at least one position to predict
+    tokens = original.masked_fill(chosen, MASK)
+    targets = original.masked_fill(~chosen, IGNORE_INDEX)
+    price = torch.randn(B, S, 64, generator=g).masked_fill(~(attention_mask & ~chosen)[..., None], 0.0)
+    context = torch.randn(B, 400, generator=g)
+    labels = torch.stack([torch.randint(0, AUX_CLASSES[h], (B,), generator=g) for h in AUX_HEADS], dim=1)
+    return Batch(tokens=tokens, targets=targets, attention_mask=attention_mask, price=price, context=context,
+                 labels=labels, index=torch.arange(B))
+
+
+def make_model(config=TINY, seed: int = 0) -> WorldModel:
+    torch.manual_seed(seed)
+    table = torch.randn(config.n_products, config.product_dim, generator=torch.Generator().manual_seed(seed + 1))
+    return WorldModel(config, product_embeddings=table)
+
+
+def run(model: WorldModel, batch: Batch, predict: bool = True) -> dict:
+    return model(batch.tokens, batch.price, batch.context, batch.attention_mask,
+                 predict_mask=batch.predict_mask if predict else None)
+
+
+def test_special_tokens_match_the_cache():
+    from retailsim_pipeline.prep import cache
+
+    assert (PAD, MASK, UNK, N_SPECIAL) == (cache.PAD, cache.MASK, cache.UNK, cache.N_SPECIAL)
+
+
+def test_output_shapes_for_a_padded_batch():
+    model, batch = make_model(), make_batch()
+    B, S = batch.tokens.shape
+    out = run(model, batch)
+    n_pred = int(batch.predict_mask.sum())
+    assert 0 < n_pred < int(batch.attention_mask.sum())
+    assert out["product_logits"].shape == (n_pred, V)
+    assert out["hidden"].shape == (B, S, TINY.d_model)
+    assert set(out["aux"]) == set(AUX_HEADS)
+    for name, logits in out["aux"].items():
+        assert logits.shape == (B, AUX_CLASSES[name])
+    assert torch.isfinite(out["product_logits"]).all() and torch.isfinite(out["hidden"]).all()
+    assert (out["hidden"][~batch.attention_mask] == 0).all()
+    assert run(model, batch, predict=False)["product_logits"].shape == (B, S, V)
+
+
+def test_predict_mask_selects_the_same_rows_as_full_logits():
+    model, batch = make_model(), make_batch()
+    model.eval()
+    with torch.no_grad():
+        selected = run(model, batch)["product_logits"]
+        full = run(model, batch, predict=False)["product_logits"]
+    torch.testing.assert_close(selected, full[batch.predict_mask], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_does_not_reach_real_positions():
+    model, batch = make_model(), make_batch()
+    model.eval()
+    pad = ~batch.attention_mask
+    assert pad.any()
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.where(pad, torch.randint(N_SPECIAL, V, batch.tokens.shape, generator=g), batch.tokens)
+    price = torch.where(pad[..., None], torch.randn(batch.price.shape, generator=g), batch.price)
+    with torch.no_grad():
+        a = run(model, batch)
+        b = model(tokens, price, batch.context, batch.attention_mask, predict_mask=batch.predict_mask)
+    real = batch.attention_mask
+    torch.testing.assert_close(a["hidden"][real], b["hidden"][real], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=0, atol=1e-6)
+    for name in AUX_HEADS:
+        torch.testing.assert_close(a["aux"][name], b["aux"][name], rtol=0, atol=1e-6)
+
+
+def test_padding_does_not_change_a_basket_padded_further():
+    """The same baskets padded to S and to S + 3 give the same outputs at their real positions."""
+    model, batch = make_model(), make_batch()
+    model.eval()
+    extra = 3
+    B, S = batch.tokens.shape
+    tokens = torch.cat([batch.tokens, torch.full((B, extra), 17)], dim=1)  # garbage under the padding
+    price = torch.cat([batch.price, torch.randn(B, extra, 64)], dim=1)
+    mask = torch.cat([batch.attention_mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    predict = torch.cat([batch.predict_mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        a = run(model, batch)
+        b = model(tokens, price, batch.context, mask, predict_mask=predict)
+    torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=1e-5, atol=1e-5)
+    for name in AUX_HEADS:
+        torch.testing.assert_close(a["aux"][name], b["aux"][name], rtol=1e-5, atol=1e-5)
+
+
+def test_mask_positions_use_the_mask_embedding_not_the_table():
+    model, batch = make_model(), make_batch()
+    model.eval()
+    with torch.no_grad():
+        before = run(model, batch)
+        # Whatever the table holds for MASK, or which product hides under the MASK, is never read.
+        model.product_table[MASK] = torch.randn(TINY.product_dim)
+        targets = torch.where(batch.predict_mask, (batch.targets + 5 - N_SPECIAL) % (V - N_SPECIAL) + N_SPECIAL,
+                              batch.targets)
+        after = run(model, Batch(**{**batch.__dict__, "targets": targets}))
+        torch.testing.assert_close(before["product_logits"], after["product_logits"], rtol=0, atol=0)
+        # ...whereas the learned MASK embedding is.
+        model.mask_embedding.add_(1.0)
+        changed = run(model, batch)
+    assert not torch.allclose(before["product_logits"], changed["product_logits"], atol=1e-4)
+
+
+def test_every_parameter_gets_a_finite_nonzero_gradient():
+    model, batch = make_model(), make_batch(B=6, S=7, seed=3)
+    model.train()
+    loss_fn = WorldModelLoss(TrainingConfig(model=TINY))
+    total, parts = loss_fn(run(model, batch), batch, "main")
+    total.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert model.product_table.grad is None and not model.product_table.requires_grad
+
+
+def test_tiny_model_overfits_one_batch():
+    model, batch = make_model(seed=1), make_batch(B=8, S=7, seed=11)
+    loss_fn = WorldModelLoss(TrainingConfig(model=TINY))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(200):
+        total, parts = loss_fn(run(model, batch), batch, "warmup")
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+        if losses[-1] < 0.05 * losses[0]:
+            break
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    model.eval()
+    with torch.no_grad():
+        predicted = run(model, batch)["product_logits"].argmax(dim=-1)
+    assert torch.equal(predicted, batch.targets[batch.predict_mask])
+
+
+def test_seed_preset_has_about_23m_parameters():
+    with torch.device("meta"):
+        model = WorldModel(MODEL_PRESETS["seed"])
+    n = count_parameters(model)
+    assert 0.9 * 23e6 <= n <= 1.1 * 23e6, n
+    assert n == 23_353_500  # the breakdown in WorldModel's docstring
+    assert "product_table" in dict(model.named_buffers())
+    assert "product_table" not in dict(model.named_parameters())
+
+
+def test_no_decay_groups():
+    model = make_model()
+    names = no_decay_parameter_names(model)
+    params = dict(model.named_parameters())
+    assert names <= set(params)
+    assert "encoder_layers.0.mixer.A_log" in names and "encoder_layers.0.mixer.D" in names
+    assert "encoder_layers.0.norm.weight" in names and "decoder_norm.weight" in names
+    assert "product_head.0.bias" in names and "encoder_layers.0.mixer.dt_proj.bias" in names
+    for decayed in ("product_head.0.weight", "encoder_layers.0.mixer.in_proj.weight", "position_embedding.weight",
+                    "product_residual.weight", "mask_embedding", "decoder_layers.0.self_attn.in_proj_weight"):
+        assert decayed not in names, decayed
+
+
+def test_mamba_initialisation_is_left_alone():
+    """The model-wide init must not touch Mamba's S4D A, its dt bias or its skip D."""
+    model = make_model()
+    mixer = model.encoder_layers[0].mixer
+    A = torch.arange(1, TINY.d_state + 1, dtype=torch.float32).repeat(mixer.d_inner, 1)
+    torch.testing.assert_close(mixer.A_log, torch.log(A))
+    assert (mixer.D == 1).all()
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert (dt >= 1e-4 * 0.99).all() and (dt <= 0.1 * 1.01).all()
+
+
+def test_state_dict_round_trip(tmp_path):
+    model, batch = make_model(), make_batch()
+    model.eval()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    restored = WorldModel(TINY)  # no table: it comes back with the state_dict
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    restored.eval()
+    with torch.no_grad():
+        a, b = run(model, batch), run(restored, batch)
+    assert torch.equal(a["product_logits"], b["product_logits"])
+    for name in AUX_HEADS:
+        assert torch.equal(a["aux"][name], b["aux"][name])
+
+
+def test_product_table_from_a_read_only_numpy_array():
+    import numpy as np
+
+    table = np.random.default_rng(0).standard_normal((V, TINY.product_dim)).astype(np.float32)
+    table.setflags(write=False)  # as the cache's memory-mapped array
+    model = WorldModel(TINY, product_embeddings=table)
+    assert torch.equal(model.product_table, torch.from_numpy(table.copy()))
+    assert not model.product_table.requires_grad
+
+
+def test_product_table_shape_is_checked():
+    with pytest.raises(ValueError, match="n_products"):
+        WorldModel(TINY, product_embeddings=torch.zeros(V + 1, TINY.product_dim))
+
+
+def test_top_k_products_excludes_visible_and_special_tokens():
+    model, batch = make_model(), make_batch()
+    k = 10
+    model.train()  # top_k_products switches to eval itself and restores the mode
+    top = top_k_products(model, batch.tokens, batch.price, batch.context, batch.attention_mask, k)
+    assert model.training
+    assert top.shape == (len(batch), k) and top.dtype == torch.int64
+    for b in range(len(batch)):
+        ids = top[b].tolist()
+        assert len(set(ids)) == k
+        visible = set(batch.tokens[b][batch.attention_mask[b]].tolist())
+        assert not set(ids) & (visible | {PAD, MASK, UNK})
+    # It ranks exactly the logits of a MASK appended at position len.
+    B, S = batch.tokens.shape
+    lengths = batch.attention_mask.sum(1)
+    tokens = torch.cat([batch.tokens, torch.zeros(B, 1, dtype=torch.long)], dim=1)
+    tokens[torch.arange(B), lengths] = MASK
+    mask = torch.arange(S + 1)[None] <= lengths[:, None]
+    predict = torch.arange(S + 1)[None] == lengths[:, None]
+    price = torch.cat([batch.price, torch.zeros(B, 1, 64)], dim=1)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, price, batch.context, mask, predict_mask=predict)["product_logits"]
+    best = logits.gather(1, top[:, :1]).squeeze(1)
+    for b in range(B):
+        allowed = torch.ones(V, dtype=torch.bool)
+        allowed[:N_SPECIAL] = False
+        allowed[batch.tokens[b][batch.attention_mask[b]]] = False
+        assert best[b] == logits[b][allowed].max()
+
+
+def test_demo_preset_step_time_on_cpu():
+    """Not a benchmark: guards against an accidental [B, S, V] materialisation or a slow path in the loop."""
+    config = MODEL_PRESETS["demo"].model_copy(update={"n_products": 1003})
+    model = make_model(config)
+    batch = make_batch(B=64, S=20, seed=5, n_products=1003, mask_prob=0.15)
+    loss_fn = WorldModelLoss(TrainingConfig(model=config))
+    start = time.perf_counter()
+    total, _ = loss_fn(run(model, batch), batch, "main")
+    total.backward()
+    assert time.perf_counter() - start < 10.0

@@ -1,0 +1,133 @@
+"""The training loop on the tiny cache: schedule, checkpoints, exact resume, signals, the NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import retailsim_pipeline.training.trainer as trainer_mod
+from retailsim_pipeline.config import TrainingConfig, training_preset
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.training.checkpoint import LAST, load_checkpoint, save_checkpoint
+from retailsim_pipeline.training.run import apply_overrides
+from retailsim_pipeline.training.schedule import learning_rate, phase_plan, phase_table
+from retailsim_pipeline.training.trainer import Trainer, TrainingAborted
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_prepped) -> TensorCache:
+    return TensorCache.latest(tiny_prepped.cache)
+
+
+def _config(**overrides) -> TrainingConfig:
+    base = training_preset("tiny").model_copy(update={"val_every": 1000, "log_every": 1000,
+                                                        "checkpoint_every": 1000})
+    return apply_overrides(base, overrides)
+
+
+def test_phase_table_follows_the_seed():
+    rows = phase_table(TrainingConfig(epochs=20))
+    assert [(r["phase"], r["epochs"], r["lr"], r["mask_prob"]) for r in rows] == [
+        ("warmup", "1–3", 1e-5, 0.15), ("main", "4–15", 5e-5, 0.15), ("finetune", "16–20", 1e-5, 0.20)]
+    assert rows[0]["loss"] == "focal"
+    plan = phase_plan(TrainingConfig(epochs=40))  # boundaries scale with the epochs
+    assert (plan.warmup_end, plan.finetune_start) == (6, 30)
+    cfg = TrainingConfig(epochs=20, lr_ramp_steps=100)
+    assert learning_rate(0, 5, cfg, phase_plan(cfg)) == pytest.approx(5e-5 / 100)
+    assert learning_rate(99, 5, cfg, phase_plan(cfg)) == pytest.approx(5e-5)
+    assert learning_rate(5000, 17, cfg, phase_plan(cfg)) == pytest.approx(1e-5)
+
+
+def test_overrides_are_validated():
+    cfg = apply_overrides(training_preset("tiny"), ["epochs=3", "model.d_model=48", "loss_weights.focal=0.5"])
+    assert (cfg.epochs, cfg.model.d_model, cfg.loss_weights.focal) == (3, 48, 0.5)
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(cfg, {"model.width": 3})
+
+
+def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 7, "history": [{"step": 1, "x": 0.5}]}
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["step"] == 7
+    assert not list(tmp_path.glob(".*tmp*"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_training_improves_validation_and_writes_checkpoints(cache, tmp_path):
+    trainer = Trainer(_config(epochs=3, val_every=15), cache, tmp_path, resume=None)
+    before = trainer.evaluate()["val/loss"]
+    result = trainer.fit()
+    assert result.stopped == "completed" and result.epochs_completed == 3
+    assert result.best_val_loss < before - 0.3, (before, result.best_val_loss)
+    assert result.best_checkpoint.exists() and result.last_checkpoint.exists()
+    val = [h for h in result.history if "val/loss" in h]
+    assert len(val) >= 2 and all("val/recall_at_10" in h for h in val)
+    assert load_checkpoint(result.last_checkpoint)["step"] == result.steps
+
+
+def test_resume_is_exact(cache, tmp_path):
+    """2N steps straight == N steps, a new process-like Trainer resuming from last.pt, N more steps."""
+    n = 12
+    straight = Trainer(_config(max_steps=2 * n), cache, tmp_path / "a", resume=None)
+    straight.fit()
+    first = Trainer(_config(max_steps=n), cache, tmp_path / "b", resume=None)
+    first.fit()
+    assert load_checkpoint(tmp_path / "b" / LAST)["step"] == n
+    second = Trainer(_config(max_steps=2 * n), cache, tmp_path / "b", resume="auto")
+    assert second.step == n
+    second.fit()
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    ema_a, ema_b = straight.ema.state_dict(), second.ema.state_dict()
+    for key in ema_a:
+        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_non_finite_loss_is_skipped_then_aborts(cache, tmp_path, monkeypatch):
+    class NanLoss:
+        def __init__(self, config):
+            pass
+
+        def __call__(self, outputs, batch, phase):
+            total = outputs["product_logits"].sum() * float("nan")
+            return total, {"total": total.detach()}
+
+    monkeypatch.setattr(trainer_mod, "WorldModelLoss", NanLoss)
+    trainer = Trainer(_config(max_bad_steps=3), cache, tmp_path, resume=None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingAborted, match="NaN/Inf for 3 consecutive steps"):
+        trainer.fit()
+    assert trainer.step == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_prepped, tmp_path):
+    cache_dir = TensorCache.latest(tiny_prepped.cache).path
+    out = tmp_path / "run"
+    env = {**os.environ, "RETAILSIM_DATA_DIR": str(tiny_prepped.root), "PYTHONUNBUFFERED": "1"}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retailsim_pipeline.training", "--preset", "tiny", "--cache", str(cache_dir),
+         "--out", str(out), "--no-tracking", "--quiet", "--resume", "none", "--set", "epochs=50",
+         "--set", "log_every=1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if "step 3:" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    state = load_checkpoint(out / LAST)
+    assert 3 <= state["step"] < 1000
+    result = json.loads((out / "result.json").read_text())
+    assert result["stopped"] == "signal" and result["steps"] == state["step"]
