@@ -268,9 +268,9 @@ class TrainingConfig(BaseModel):
     model: ModelConfig = Field(default_factory=lambda: MODEL_PRESETS["demo"])
     epochs: int = Field(20, ge=1, description="Seed: 20.")
     warmup_fraction: float = Field(0.15, ge=0.0, lt=1.0,
-                                   description="Share of epochs in warm-up (seed: epochs 1–3 of 20), focal only.")
+                                   description="Share of steps in warm-up (seed: epochs 1–3 of 20), focal only.")
     finetune_fraction: float = Field(0.25, ge=0.0, lt=1.0,
-                                     description="Share of epochs in fine-tune (seed: epochs 16–20 of 20).")
+                                     description="Share of steps in fine-tune (seed: epochs 16–20 of 20).")
     lr_warmup: float = Field(1e-5, description="Seed 001: warm-up phase LR.")
     lr_main: float = Field(5e-5, description="Seed 001: main phase LR.")
     lr_finetune: float = Field(1e-5, description="Seed 001: fine-tune phase LR.")
@@ -308,7 +308,7 @@ def training_preset(name: str) -> TrainingConfig:
                               val_samples=128, checkpoint_every=20, ema_decay=0.9, prefetch=0)
     if name == "demo":
         # Higher LRs than the seed's: a 20× smaller model, 100× fewer samples, a few epochs on a CPU.
-        return TrainingConfig(preset="demo", model=MODEL_PRESETS["demo"], epochs=6, batch_size=256,
+        return TrainingConfig(preset="demo", model=MODEL_PRESETS["demo"], epochs=2, batch_size=256,
                               lr_warmup=5e-4, lr_main=2e-3,
                               lr_finetune=5e-4, lr_ramp_steps=50, log_every=20, val_every=100, val_samples=2048,
                               checkpoint_every=200, ema_decay=0.99)

@@ -6,8 +6,11 @@
 | main      | 4–15           | 5e-5  | 15 %      | all parts |
 | fine-tune | 16–20          | 1e-5  | 20 %      | all parts |
 
-Boundaries scale with the number of epochs (``warmup_fraction``, ``finetune_fraction``), rounded to
-whole epochs; the very first ``lr_ramp_steps`` optimizer steps ramp the LR linearly from ~0 (seed 002).
+Boundaries scale with the run: the first ``warmup_fraction`` (15 %) of the planned optimizer steps
+(``epochs`` × steps per epoch) are warm-up and the last ``finetune_fraction`` (25 %) fine-tune, so a
+2-epoch CPU demo still passes through all three phases. ``max_steps`` cuts a run short without
+moving the boundaries (a resumed run sees the same schedule). The first ``lr_ramp_steps`` steps
+ramp the LR linearly from ~0 (seed 002).
 """
 
 from dataclasses import dataclass
@@ -19,33 +22,33 @@ PHASES = ("warmup", "main", "finetune")
 
 @dataclass(frozen=True)
 class PhasePlan:
-    """Epochs [0, warmup_end) are warm-up, [warmup_end, finetune_start) main, the rest fine-tune (0-based)."""
+    """Steps [0, warmup_end) are warm-up, [warmup_end, finetune_start) main, the rest fine-tune."""
 
-    epochs: int
+    total_steps: int
     warmup_end: int
     finetune_start: int
 
-    def phase(self, epoch: int) -> str:
-        if epoch < self.warmup_end:
+    def phase(self, step: int) -> str:
+        if step < self.warmup_end:
             return "warmup"
-        return "main" if epoch < self.finetune_start else "finetune"
+        return "main" if step < self.finetune_start else "finetune"
 
 
-def phase_plan(config: TrainingConfig) -> PhasePlan:
-    e = config.epochs
-    warmup = min(e, round(e * config.warmup_fraction))
-    finetune = min(e - warmup, round(e * config.finetune_fraction))
-    return PhasePlan(epochs=e, warmup_end=warmup, finetune_start=e - finetune)
+def phase_plan(config: TrainingConfig, steps_per_epoch: int) -> PhasePlan:
+    total = config.epochs * steps_per_epoch
+    warmup = min(total, round(total * config.warmup_fraction))
+    finetune = min(total - warmup, round(total * config.finetune_fraction))
+    return PhasePlan(total_steps=total, warmup_end=warmup, finetune_start=total - finetune)
 
 
 def phase_lr(phase: str, config: TrainingConfig) -> float:
     return {"warmup": config.lr_warmup, "main": config.lr_main, "finetune": config.lr_finetune}[phase]
 
 
-def learning_rate(step: int, epoch: int, config: TrainingConfig, plan: PhasePlan) -> float:
-    """LR of optimizer step ``step`` (0-based) taken in ``epoch``."""
+def learning_rate(step: int, config: TrainingConfig, plan: PhasePlan) -> float:
+    """LR of optimizer step ``step`` (0-based)."""
     ramp = 1.0 if config.lr_ramp_steps == 0 else min(1.0, (step + 1) / config.lr_ramp_steps)
-    return phase_lr(plan.phase(epoch), config) * ramp
+    return phase_lr(plan.phase(step), config) * ramp
 
 
 def mask_prob(phase: str, config: TrainingConfig) -> float:
@@ -53,15 +56,16 @@ def mask_prob(phase: str, config: TrainingConfig) -> float:
 
 
 def phase_table(config: TrainingConfig) -> list[dict]:
-    """One row per phase: 1-based epoch range, LR, mask probability, loss (for logs and the README)."""
-    plan = phase_plan(config)
-    bounds = {"warmup": (0, plan.warmup_end), "main": (plan.warmup_end, plan.finetune_start),
-              "finetune": (plan.finetune_start, plan.epochs)}
+    """One row per phase: its span in epochs (``0–3`` = the first three), LR, mask probability, loss."""
+    e = config.epochs
+    warm, fine = e * config.warmup_fraction, e * config.finetune_fraction
+    bounds = {"warmup": (0.0, warm), "main": (warm, e - fine), "finetune": (e - fine, float(e))}
+
     rows = []
     for phase in PHASES:
         lo, hi = bounds[phase]
         if hi > lo:
-            rows.append({"phase": phase, "epochs": f"{lo + 1}–{hi}", "lr": phase_lr(phase, config),
-                         "mask_prob": mask_prob(phase, config),
+            rows.append({"phase": phase, "epochs": f"{lo:g}–{hi:g}",
+                         "lr": phase_lr(phase, config), "mask_prob": mask_prob(phase, config),
                          "loss": "focal" if phase == "warmup" else "focal + contrastive + aux"})
     return rows

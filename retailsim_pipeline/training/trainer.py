@@ -143,14 +143,14 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_decay)
         self.eval_model = build_model(config, cache).to(self.device).eval()
         self.optimizer = _optimizer(self.model, config)
-        self.plan = phase_plan(config)
-        self._epoch_for_lr = 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate(step, self._epoch_for_lr, config, self.plan))
         self.loss_fn = WorldModelLoss(config)
         self.train_data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=config.seed)
         self.val_data = BatchAssembler(cache, "validation", batch_size=config.batch_size, seed=config.seed,
                                        shuffle=False, max_samples=config.val_samples)
+        self.steps_per_epoch = math.ceil(len(self.train_data) / self.world_size / config.grad_accum_steps)
+        self.plan = phase_plan(config, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate(step, config, self.plan))
         self.forward_model: torch.nn.Module = self.model
         if config.compile:
             self.forward_model = torch.compile(self.model)
@@ -199,15 +199,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch"]
         self.best_val_loss, self.bad_validations = state["best_val_loss"], state["bad_validations"]
         self.history = list(state["history"])
-        self._epoch_for_lr = self.epoch
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
-
-    def _refresh_lr(self) -> None:
-        """Point the scheduler at the current epoch's phase and apply it to the next step at once."""
-        self._epoch_for_lr = self.epoch
-        lr = learning_rate(self.scheduler.last_epoch, self.epoch, self.config, self.plan)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def save(self, name: str = LAST) -> Path:
         return save_checkpoint(self.out_dir / name, self.state())
@@ -234,8 +226,7 @@ class Trainer:
         return old
 
     def total_steps(self) -> int:
-        per_epoch = math.ceil(len(self.train_data) / self.world_size / self.config.grad_accum_steps)
-        total = per_epoch * self.config.epochs
+        total = self.plan.total_steps
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
     def fit(self) -> TrainResult:
@@ -250,8 +241,9 @@ class Trainer:
         running: dict[str, list[float]] = {}
         try:
             while self.epoch < cfg.epochs and stopped == "completed":
-                phase = self.plan.phase(self.epoch)
-                self._refresh_lr()
+                # A phase can change inside an epoch: the batches are then re-opened at the same
+                # position with the new phase's masking (still seeded by epoch and batch number).
+                phase = self.plan.phase(self.step)
                 self.model.train()
                 accum = 0
                 batches = self.train_data.iterate(self.epoch, mask_prob=mask_prob(phase, cfg),
@@ -310,7 +302,7 @@ class Trainer:
                         stopped = "signal"
                     if cfg.max_steps and self.step >= cfg.max_steps:
                         stopped = "max_steps"
-                    if stopped != "completed":
+                    if stopped != "completed" or self.plan.phase(self.step) != phase:
                         break
                 else:
                     self.epoch += 1

@@ -33,14 +33,18 @@ def _config(**overrides) -> TrainingConfig:
 def test_phase_table_follows_the_seed():
     rows = phase_table(TrainingConfig(epochs=20))
     assert [(r["phase"], r["epochs"], r["lr"], r["mask_prob"]) for r in rows] == [
-        ("warmup", "1–3", 1e-5, 0.15), ("main", "4–15", 5e-5, 0.15), ("finetune", "16–20", 1e-5, 0.20)]
+        ("warmup", "0–3", 1e-5, 0.15), ("main", "3–15", 5e-5, 0.15), ("finetune", "15–20", 1e-5, 0.20)]
     assert rows[0]["loss"] == "focal"
-    plan = phase_plan(TrainingConfig(epochs=40))  # boundaries scale with the epochs
-    assert (plan.warmup_end, plan.finetune_start) == (6, 30)
+    plan = phase_plan(TrainingConfig(epochs=40), steps_per_epoch=10)  # boundaries scale with the run
+    assert (plan.total_steps, plan.warmup_end, plan.finetune_start) == (400, 60, 300)
+    assert [plan.phase(s) for s in (0, 59, 60, 299, 300, 399)] == ["warmup", "warmup", "main", "main",
+                                                                    "finetune", "finetune"]
     cfg = TrainingConfig(epochs=20, lr_ramp_steps=100)
-    assert learning_rate(0, 5, cfg, phase_plan(cfg)) == pytest.approx(5e-5 / 100)
-    assert learning_rate(99, 5, cfg, phase_plan(cfg)) == pytest.approx(5e-5)
-    assert learning_rate(5000, 17, cfg, phase_plan(cfg)) == pytest.approx(1e-5)
+    plan = phase_plan(cfg, steps_per_epoch=1000)
+    assert learning_rate(0, cfg, plan) == pytest.approx(1e-5 / 100)  # warm-up LR, ramped
+    assert learning_rate(5000, cfg, plan) == pytest.approx(5e-5)
+    assert learning_rate(17000, cfg, plan) == pytest.approx(1e-5)
+    assert [r["epochs"] for r in phase_table(training_preset("demo"))] == ["0–0.3", "0.3–1.5", "1.5–2"]
 
 
 def test_overrides_are_validated():
