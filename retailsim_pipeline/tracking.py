@@ -227,7 +227,7 @@ class MlflowLogger:
         system_metrics_interval: float = 10.0,
     ):
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = _client(self.tracking_uri)
         self._closed = False
         if run_id is None:
             from mlflow.tracking.context.registry import resolve_tags
@@ -575,7 +575,7 @@ def log_world_model(
     from safetensors.torch import save_file
 
     run_id, tracking_uri = _run_id_of(logger_or_run_id)
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     run = client.get_run(run_id)
     config = ModelConfig.model_validate(dict(model_config) if isinstance(model_config, Mapping) else model_config)
     vocab = _full_vocabulary(vocabulary, config.n_products)
@@ -629,7 +629,14 @@ def log_world_model(
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
-    return MlflowClient(tracking_uri or default_tracking_uri())
+    """A client whose registry is the tracking store too.
+
+    ``MlflowClient(tracking_uri)`` alone takes its *registry* URI from the process-global default,
+    which without ``$MLFLOW_TRACKING_URI`` is ``./mlflow.db``: registering a model logged to our store
+    would then look for it in the working directory.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @dataclass(frozen=True)
@@ -673,13 +680,16 @@ def register_world_model(
             raise
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     run_id = client.get_logged_model(model_id).source_run_id if model_id else None
-    created = client.create_model_version(
-        name,
-        source=model_uri,
-        run_id=run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        model_id=model_id,
-    )
+    # mlflow 3.17's sqlite registry looks the LoggedModel up through a *default* MlflowClient (the
+    # process-global tracking URI), not through this client: point the global URI at our store.
+    with _global_tracking_uri(client.tracking_uri):
+        created = client.create_model_version(
+            name,
+            source=model_uri,
+            run_id=run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            model_id=model_id,
+        )
     if alias:
         client.set_registered_model_alias(name, alias, str(created.version))
     log.info("registered %s version %s (alias %s)", name, created.version, alias)

@@ -11,7 +11,7 @@ from retailsim_pipeline.prep.cache import build_tensor_cache
 from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
 
 SAMPLES_CODE_VERSION = "1"
-CACHE_CODE_VERSION = "1"
+CACHE_CODE_VERSION = "2"  # 2: the asset outputs its folder as a value for downstream inputs
 
 SAMPLE_COLUMN_DOCS = {
     "basket_id": "BASKET_ID",

@@ -89,7 +89,8 @@ def run_training(params: dict, *, progress: bool = False, on_log=None) -> dict:
         if metrics is not None:
             summary.update(_export(metrics, trainer, result, out_dir))
         status = "KILLED" if result.stopped == "signal" else "FINISHED"
-        (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
+        if is_main:
+            (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
         if metrics is not None:

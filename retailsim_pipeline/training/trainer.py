@@ -157,8 +157,11 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # find_unused_parameters: the warm-up phase trains the product head alone (focal loss), so the
+            # auxiliary heads get no gradient there.
             self.forward_model = DistributedDataParallel(
-                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -249,8 +252,11 @@ class Trainer:
                 batches = self.train_data.iterate(self.epoch, mask_prob=mask_prob(phase, cfg),
                                                   start_batch=self.batch_in_epoch, prefetch=self.prefetch,
                                                   device=self.device)
+                # Every rank must take the same number of steps (DDP all-reduces each backward):
+                # the last len % world_size batches of an epoch are left out under torchrun.
+                usable = len(self.train_data) // self.world_size * self.world_size
                 for batch_no, batch in batches:
-                    if self.world_size > 1 and batch_no % self.world_size != self.rank:
+                    if self.world_size > 1 and (batch_no >= usable or batch_no % self.world_size != self.rank):
                         continue
                     with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
                         outputs = self.forward_model(batch.tokens, batch.price, batch.context, batch.attention_mask,
@@ -302,6 +308,8 @@ class Trainer:
                         stopped = "signal"
                     if cfg.max_steps and self.step >= cfg.max_steps:
                         stopped = "max_steps"
+                    if self.world_size > 1:
+                        stopped = self._agree_on_stop(stopped)
                     if stopped != "completed" or self.plan.phase(self.step) != phase:
                         break
                 else:
@@ -328,6 +336,16 @@ class Trainer:
         self._say(f"training {stopped} after {self.step} steps in {wall:.1f}s; best validation loss "
                   f"{self.best_val_loss:.4f}")
         return result
+
+    _STOP_CODES = ("completed", "max_steps", "early_stopping", "signal")
+
+    def _agree_on_stop(self, stopped: str) -> str:
+        """Under DDP every rank must stop at the same step: take the strongest reason of any rank."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([self._STOP_CODES.index(stopped)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self._STOP_CODES[int(flag.item())]
 
     def _record(self, record: dict, bar) -> None:
         record = {"step": self.step, **record}

@@ -28,8 +28,11 @@ def test_launchpad_settings_resolve_to_the_preset_plus_overrides():
 
 
 def test_trained_world_model_through_pipes_and_mlflow(tiny_copy, instance, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The project's default store: sqlite under the data root (no MLFLOW_TRACKING_URI), and nothing
+    # may land in the working directory.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tiny_copy.mlflow / 'mlflow.db'}"
     report = materialize_selection("key:tensor_cache+ or key:raw_transactions or key:basket_samples",
                                    tiny_copy, instance=instance, defs=defs, progress=False,
                                    training_preset="tiny")
@@ -55,3 +58,4 @@ def test_trained_world_model_through_pipes_and_mlflow(tiny_copy, instance, tmp_p
     assert tracking.get_alias_version("challenger", tracking_uri=uri) == "1"
     model, vocabulary = tracking.load_world_model("models:/retailsim-world-model@challenger", tracking_uri=uri)
     assert len(vocabulary) == model.config.n_products
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -135,3 +135,19 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_prepped, tmp_path):
     assert 3 <= state["step"] < 1000
     result = json.loads((out / "result.json").read_text())
     assert result["stopped"] == "signal" and result["steps"] == state["step"]
+
+
+def test_ddp_under_torchrun_on_cpu(tiny_prepped, tmp_path):
+    """Two ranks (gloo on CPU) train in lockstep; rank 0 alone writes the checkpoint and the result."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "RETAILSIM_DATA_DIR": str(tiny_prepped.root), "OMP_NUM_THREADS": "1"}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "retailsim_pipeline.training", "--preset", "tiny",
+         "--cache", str(TensorCache.latest(tiny_prepped.cache).path), "--out", str(out), "--no-tracking",
+         "--quiet", "--resume", "none", "--set", "max_steps=6", "--set", "device=\"cpu\""],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert load_checkpoint(out / LAST)["step"] == 6
+    assert json.loads((out / "result.json").read_text())["stopped"] == "max_steps"

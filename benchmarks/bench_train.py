@@ -1,0 +1,147 @@
+"""Training speed: batch assembly vs the train step, our selective scan vs a naive loop, and (on a GPU) the
+``seed`` preset in bf16 with our scan and with mamba-ssm's kernels plus model FLOPs utilisation.
+
+    python benchmarks/bench_train.py [--cache DIR] [--json PATH] [--steps N]
+
+Needs a tensor cache (``make demo`` builds the demo one; default: the latest under $RETAILSIM_DATA_DIR).
+Prints a table and a final ``RESULT`` line; ``--json`` writes the same figures. The CPU target: batch
+assembly ≥ 10× faster than the train step, so training is never data-bound.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from retailsim_pipeline.config import DataPaths, data_root, training_preset
+from retailsim_pipeline.model.losses import WorldModelLoss
+from retailsim_pipeline.model.mamba import HAS_MAMBA_SSM, selective_scan, selective_scan_ref
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.training.batches import BatchAssembler
+from retailsim_pipeline.training.trainer import _optimizer, build_model
+
+
+def _timeit(fn, repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_assembly(cache: TensorCache, batch_size: int, n_batches: int) -> float:
+    data = BatchAssembler(cache, "train", batch_size=batch_size, seed=0)
+    batches = data.epoch_batches(0)[:n_batches]
+    t = time.perf_counter()
+    n = 0
+    for i, idx in enumerate(batches):
+        n += len(data.assemble(idx, mask_prob=0.15, mask_seed=(0, 0, i)))
+    return n / (time.perf_counter() - t)
+
+
+def bench_steps(cache: TensorCache, preset: str, steps: int, device: torch.device, *, bf16: bool) -> dict:
+    config = training_preset(preset)
+    model = build_model(config, cache).to(device).train()
+    opt = _optimizer(model, config)
+    for g in opt.param_groups:
+        g["lr"] = config.lr_main
+    loss_fn = WorldModelLoss(config)
+    data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=0)
+    batches = [data.assemble(idx, mask_prob=0.15, mask_seed=(0, 0, i)).to(device)
+               for i, idx in enumerate(data.epoch_batches(0)[: steps + 2])]
+
+    def step(batch):
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out = model(batch.tokens, batch.price, batch.context, batch.attention_mask,
+                        predict_mask=batch.predict_mask)
+            total, _ = loss_fn(out, batch, "main")
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[:2]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 0
+    for b in batches[2:]:
+        step(b)
+        n += len(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    return {"samples_per_s": n / seconds, "seconds_per_step": seconds / steps,
+            "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def bench_scan(device: torch.device) -> dict:
+    torch.manual_seed(0)
+    b, d, n, length = (64, 256, 16, 50) if device.type == "cpu" else (256, 1024, 16, 50)
+    u = torch.randn(b, d, length, device=device)
+    delta = torch.randn(b, d, length, device=device) * 0.5
+    a = -torch.rand(d, n, device=device) - 0.5
+    bb = torch.randn(b, n, length, device=device)
+    cc = torch.randn(b, n, length, device=device)
+    dd = torch.randn(d, device=device)
+    z = torch.randn(b, d, length, device=device)
+    kwargs = dict(D=dd, z=z, delta_softplus=True)
+    ours = _timeit(lambda: selective_scan(u, delta, a, bb, cc, **kwargs), 3)
+    naive = _timeit(lambda: selective_scan_ref(u, delta, a, bb, cc, **kwargs), 2)
+    return {"shape": [b, d, n, length], "ours_s": ours, "naive_s": naive, "speedup": naive / ours}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    cache = TensorCache.open(Path(args.cache)) if args.cache else TensorCache.latest(DataPaths(data_root()).cache)
+    cpu = torch.device("cpu")
+    result: dict = {"machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                                "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                                "mamba_ssm": HAS_MAMBA_SSM}, "cache": str(cache.path)}
+    assembly = bench_assembly(cache, 256, 60)
+    steps = bench_steps(cache, "demo", args.steps, cpu, bf16=False)
+    scan = bench_scan(cpu)
+    result["cpu"] = {"assembly_samples_per_s": assembly, "demo_step": steps, "scan": scan,
+                     "assembly_over_step": assembly / steps["samples_per_s"]}
+    rows = [
+        ("batch assembly (batch 256, demo cache)", f"{assembly:,.0f} samples/s"),
+        (f"demo train step on CPU ({steps['parameters']:,} params)", f"{steps['samples_per_s']:,.0f} samples/s "
+         f"({steps['seconds_per_step'] * 1000:.0f} ms/step)"),
+        ("assembly / step", f"×{assembly / steps['samples_per_s']:.0f}  (target ≥ ×10)"),
+        (f"selective scan {scan['shape']} ours vs naive loop", f"{scan['ours_s'] * 1000:.1f} ms vs "
+         f"{scan['naive_s'] * 1000:.1f} ms (×{scan['speedup']:.1f})"),
+    ]
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        seed_ours = bench_steps(cache, "seed", args.steps, gpu, bf16=True)
+        result["gpu"] = {"device": torch.cuda.get_device_name(), "seed_step_ours": seed_ours,
+                         "scan": bench_scan(gpu)}
+        rows.append(("seed preset bf16, our scan", f"{seed_ours['samples_per_s']:,.0f} samples/s"))
+    else:
+        rows.append(("GPU figures", "skipped: no CUDA device here"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    line = (f"RESULT assembly_samples_per_s={assembly:.0f} cpu_step_samples_per_s={steps['samples_per_s']:.0f} "
+            f"assembly_over_step={assembly / steps['samples_per_s']:.1f} scan_speedup={scan['speedup']:.1f}")
+    if "gpu" in result:
+        line += f" seed_gpu_samples_per_s={result['gpu']['seed_step_ours']['samples_per_s']:.0f}"
+    print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
