@@ -6,6 +6,8 @@
   partition that is missing or whose file changed is materialized, then the selected
   unpartitioned assets that are missing or whose upstream changed in this run.
 - ``retailsim train [...]``: train standalone from a tensor cache (``--help`` for its options).
+- ``retailsim evaluate MODEL_URI [--split test]``: rich tables of the model vs the baselines (and the
+  oracle on generated data), and the same report as the ``evaluation_report`` asset.
 - ``retailsim where``: where the outputs are and how to open the UI.
 """
 
@@ -64,6 +66,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return training_main(args.rest)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from retailsim_pipeline import tracking
+    from retailsim_pipeline.defs.evaluation_assets import decide_promotion
+    from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
+    from retailsim_pipeline.evaluation.oracle import OracleScorer
+    from retailsim_pipeline.evaluation.report import print_tables, write_report
+    from retailsim_pipeline.prep.cache import TensorCache
+
+    paths = DataPaths(data_root())
+    uri = tracking.default_tracking_uri(paths)
+    cache = TensorCache.open(Path(args.cache)) if args.cache else TensorCache.latest(paths.cache)
+    model, _ = tracking.load_world_model(args.model_uri, tracking_uri=uri)
+    oracle = OracleScorer(cache, args.split, paths.ground_truth) if (paths.ground_truth / "world.npz").exists() \
+        else None
+    result = evaluate(cache, Path(cache.manifest["upstream"]["samples_dir"]), model, split=args.split, oracle=oracle)
+    champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
+    champion = None
+    if champion_version is not None:
+        champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version), tracking_uri=uri)
+        champion = rescore_model(result["_setup"], champion_model)["recall@10"]
+    label = args.model_uri.replace("models:/", "").replace("/", "-").replace("@", "-")
+    promotion = decide_promotion(
+        challenger_version=label, challenger=result["model"]["recall@10"], champion_version=champion_version,
+        champion=champion, metric="recall@10", margin=0.0,
+        beats_baselines=result["model"]["recall@10"] > result["baselines"]["cooccurrence"]["recall@10"])
+    promotion["reason"] += " (retailsim evaluate reports only; aliases are changed by the evaluation_report asset)"
+    doc = {"schema": "retailsim.evaluation/1",
+           "meta": {"split": args.split, "model_name": tracking.REGISTERED_MODEL, "model_version": label,
+                    "model_uri": args.model_uri, "mlflow_run_id": "", "cache_key": cache.manifest["key"],
+                    "n_baskets": result["n_baskets"], "n_positions": result["n_positions"],
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "eval_seed": 1234},
+           "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
+           "buckets": result["buckets"], "promotion": promotion}
+    print_tables(doc)
+    out = Path(args.out) if args.out else paths.root / "reports" / f"cli-{label}"
+    written = write_report(doc, out)
+    print(f"report: {written.get('report.html', out)}")
+    return 0
+
+
 def cmd_where(args: argparse.Namespace) -> int:
     paths = DataPaths(data_root())
     rows = [
@@ -105,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score a model against the baselines and the oracle, print tables, "
+                        "write a report")
+    ev.add_argument("model_uri", help="e.g. models:/retailsim-world-model@challenger or models:/retailsim-world-model/3")
+    ev.add_argument("--split", default="test", choices=["test", "validation"])
+    ev.add_argument("--cache", default=None, help="tensor cache folder (default: the latest)")
+    ev.add_argument("--out", default=None, help="report folder (default: DATA/reports/cli-<model>)")
+    ev.set_defaults(func=cmd_evaluate)
 
     where = sub.add_parser("where", help="where the outputs are and how to open the UI")
     where.set_defaults(func=cmd_where)

@@ -315,3 +315,13 @@ def training_preset(name: str) -> TrainingConfig:
     if name == "seed":
         return TrainingConfig(preset="seed", model=MODEL_PRESETS["seed"])
     raise ValueError(f"unknown training preset {name!r}; one of tiny, demo, seed")
+
+
+class EvaluationConfig(BaseModel):
+    """Scoring and promotion (DESIGN §7–8)."""
+
+    split: str = Field("test", description="Split to score: test (default) or validation.")
+    seed: int = Field(1234, description="Seed of the evaluation masking: the same positions for every model.")
+    promotion_metric: str = Field("recall@10", description="Metric compared with the current champion.")
+    promotion_margin: float = Field(0.0, ge=0.0, description="The challenger must beat the champion by more.")
+    device: str = Field("cpu", description="Device to score on.")

@@ -6,10 +6,11 @@ from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.evaluation_assets import evaluation_report
 from retailsim_pipeline.defs.training_assets import trained_world_model
 
 defs = dg.Definitions(
-    assets=[raw_transactions, basket_samples, tensor_cache, trained_world_model],
+    assets=[raw_transactions, basket_samples, tensor_cache, trained_world_model, evaluation_report],
     asset_checks=prep_checks,
     resources={
         "retailsim_data": RetailSimData(),

@@ -767,3 +767,46 @@ def model_artifact_location(model_uri: str, *, tracking_uri: str | None = None) 
             )
         model_id = version.model_id or version.source.removeprefix("models:/")
     return client.get_logged_model(model_id).artifact_location
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def metric_name(name: str) -> str:
+    """Our metric names (``recall@10``) as MLflow accepts them (``recall_at_10``: no ``@`` allowed)."""
+    return name.replace("@", "_at_")
+
+
+def metric_history(run_id: str, *, tracking_uri: str | None = None,
+                   keys: Sequence[str] = ("train/total", "val/loss", "val/recall_at_10")) -> list[dict]:
+    """The training curves of a run as rows ``{"step": s, key: value, …}`` (for the report's plot)."""
+    client = _client(tracking_uri)
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            rows.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [rows[s] for s in sorted(rows)]
+
+
+def log_evaluation(run_id: str, doc: Mapping[str, Any], files: Mapping[str, Path], *,
+                   tracking_uri: str | None = None) -> None:
+    """Test metrics (``test/…``) on the training run, the report files as artifacts, the decision as tags."""
+    client = _client(tracking_uri)
+    split = doc["meta"]["split"]
+    model = doc["model"]
+    metrics = [Metric(f"{split}/{metric_name(k)}", float(v), int(time.time() * 1000), 0)
+               for k, v in model.items() if isinstance(v, (int, float)) and k != "n"]
+    for name, values in doc["baselines"].items():
+        metrics.append(Metric(f"{split}/{name}/recall_at_10", float(values["recall@10"]), int(time.time() * 1000), 0))
+    if doc.get("oracle"):
+        metrics.append(Metric(f"{split}/oracle/recall_at_10", float(doc["oracle"]["recall@10"]),
+                              int(time.time() * 1000), 0))
+    for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i: i + _MAX_METRICS_PER_BATCH])
+    promotion = doc["promotion"]
+    for key in ("decision", "reason", "champion_version", "challenger_version"):
+        client.set_tag(run_id, f"retailsim.promotion.{key}", str(promotion.get(key)))
+    for path in files.values():
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")

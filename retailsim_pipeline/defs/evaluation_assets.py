@@ -1,0 +1,133 @@
+"""Group ``evaluation``: the report that scores the trained model against baselines and the oracle,
+and decides champion/challenger in the MLflow registry."""
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+
+from retailsim_pipeline import tracking
+from retailsim_pipeline.config import EvaluationConfig
+from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
+from retailsim_pipeline.evaluation.oracle import OracleScorer
+from retailsim_pipeline.evaluation.report import write_report
+from retailsim_pipeline.prep.cache import TensorCache
+
+EVALUATION_CODE_VERSION = "1"
+CHECK = "model_beats_baselines"
+
+
+class EvaluationSettings(EvaluationConfig, dg.Config):
+    """Split, masking seed and promotion rule of the evaluation report."""
+
+
+def decide_promotion(*, challenger_version: str, challenger: float, champion_version: str | None,
+                     champion: float | None, beats_baselines: bool, metric: str, margin: float) -> dict:
+    """Champion/challenger rule: a model that fails the baseline check is never promoted; the first
+    passing model becomes champion; later ones only when ``metric`` beats the champion's by > margin."""
+    if not beats_baselines:
+        decision, reason = "challenger", "does not beat item co-occurrence on recall@10"
+    elif champion_version is None or champion_version == challenger_version:
+        decision, reason = "champion", "first model to pass the baseline check"
+    elif champion is not None and challenger > champion + margin:
+        decision, reason = "champion", f"{metric} {challenger:.4f} > champion {champion:.4f} + {margin}"
+    else:
+        decision, reason = "challenger", f"{metric} {challenger:.4f} does not beat champion {champion:.4f} + {margin}"
+    return {"metric": metric, "margin": margin, "challenger_version": challenger_version, "challenger": challenger,
+            "champion_version": champion_version if champion_version != challenger_version else None,
+            "champion": champion, "passed_baseline_check": beats_baselines, "decision": decision, "reason": reason}
+
+
+def _table(doc: dict) -> str:
+    keys = ["recall@10", "recall@20", "precision@10", "mrr", "ndcg@10", "accuracy"]
+    rows = [("model", doc["model"])] + list(doc["baselines"].items())
+    if doc["oracle"] is not None:
+        rows.append(("oracle", doc["oracle"]))
+    lines = ["| scorer | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for name, m in rows]
+    return "\n".join(lines)
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"pytorch", "mlflow"},
+    code_version=EVALUATION_CODE_VERSION,
+    owners=["team:retailsim"],
+    check_specs=[dg.AssetCheckSpec(CHECK, asset="evaluation_report", blocking=False,
+                                   description="The model beats item co-occurrence on Recall@10.")],
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationSettings,
+    trained_world_model: dict,
+    tensor_cache: str,
+    retailsim_data: RetailSimData,
+):
+    """The registered model version produced upstream (never "the newest file") scored on the test
+    split against global popularity, the customer's own purchase frequency, item co-occurrence and,
+    on generated data, the generator's oracle — on exactly the same masked positions; per cold-start,
+    basket-length and repeat/explore bucket. Writes `reports/<version>/` (report.md, a self-contained
+    report.html, metrics.json) and `reports/latest/`, logs test metrics to the training run, and
+    promotes the model to `champion` when it beats the current champion (re-scored on this split).
+    """
+    paths = retailsim_data.paths()
+    uri = tracking.default_tracking_uri(paths)
+    version = str(trained_world_model["model_version"])
+    cache = TensorCache.open(Path(tensor_cache))
+    model, _ = tracking.load_world_model(trained_world_model["registered_model_uri"], tracking_uri=uri)
+    oracle = None
+    if (paths.ground_truth / "world.npz").exists():
+        oracle = OracleScorer(cache, config.split, paths.ground_truth)
+    samples_dir = Path(cache.manifest["upstream"]["samples_dir"])
+    result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, oracle=oracle,
+                      device=config.device)
+    metric = config.promotion_metric
+    beats = result["model"]["recall@10"] > result["baselines"]["cooccurrence"]["recall@10"]
+    champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
+    champion_value = None
+    if champion_version is not None and champion_version != version:
+        champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version),
+                                                      tracking_uri=uri)
+        champion_value = rescore_model(result["_setup"], champion_model, device=config.device)[metric]
+    promotion = decide_promotion(challenger_version=version, challenger=result["model"][metric],
+                                 champion_version=champion_version, champion=champion_value, beats_baselines=beats,
+                                 metric=metric, margin=config.promotion_margin)
+    if promotion["decision"] == "champion":
+        tracking.set_alias(version, "champion", tracking_uri=uri)
+    run_id = trained_world_model["mlflow_run_id"]
+    doc = {
+        "schema": "retailsim.evaluation/1",
+        "meta": {"split": config.split, "model_name": tracking.REGISTERED_MODEL, "model_version": version,
+                 "model_uri": trained_world_model["registered_model_uri"], "mlflow_run_id": run_id,
+                 "cache_key": cache.manifest["key"], "n_baskets": result["n_baskets"],
+                 "n_positions": result["n_positions"], "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+                 "eval_seed": config.seed},
+        "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
+        "buckets": result["buckets"], "promotion": promotion,
+    }
+    history = tracking.metric_history(run_id, tracking_uri=uri)
+    reports = paths.root / "reports"
+    written = write_report(doc, reports / version, history=history, latest_dir=reports / "latest")
+    tracking.log_evaluation(run_id, doc, written, tracking_uri=uri)
+    context.log.info(f"model v{version}: recall@10 {result['model']['recall@10']:.4f}; {promotion['reason']}")
+    return dg.MaterializeResult(
+        value=str(reports / version),
+        metadata={
+            "scores": dg.MetadataValue.md(_table(doc)),
+            "report": dg.MetadataValue.path(str(written["report.html"]) if "report.html" in written
+                                            else str(reports / version)),
+            "mlflow_run": dg.MetadataValue.url(trained_world_model["mlflow_run_url"]),
+            "model_version": version,
+            "decision": promotion["decision"],
+            "reason": promotion["reason"],
+            "recall@10": float(result["model"]["recall@10"]),
+            "cooccurrence_recall@10": float(result["baselines"]["cooccurrence"]["recall@10"]),
+            "champion_version": str(promotion["champion_version"]),
+            "champion_recall@10": float(champion_value) if champion_value is not None else float("nan"),
+        },
+        check_results=[dg.AssetCheckResult(
+            check_name=CHECK, passed=bool(beats), severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"model_recall@10": float(result["model"]["recall@10"]),
+                      "cooccurrence_recall@10": float(result["baselines"]["cooccurrence"]["recall@10"])})],
+    )

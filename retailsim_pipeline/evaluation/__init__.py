@@ -1,0 +1,23 @@
+"""Evaluation (DESIGN §7): deterministic masked positions, ranking and classification metrics, and the
+baselines scored on the same positions as the world model. Never imports dagster or mlflow.
+
+``positions``  which lines of a split are hidden and scored; the matching model batch
+``metrics``    target ranks → precision/recall@K, accuracy, MRR, NDCG@10; classification metrics
+``baselines``  popularity, personal frequency and item co-occurrence scorers
+"""
+
+from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
+from retailsim_pipeline.evaluation.metrics import (
+    Ranks,
+    classification_metrics,
+    grouped_ranking_metrics,
+    ranking_metrics,
+    target_ranks,
+)
+from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
+
+__all__ = [
+    "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
+    "classification_metrics", "eval_positions", "grouped_ranking_metrics", "masked_batch", "ranking_metrics",
+    "target_ranks", "visible_tokens",
+]

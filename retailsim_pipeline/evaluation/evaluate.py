@@ -1,0 +1,220 @@
+"""Score a world model, the baselines and the oracle on exactly the same masked positions of a split.
+
+1. :func:`eval_positions` hides lines of the split with a fixed seed (independent of batching and of
+   the model), so every model and every baseline answers the same questions.
+2. Each scorer ranks the whole vocabulary for each hidden line, excluding the basket's visible
+   products and the special tokens; ranks become Recall/Precision@K, MRR, NDCG@10.
+3. Every metric is also reported per cold-start bucket (the customer's trips in the train split:
+   anonymous, 0, 1–2, 3–9, 10+), per basket-length bucket, and for repeat items (the customer bought
+   the product in the train split) vs explore items.
+4. The model's auxiliary heads are scored too (accuracy, macro-F1, confusion matrices).
+
+Returns the ``model``/``baselines``/``oracle``/``buckets`` parts of ``metrics.json`` (see
+``evaluation/report.py``); promotion and metadata are added by the caller.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS
+from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
+from retailsim_pipeline.evaluation.metrics import (
+    Ranks,
+    classification_metrics,
+    grouped_ranking_metrics,
+    ranking_metrics,
+    target_ranks,
+)
+from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
+from retailsim_pipeline.training.batches import BatchAssembler
+
+log = logging.getLogger(__name__)
+
+COLD_START_ORDER = ["anonymous", "0", "1-2", "3-9", "10+"]
+LENGTH_ORDER = ["2-4", "5-9", "10-19", "20-50"]
+AUX_LABELS = {
+    "basket_size": [*LABEL_CODES["BASKET_SIZE"], "unknown"],
+    "price_sensitivity": list(LABEL_CODES["BASKET_PRICE_SENSITIVITY"]),
+    "mission_type": list(LABEL_CODES["BASKET_TYPE"]),
+    "mission_focus": list(LABEL_CODES["BASKET_DOMINANT_MISSION"]),
+}
+assert [len(AUX_LABELS[h]) for h in AUX_HEADS] == [AUX_CLASSES[h] for h in AUX_HEADS]
+assert len(LABEL_COLUMNS) == len(AUX_HEADS)
+
+
+@dataclass
+class EvalSetup:
+    """Everything shared by the scorers: positions, visible items, and each position's groups."""
+
+    cache: TensorCache
+    split: str
+    positions: EvalPositions
+    visible_offsets: np.ndarray
+    visible_tokens: np.ndarray
+    groups: dict[str, np.ndarray]
+
+
+def _bucket_cold_start(trips: np.ndarray, carded: np.ndarray) -> np.ndarray:
+    out = np.full(len(trips), "10+", dtype=object)
+    out[trips <= 9] = "3-9"
+    out[trips <= 2] = "1-2"
+    out[trips == 0] = "0"
+    out[~carded] = "anonymous"
+    return out
+
+
+def _bucket_length(n: np.ndarray) -> np.ndarray:
+    out = np.full(len(n), "20-50", dtype=object)
+    out[n <= 19] = "10-19"
+    out[n <= 9] = "5-9"
+    out[n <= 4] = "2-4"
+    return out
+
+
+def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = 1234) -> EvalSetup:
+    arrays = cache.split(split)
+    positions = eval_positions(arrays, seed=seed, split=split)
+    v_off, v_tok = visible_tokens(arrays, positions)
+    # Cold start: the customer's trips in the train split (cust codes from the samples, row-aligned).
+    samples = pl.read_parquet(Path(samples_dir) / f"{split}.parquet", columns=["basket_id", "cust_code"])
+    if not np.array_equal(samples.get_column("basket_id").to_numpy(), np.asarray(arrays.basket_id)):
+        raise ValueError(f"{samples_dir}/{split}.parquet does not match the tensor cache {cache.path} row by row")
+    train_trips = (pl.read_parquet(Path(samples_dir) / "train.parquet", columns=["cust_code"])
+                   .drop_nulls().group_by(pl.col("cust_code").cast(pl.String)).len("trips"))
+    per_sample = (samples.select(pl.col("cust_code").cast(pl.String))
+                  .join(train_trips, on="cust_code", how="left", maintain_order="left"))
+    carded = per_sample.get_column("cust_code").is_not_null().to_numpy()
+    trips = per_sample.get_column("trips").fill_null(0).to_numpy()
+    lengths = np.diff(np.asarray(arrays.offsets))
+    # Repeat item: the customer bought the target in the train split.
+    train = cache.split("train")
+    vocab = cache.product_embeddings.shape[0]
+    rows = np.repeat(np.asarray(train.customer_index, dtype=np.int64), np.diff(np.asarray(train.offsets)))
+    history = sp.csr_matrix((np.ones(len(rows), np.int8), (rows, np.asarray(train.tokens))),
+                            shape=(cache.customer_context.shape[0], vocab))
+    cust_row = np.asarray(arrays.customer_index, dtype=np.int64)[positions.sample]
+    bought = np.asarray(history[cust_row, positions.target]).ravel() > 0
+    repeat = np.where((cust_row > 0) & bought, "repeat", "explore").astype(object)
+    groups = {
+        "cold_start": _bucket_cold_start(trips[positions.sample], carded[positions.sample]),
+        "basket_length": _bucket_length(lengths[positions.sample]),
+        "repeat_vs_explore": repeat,
+    }
+    return EvalSetup(cache, split, positions, v_off, v_tok, groups)
+
+
+def _chunks(n: int, size: int):
+    for lo in range(0, n, size):
+        yield lo, min(n, lo + size)
+
+
+def rank_baseline(setup: EvalSetup, scorer, chunk: int = 2048) -> Ranks:
+    """Ranks of every hidden target under a baseline scorer (``score(sample, v_off, v_tok) -> [n, V]``)."""
+    p = setup.positions
+    parts = []
+    for lo, hi in _chunks(len(p.target), chunk):
+        off = setup.visible_offsets[lo: hi + 1]
+        tok = setup.visible_tokens[off[0]: off[-1]]
+        off = off - off[0]
+        scores = scorer.score(p.sample[lo:hi], off, tok)
+        parts.append(target_ranks(scores, p.target[lo:hi], off, tok))
+    return Ranks.concat(parts)
+
+
+@torch.no_grad()
+def rank_model(setup: EvalSetup, model: torch.nn.Module, *, batch_size: int = 512, device: str = "cpu"
+               ) -> tuple[Ranks, dict[str, np.ndarray]]:
+    """Ranks of every hidden target under the model, and its auxiliary predictions per scored basket."""
+    model = model.to(device).eval()
+    assembler = BatchAssembler(setup.cache, setup.split, batch_size=batch_size, shuffle=False)
+    p = setup.positions
+    samples = np.unique(p.sample)
+    parts, aux_pred, aux_true = [], {h: [] for h in AUX_HEADS}, []
+    pos_lo = 0
+    for lo, hi in _chunks(len(samples), batch_size):
+        idx = samples[lo:hi]
+        batch = masked_batch(assembler, idx, p.hidden).to(device)
+        out = model(batch.tokens, batch.price, batch.context, batch.attention_mask, predict_mask=batch.predict_mask)
+        n = int(batch.predict_mask.sum())
+        pos_hi = pos_lo + n
+        # Positions are sorted by (sample, line): the batch's masked positions in row-major order.
+        assert np.array_equal(batch.targets[batch.predict_mask].cpu().numpy(), p.target[pos_lo:pos_hi])
+        off = setup.visible_offsets[pos_lo: pos_hi + 1]
+        tok = setup.visible_tokens[off[0]: off[-1]]
+        parts.append(target_ranks(out["product_logits"].float().cpu(), p.target[pos_lo:pos_hi], off - off[0], tok))
+        for head in AUX_HEADS:
+            aux_pred[head].append(out["aux"][head].argmax(dim=1).cpu().numpy())
+        aux_true.append(batch.labels.cpu().numpy())
+        pos_lo = pos_hi
+    labels = np.concatenate(aux_true) if aux_true else np.zeros((0, 4), np.int64)
+    aux = {h: np.concatenate(aux_pred[h]) for h in AUX_HEADS}
+    return Ranks.concat(parts), {"pred": aux, "true": labels}
+
+
+def _grouped(setup: EvalSetup, ranks_by_scorer: dict[str, Ranks | None]) -> dict:
+    orders = {"cold_start": COLD_START_ORDER, "basket_length": LENGTH_ORDER,
+              "repeat_vs_explore": ["repeat", "explore"]}
+    buckets: dict = {}
+    for group, order in orders.items():
+        per_scorer = {name: (grouped_ranking_metrics(r, setup.groups[group], order) if r is not None else None)
+                      for name, r in ranks_by_scorer.items()}
+        buckets[group] = {}
+        for label in order:
+            entry = {name: (g.get(label) if g is not None else None) for name, g in per_scorer.items()}
+            if entry.get("model") is not None:
+                buckets[group][label] = entry
+    return buckets
+
+
+def evaluate(
+    cache: TensorCache,
+    samples_dir: Path,
+    model: torch.nn.Module,
+    *,
+    split: str = "test",
+    seed: int = 1234,
+    oracle=None,
+    device: str = "cpu",
+) -> dict:
+    """``{"model", "baselines", "oracle", "buckets", "n_positions", "n_baskets"}`` for one model."""
+    setup = prepare(cache, samples_dir, split=split, seed=seed)
+    train = cache.split("train")
+    arrays = cache.split(split)
+    vocab = cache.product_embeddings.shape[0]
+    model_ranks, aux = rank_model(setup, model, device=device)
+    baseline_ranks = {
+        "popularity": rank_baseline(setup, PopularityScorer(train, vocab)),
+        "personal_frequency": rank_baseline(setup, PersonalFrequencyScorer(train, arrays, vocab)),
+        "cooccurrence": rank_baseline(setup, CooccurrenceScorer(train, vocab)),
+    }
+    oracle_ranks = rank_baseline(setup, oracle) if oracle is not None else None
+    model_metrics = ranking_metrics(model_ranks)
+    model_metrics["aux"] = {
+        head: classification_metrics(aux["true"][:, i], aux["pred"][head], AUX_CLASSES[head], AUX_LABELS[head])
+        for i, head in enumerate(AUX_HEADS)
+    }
+    return {
+        "model": model_metrics,
+        "baselines": {k: ranking_metrics(r) for k, r in baseline_ranks.items()},
+        "oracle": ranking_metrics(oracle_ranks) if oracle_ranks is not None else None,
+        "buckets": _grouped(setup, {"model": model_ranks, **baseline_ranks, "oracle": oracle_ranks}),
+        "n_positions": int(len(setup.positions.target)),
+        "n_baskets": int(len(np.unique(setup.positions.sample))),
+        "_ranks": {"model": model_ranks},
+        "_setup": setup,
+    }
+
+
+def rescore_model(setup: EvalSetup, model: torch.nn.Module, device: str = "cpu") -> dict:
+    """Ranking metrics of another model (the champion) on the same positions."""
+    ranks, _ = rank_model(setup, model, device=device)
+    return ranking_metrics(ranks)
+
