@@ -17,7 +17,7 @@ def _latest_cache(context: dg.AssetCheckExecutionContext) -> TensorCache:
     return TensorCache.open(Path(event.asset_materialization.metadata["cache_path"].value))
 
 
-@dg.asset_check(asset=basket_samples, description="Splits hold disjoint baskets and follow each other in time: "
+@dg.asset_check(asset=basket_samples, blocking=True, description="Splits hold disjoint baskets and follow each other in time: "
                 "every train week < every validation week < every test week.")
 def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckResult:
     samples = retailsim_data.paths().samples
@@ -43,7 +43,7 @@ def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckR
     )
 
 
-@dg.asset_check(asset=tensor_cache, description="Leakage guard: everything fitted comes from train weeks only, "
+@dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: everything fitted comes from train weeks only, "
                 "and changing a basket's labels leaves its features unchanged.")
 def no_leakage(context: dg.AssetCheckExecutionContext, retailsim_data: RetailSimData) -> dg.AssetCheckResult:
     outcome = check_leakage(_latest_cache(context), retailsim_data.paths().samples)
@@ -54,7 +54,7 @@ def no_leakage(context: dg.AssetCheckExecutionContext, retailsim_data: RetailSim
     )
 
 
-@dg.asset_check(asset=tensor_cache, description="manifest.json agrees with the arrays: shapes, dtypes, "
+@dg.asset_check(asset=tensor_cache, blocking=True, description="manifest.json agrees with the arrays: shapes, dtypes, "
                 "sha256, offsets, index bounds.")
 def manifest_consistent(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     outcome = check_manifest(_latest_cache(context))

@@ -37,6 +37,7 @@ class RunReport:
     assets_current: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     checks_passed: list[str] = field(default_factory=list)
+    checks_failed: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
 
     @property
@@ -52,6 +53,8 @@ class RunReport:
         ]
         if self.checks_passed:
             out.append(f"checks passed: {', '.join(self.checks_passed)}")
+        if self.checks_failed:
+            out.append(f"CHECKS FAILED (see the Dagster UI): {', '.join(self.checks_failed)}")
         if self.assets_current:
             out.append(f"up to date: {', '.join(self.assets_current)}")
         out += [f"FAILED: {f}" for f in self.failures]
@@ -164,7 +167,9 @@ def materialize_selection(
             report.assets_materialized += [k.to_user_string() for k in to_run]
             for e in result.get_asset_check_evaluations():
                 name = f"{e.asset_key.to_user_string()}:{e.check_name}"
-                (report.checks_passed.append(name) if e.passed else report.failures.append(f"check {name} failed"))
+                # A failed blocking check fails the run itself (downstream steps do not execute); a
+                # non-blocking one (e.g. model_beats_baselines) is reported, the outputs stay.
+                (report.checks_passed if e.passed else report.checks_failed).append(name)
         else:
             report.failures.append(_first_error(result))
     return report
