@@ -58,8 +58,7 @@ def bench_steps(cache: TensorCache, preset: str, steps: int, device: torch.devic
     def step(batch):
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         with ctx:
-            out = model(batch.tokens, batch.price, batch.context, batch.attention_mask,
-                        predict_mask=batch.predict_mask)
+            out = model(**batch.model_inputs(), predict_mask=batch.predict_mask)
             total, _ = loss_fn(out, batch, "main")
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

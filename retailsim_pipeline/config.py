@@ -192,6 +192,8 @@ class CacheConfig(BaseModel):
         0.75, description="Context-distribution smoothing of PPMI (Levy et al. 2015): tames rare products."
     )
     seed: int = Field(0, description="Seed of the randomized SVD and the hierarchy codes.")
+    history_items: int = Field(32, ge=1, description="Most bought train products kept per customer (the "
+                                                    "model's per-customer memory).")
 
     @property
     def cooccurrence_dim(self) -> int:

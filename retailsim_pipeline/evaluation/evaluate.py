@@ -142,7 +142,7 @@ def rank_model(setup: EvalSetup, model: torch.nn.Module, *, batch_size: int = 51
     for lo, hi in _chunks(len(samples), batch_size):
         idx = samples[lo:hi]
         batch = masked_batch(assembler, idx, p.hidden).to(device)
-        out = model(batch.tokens, batch.price, batch.context, batch.attention_mask, predict_mask=batch.predict_mask)
+        out = model(**batch.model_inputs(), predict_mask=batch.predict_mask)
         n = int(batch.predict_mask.sum())
         pos_hi = pos_lo + n
         # Positions are sorted by (sample, line): the batch's masked positions in row-major order.

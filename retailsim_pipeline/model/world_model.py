@@ -108,7 +108,8 @@ class WorldModel(nn.Module):
     decoder final LayerNorm              1,024
     product head (512→512→5003)      2,830,219
     aux heads (1024→512→4/4/4/5)     2,107,921
-    **total**                       23,353,500
+    history gate (512→2)                 1,026
+    **total**                       23,354,526
     =============================  ===========
 
     The frozen ``product_table`` [V, 256] is a persistent buffer (saved in the state_dict, not a parameter).
@@ -164,6 +165,8 @@ class WorldModel(nn.Module):
         self.product_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, V))
         self.aux_heads = nn.ModuleDict({name: AuxHead(2 * D, D, AUX_CLASSES[name], config.dropout)
                                         for name in AUX_HEADS})
+        # Copy path to the customer's own most bought products (see _add_history): two gates per basket.
+        self.history_gate = nn.Linear(D, 2)
 
         self._init_weights()
 
@@ -183,6 +186,10 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.position_embedding.weight, std=INIT_STD)
         nn.init.normal_(self.mask_embedding, std=INIT_STD)
         nn.init.zeros_(self.product_residual.weight)
+        # The copy path starts switched on (a shopper's own products get +1 logit per log-count and a
+        # flat +1), as personal frequency suggests; the gates then learn per shopper and trip.
+        nn.init.zeros_(self.history_gate.weight)
+        nn.init.constant_(self.history_gate.bias, 1.0)
 
     # ----------------------------------------------------------------------------------------------------
     # Forward
@@ -203,7 +210,8 @@ class WorldModel(nn.Module):
         return fused.masked_fill(~attention_mask.unsqueeze(-1), 0.0)
 
     def forward(self, tokens: torch.Tensor, price: torch.Tensor, context: torch.Tensor,
-                attention_mask: torch.Tensor, predict_mask: torch.Tensor | None = None) -> dict:
+                attention_mask: torch.Tensor, predict_mask: torch.Tensor | None = None,
+                history_tokens: torch.Tensor | None = None, history_counts: torch.Tensor | None = None) -> dict:
         """One pass over a padded batch.
 
         tokens [B, S] int64 (PAD 0 on the right, MASK 1 where hidden), price [B, S, 64], context [B, 400],
@@ -246,12 +254,34 @@ class WorldModel(nn.Module):
             product_logits = self.product_head(hidden)  # [B, S, V]
         else:
             product_logits = self.product_head(hidden[predict_mask.bool()])  # [N_pred, V]
+        if history_tokens is not None and history_counts is not None:
+            product_logits = self._add_history(product_logits, ctx, predict_mask, history_tokens, history_counts)
 
         # Pooled: mean over real positions (padding is zero in `hidden`) ‖ fused context.
         lengths = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)  # [B, 1]
         pooled = torch.cat([hidden.sum(dim=1) / lengths, ctx.to(hidden.dtype)], dim=-1)  # [B, 2D]
         aux = {name: head(pooled) for name, head in self.aux_heads.items()}
         return {"product_logits": product_logits, "hidden": hidden, "aux": aux, "context": ctx}
+
+
+    def _add_history(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
+                     history_tokens: torch.Tensor, history_counts: torch.Tensor) -> torch.Tensor:
+        """Copy path: raise the logits of the customer's own most bought products.
+
+        bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · [count > 0], with the per-basket gates
+        g = ``history_gate(ctx)`` (how much *this* shopper, on *this* trip, re-buys), scattered onto the
+        vocabulary. history_tokens [B, K] int64 (PAD where empty), history_counts [B, K] float.
+        """
+        counts = history_counts.clamp(min=0).to(torch.float32)
+        gates = self.history_gate(ctx).to(torch.float32)  # [B, 2]
+        bonus = gates[:, :1] * torch.log1p(counts) + gates[:, 1:2] * (counts > 0).to(torch.float32)  # [B, K]
+        bonus = bonus.masked_fill(history_tokens < N_SPECIAL, 0.0).to(logits.dtype)
+        index = history_tokens.clamp(min=0)
+        if predict_mask is None:  # logits [B, S, V]
+            S = logits.shape[1]
+            return logits.scatter_add(2, index[:, None, :].expand(-1, S, -1), bonus[:, None, :].expand(-1, S, -1))
+        rows = predict_mask.bool().nonzero()[:, 0]  # basket of each predicted position
+        return logits.scatter_add(1, index[rows], bonus[rows])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ product_embeddings.npy                [V, 256] float32    see :func:`build_produ
 product_log_price.npy                 [V] float32         log of the product's median train unit price
 customer_context.npy                  [C, 192] float32    history 160 + profile 32; row 0 = anonymous
                                                           or unknown (not seen in train) customer
+customer_history_tokens.npy,          [C, 32] int32/f32   each customer's most bought train products
+customer_history_counts.npy                               and their line counts (a per-customer memory)
 customers.parquet                     C - 1 rows          cust_code → row
 store_context.npy                     [S, 96] float32     row 0 = store not seen in train
 stores.parquet                        S - 1 rows          store_code → row
@@ -78,7 +80,7 @@ from retailsim_pipeline.prep.schema import (
 log = logging.getLogger(__name__)
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: customer history items
 PAD, MASK, UNK = 0, 1, 2
 N_SPECIAL = 3
 LATEST_FILE = "LATEST"
@@ -378,6 +380,34 @@ def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
     return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
 
 
+def build_customer_history(
+    train_customer_index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_customers: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each customer's ``k`` most bought train products: tokens [C, k] int32 (PAD-filled) and line
+    counts [C, k] float32, most bought first (ties: smaller token). Row 0 (anonymous/unknown) is empty.
+
+    The model reads them as a per-customer memory (what this shopper re-buys). For a *train* basket
+    the batch assembler subtracts the basket's own lines, so a masked product is never "known" from
+    the very basket it was hidden in.
+    """
+    rows = np.repeat(np.asarray(train_customer_index, dtype=np.int64), np.diff(offsets))
+    real = (rows > 0) & (tokens >= N_SPECIAL)
+    counts = sp.csr_matrix((np.ones(int(real.sum()), np.float32), (rows[real], tokens[real])),
+                           shape=(n_customers, int(tokens.max(initial=0)) + 1 if len(tokens) else 1))
+    counts.sum_duplicates()
+    coo = counts.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    r, c, v = coo.row[order], coo.col[order], coo.data[order]
+    start = np.searchsorted(r, np.arange(n_customers))
+    rank = np.arange(len(r)) - start[r]
+    keep = rank < k
+    hist_tokens = np.zeros((n_customers, k), dtype=np.int32)
+    hist_counts = np.zeros((n_customers, k), dtype=np.float32)
+    hist_tokens[r[keep], rank[keep]] = c[keep]
+    hist_counts[r[keep], rank[keep]] = v[keep]
+    return hist_tokens, hist_counts
+
+
 def _standardise(x: np.ndarray) -> np.ndarray:
     mean, std = x.mean(axis=0), x.std(axis=0)
     return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
@@ -592,6 +622,13 @@ def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl
     return trip_features(everything, home)
 
 
+def _customer_rows(frame: pl.DataFrame, customers: pl.DataFrame) -> np.ndarray:
+    """Row of ``customer_context`` for every sample of ``frame`` (0 = anonymous or unknown)."""
+    return (frame.select(pl.col("cust_code").cast(pl.String))
+            .join(customers.select("cust_code", "row"), on="cust_code", how="left", maintain_order="left")
+            .get_column("row").fill_null(0).to_numpy().astype(np.int64))
+
+
 def build_split_features(
     frames: dict[str, pl.DataFrame], customers: pl.DataFrame, stores: pl.DataFrame, trip: pl.DataFrame,
     trend_scale: float,
@@ -670,6 +707,10 @@ def build_tensor_cache(
     stores_ctx, stores_index = build_store_context(train, offsets, tokens, emb, config)
     cust_ctx, cust_index, _ = build_customer_context(train, offsets, tokens, emb, stores_index, config)
     train_weeks = sorted(train.get_column("week").unique().to_list())
+    hist_tokens, hist_counts = build_customer_history(
+        per_split_customer_index := _customer_rows(train, cust_index), offsets, tokens, cust_ctx.shape[0],
+        config.history_items)
+    del per_split_customer_index
     per_split = build_split_features(frames, cust_index, stores_index, trip, trend_scale=float(len(train_weeks)))
 
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -687,6 +728,8 @@ def build_tensor_cache(
         save("product_embeddings", emb)
         save("product_log_price", product_log_price)
         save("customer_context", cust_ctx)
+        save("customer_history_tokens", hist_tokens)
+        save("customer_history_counts", hist_counts)
         save("store_context", stores_ctx)
         for s in SPLITS:
             off, tok, unit, qty = csr[s]

@@ -20,6 +20,9 @@ class Batch:
     context         [B, 400] f32   customer 192 | temporal 64 | store 96 | trip 48
     labels          [B, 4] int64   class ids of basket_size, price_sensitivity, mission_type, mission_focus
     index           [B] int64      row of each basket in its split (joins back to basket ids)
+    history_tokens  [B, K] int64   the customer's most bought train products (PAD-filled; None if the
+                                   cache has no history)
+    history_counts  [B, K] f32     their train line counts, minus this basket's own lines in the train split
     """
 
     tokens: torch.Tensor
@@ -29,6 +32,8 @@ class Batch:
     context: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    history_tokens: torch.Tensor | None = None
+    history_counts: torch.Tensor | None = None
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -36,10 +41,18 @@ class Batch:
         return self.targets != IGNORE_INDEX
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None
+                        else getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
+                        for f in fields(self)})
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of ``WorldModel.forward`` (besides ``predict_mask``)."""
+        return {"tokens": self.tokens, "price": self.price, "context": self.context,
+                "attention_mask": self.attention_mask, "history_tokens": self.history_tokens,
+                "history_counts": self.history_counts}
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

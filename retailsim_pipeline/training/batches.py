@@ -117,6 +117,11 @@ class BatchAssembler:
         self._trip = np.asarray(arrays.trip)  # [N, 48] float16
         # Small tables: in RAM (numpy gathers beat torch.index_select at these sizes, see the report).
         self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 192]
+        # The per-customer memory of most bought products (caches built before it have none).
+        self._history_tokens = self._history_counts = None
+        if "customer_history_tokens" in cache.array_names:
+            self._history_tokens = np.ascontiguousarray(cache["customer_history_tokens"], dtype=np.int64)  # [C, K]
+            self._history_counts = np.ascontiguousarray(cache["customer_history_counts"], dtype=np.float32)
         self._store_context = np.ascontiguousarray(cache.store_context, dtype=np.float32)  # [S, 96]
         self._product_log_price = np.ascontiguousarray(cache.product_log_price, dtype=np.float32)  # [V]
         self.vocab_size = len(self._product_log_price)
@@ -211,7 +216,22 @@ class BatchAssembler:
             self._store_context[self._store_index[idx]],  # [B, 96]
             self._trip[idx],  # [B, 48]
         ], axis=1, dtype=np.float32)
+        history_tokens = history_counts = None
+        if self._history_tokens is not None:
+            cust = self._customer_index[idx]
+            history_tokens = self._history_tokens[cust]  # [B, K]
+            history_counts = self._history_counts[cust].copy()  # [B, K]
+            if self.split == "train":
+                # Leave this basket out of its own history: its lines were counted when the history was built.
+                basket = np.full(B * S, PAD, dtype=np.int64)
+                basket[flat] = original
+                own = (history_tokens[:, :, None] == basket.reshape(B, 1, S)).any(axis=2) & (history_tokens > PAD)
+                history_counts -= own
+            history_tokens = torch.from_numpy(history_tokens)
+            history_counts = torch.from_numpy(history_counts)
         return Batch(
+            history_tokens=history_tokens,
+            history_counts=history_counts,
             tokens=torch.from_numpy(tokens.reshape(B, S)),
             targets=torch.from_numpy(targets.reshape(B, S)),
             attention_mask=torch.from_numpy(valid),

@@ -259,8 +259,7 @@ class Trainer:
                     if self.world_size > 1 and (batch_no >= usable or batch_no % self.world_size != self.rank):
                         continue
                     with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
-                        outputs = self.forward_model(batch.tokens, batch.price, batch.context, batch.attention_mask,
-                                                     predict_mask=batch.predict_mask)
+                        outputs = self.forward_model(**batch.model_inputs(), predict_mask=batch.predict_mask)
                         total, parts = self.loss_fn(outputs, batch, phase)
                     (total / cfg.grad_accum_steps).backward()
                     accum += 1
@@ -376,8 +375,7 @@ class Trainer:
         n_batches, n_pred, hits1, hits10 = 0, 0, 0, 0
         for _, batch in self.val_data.iterate(0, mask_prob=self.config.mask_prob, prefetch=0, device=self.device):
             with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
-                outputs = model(batch.tokens, batch.price, batch.context, batch.attention_mask,
-                                predict_mask=batch.predict_mask)
+                outputs = model(**batch.model_inputs(), predict_mask=batch.predict_mask)
                 _, parts = self.loss_fn(outputs, batch, "main")
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
