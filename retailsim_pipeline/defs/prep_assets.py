@@ -7,11 +7,13 @@ from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.settings import CacheSettings, SplitSettings
-from retailsim_pipeline.prep.cache import build_tensor_cache
+from retailsim_pipeline.prep.cache import CACHE_FORMAT, build_tensor_cache
 from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
 
 SAMPLES_CODE_VERSION = "1"
-CACHE_CODE_VERSION = "2"  # 2: the asset outputs its folder as a value for downstream inputs
+# The asset's own version (2: it outputs its folder as a value) and the cache layout's: bumping either
+# marks the asset stale, so `retailsim run` and the UI rebuild it.
+CACHE_CODE_VERSION = f"2.{CACHE_FORMAT}"
 
 SAMPLE_COLUMN_DOCS = {
     "basket_id": "BASKET_ID",

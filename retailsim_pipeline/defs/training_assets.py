@@ -14,7 +14,7 @@ from retailsim_pipeline.config import LossWeights, ModelConfig, TrainingConfig, 
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.training.run import apply_overrides
 
-TRAINING_CODE_VERSION = "1"
+TRAINING_CODE_VERSION = "2"  # 2: the model reads the customer-history memory
 
 
 def _overrides_of(cls, name: str, nested: dict[str, type] | None = None) -> type[dg.Config]:
