@@ -72,3 +72,14 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(doc["meta"]["mlflow_run_id"])
     assert run.data.metrics["test/recall_at_10"] == pytest.approx(doc["model"]["recall@10"])
     assert run.data.tags["retailsim.promotion.decision"] == doc["promotion"]["decision"]
+    # The CLI scores the same registered model and writes the same kind of report (no alias moves).
+    from retailsim_pipeline.cli import main as cli_main
+
+    monkeypatch.setenv("RETAILSIM_DATA_DIR", str(tiny_copy.root))
+    out = tmp_path / "cli_report"
+    champion_before = tracking.get_alias_version("champion", tracking_uri=uri)
+    assert cli_main(["evaluate", "models:/retailsim-world-model@challenger", "--out", str(out)]) == 0
+    cli_doc = json.loads((out / "metrics.json").read_text())
+    validate_metrics(cli_doc)
+    assert cli_doc["model"]["recall@10"] == pytest.approx(doc["model"]["recall@10"])  # same positions, same model
+    assert tracking.get_alias_version("champion", tracking_uri=uri) == champion_before
