@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from retailsim_pipeline.defs.automation import ingest_job, new_raw_files_sensor, retrain_job, weekly_retrain_schedule
 from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
@@ -12,6 +13,9 @@ from retailsim_pipeline.defs.training_assets import trained_world_model
 defs = dg.Definitions(
     assets=[raw_transactions, basket_samples, tensor_cache, trained_world_model, evaluation_report],
     asset_checks=prep_checks,
+    jobs=[ingest_job, retrain_job],
+    sensors=[new_raw_files_sensor],
+    schedules=[weekly_retrain_schedule],
     resources={
         "retailsim_data": RetailSimData(),
         # forward_termination: cancelling the Dagster run terminates the training process.
