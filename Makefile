@@ -36,8 +36,7 @@ clean-data:
 	rm -rf $(RETAILSIM_DATA_DIR)/transactions $(RETAILSIM_DATA_DIR)/quarantine $(RETAILSIM_DATA_DIR)/samples \
 	       $(RETAILSIM_DATA_DIR)/cache $(RETAILSIM_DATA_DIR)/dagster
 
-# The Dagster UI (webserver + daemon) on the project's instance, bound to 127.0.0.1:3000.
+# The Dagster UI (webserver + daemon) and the MLflow UI on the project's stores, bound to 127.0.0.1:
+# http://127.0.0.1:3000 and http://127.0.0.1:5000. Ctrl-C stops both.
 ui: venv
-	RETAILSIM_DAGSTER_DIR=$(RETAILSIM_DATA_DIR)/dagster \
-	RETAILSIM_DAGSTER_COMPUTE_LOGS_DIR=$(RETAILSIM_DATA_DIR)/dagster/compute_logs \
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/retailsim ui

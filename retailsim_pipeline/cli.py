@@ -8,6 +8,7 @@
 - ``retailsim train [...]``: train standalone from a tensor cache (``--help`` for its options).
 - ``retailsim evaluate MODEL_URI [--split test]``: rich tables of the model vs the baselines (and the
   oracle on generated data), and the same report as the ``evaluation_report`` asset.
+- ``retailsim ui``: the Dagster UI and the MLflow UI on 127.0.0.1, printing both URLs; Ctrl-C stops both.
 - ``retailsim where``: where the outputs are and how to open the UI.
 """
 
@@ -108,6 +109,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The Dagster UI (webserver + daemon) and the MLflow UI on the project's stores, until Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    paths = DataPaths(data_root())
+    configure_instance_env(paths.root)
+    paths.mlflow.mkdir(parents=True, exist_ok=True)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow / 'mlflow.db'}"
+    bin_dir = Path(sys.executable).parent
+    commands = {
+        "Dagster": [str(bin_dir / "dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+                    "-h", "127.0.0.1", "-p", str(args.dagster_port)],
+        "MLflow": [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri,
+                   "--default-artifact-root", (paths.mlflow / "artifacts").as_uri(),
+                   "--host", "127.0.0.1", "--port", str(args.mlflow_port)],
+    }
+    def stop(_signum, _frame):  # SIGTERM (a supervisor, `timeout`) stops both like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    # Own process groups, so each tool gets one clean SIGINT from us (and its children with it).
+    procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
+    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}   MLflow UI: http://127.0.0.1:{args.mlflow_port}   "
+          "(Ctrl-C stops both)", flush=True)
+    try:
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        failed = [name for name, p in procs.items() if p.poll() not in (None, 0)]
+        if failed:
+            print(f"{', '.join(failed)} exited; stopping the other", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+        for p in procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    return 0
+
+
 def cmd_where(args: argparse.Namespace) -> int:
     paths = DataPaths(data_root())
     rows = [
@@ -157,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=None, help="tensor cache folder (default: the latest)")
     ev.add_argument("--out", default=None, help="report folder (default: DATA/reports/cli-<model>)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ui = sub.add_parser("ui", help="the Dagster UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
+    ui.add_argument("--dagster-port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
 
     where = sub.add_parser("where", help="where the outputs are and how to open the UI")
     where.set_defaults(func=cmd_where)
