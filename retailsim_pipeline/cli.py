@@ -118,6 +118,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     paths = DataPaths(data_root())
     configure_instance_env(paths.root)
+    # Create the instance's sqlite storage once, here: the webserver and the daemon starting together on
+    # an empty folder would both run its migrations and can fail the code location.
+    import dagster as dg
+
+    dg.DagsterInstance.get().dispose()
     paths.mlflow.mkdir(parents=True, exist_ok=True)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow / 'mlflow.db'}"
     bin_dir = Path(sys.executable).parent
