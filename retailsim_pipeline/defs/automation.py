@@ -10,7 +10,7 @@ from retailsim_pipeline.defs.ingest_assets import raw_transactions, weekly_files
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.training_assets import trained_world_model
-from retailsim_pipeline.prep.samples import file_sha256
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import week_of_file
 
 #: Ingest the weekly partitions of raw_transactions (one run per week).

@@ -7,7 +7,7 @@ from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdo
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.settings import IngestSettings
 from retailsim_pipeline.prep.ingest import ingest_weekly_file
-from retailsim_pipeline.prep.samples import file_sha256
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import TRANSACTION_SCHEMA, weekly_file_name
 
 #: One dynamic partition per weekly file; the key is its shop week, e.g. ``200607``.

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from retailsim_pipeline.config import DataPaths
 from retailsim_pipeline.defs.ingest_assets import weekly_files
 from retailsim_pipeline.defs.resources import RetailSimData
-from retailsim_pipeline.prep.samples import file_sha256
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import week_of_file, weekly_file_name
 
 log = logging.getLogger(__name__)

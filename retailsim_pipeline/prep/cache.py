@@ -64,8 +64,8 @@ from retailsim_pipeline.prep.samples import (
     SPLITS,
     read_manifest,
     scan_samples,
-    file_sha256,
 )
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import (
     LABEL_CODES,
     LABEL_COLUMNS,

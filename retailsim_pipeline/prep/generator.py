@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -73,6 +72,7 @@ import polars as pl
 from tqdm import tqdm
 
 from retailsim_pipeline.config import GeneratorConfig
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import (
     BASKET_TYPE_CODES,
     DOMINANT_MISSION_CODES,
@@ -841,14 +841,6 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_world(world: World, ground_truth_dir: Path) -> list[Path]:
     """Write the world: ``world.npz`` (every array, for :func:`ground_truth.load_world`) and
     readable parquet tables of products, stores, customers and promotions."""
@@ -972,7 +964,7 @@ def _reusable(out_dir: Path, config: GeneratorConfig) -> dict | None:
         return None
     for rel, info in manifest.get("files", {}).items():
         f = out_dir / rel
-        if not f.exists() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if not f.exists() or f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
             logger.info("generated data in %s changed (%s); regenerating", out_dir, rel)
             return None
     return manifest
@@ -1011,7 +1003,7 @@ def generate(config: GeneratorConfig, out_dir: Path, *, progress: bool = False) 
     world = build_world(config)
     files_info: dict[str, dict] = {}
     for p in save_world(world, gt):
-        files_info[str(p.relative_to(out_dir))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files_info[str(p.relative_to(out_dir))] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     samplers = _Samplers(world)
     codebook = _Codebook(world)
     seen = np.zeros(world.n_customers, dtype=bool)
@@ -1026,7 +1018,7 @@ def generate(config: GeneratorConfig, out_dir: Path, *, progress: bool = False) 
         truth = gt / f"baskets_{code}.parquet"
         _atomic(truth, basket_truth_frame(draw).write_parquet)
         for p, n in ((csv, frame.height), (truth, len(draw.basket_id))):
-            files_info[str(p.relative_to(out_dir))] = {"rows": n, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files_info[str(p.relative_to(out_dir))] = {"rows": n, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
         seen[draw.basket_customer[draw.basket_customer >= 0]] = True
         rows += frame.height
         baskets += len(draw.basket_id)

@@ -23,12 +23,12 @@ Outputs are written to a temporary name and renamed, so a failure never leaves a
 
 import datetime as dt
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
+from retailsim_pipeline.prep.files import write_parquet_atomic
 from retailsim_pipeline.prep.schema import (
     FIRST_WEEK,
     FIRST_WEEK_MONDAY,
@@ -312,16 +312,6 @@ def _calendar_ok(week: int, date: int, weekday: int) -> bool:
     return 0 <= (day - monday).days <= 6 and weekday == lgsr_weekday(day)
 
 
-def _write_atomic_parquet(df: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        df.write_parquet(tmp, compression="lz4", statistics=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Read and validate one LGSR file.
 
@@ -390,8 +380,8 @@ def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> Ing
     accepted, quarantined = validate_transactions(source)
     output = transactions_output_path(out_dir, source)
     quarantine = Path(quarantine_dir) / (source.stem + ".parquet")
-    _write_atomic_parquet(quarantined, quarantine)
-    _write_atomic_parquet(accepted, output)
+    write_parquet_atomic(quarantined, quarantine)
+    write_parquet_atomic(accepted, output)
     counts = accepted.select(
         pl.col("BASKET_ID").n_unique().alias("baskets"),
         pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers"),

@@ -41,6 +41,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from retailsim_pipeline.config import SplitConfig
+from retailsim_pipeline.prep.files import file_sha256, write_parquet_atomic
 from retailsim_pipeline.prep.schema import LABEL_COLUMNS, week_of_file
 
 log = logging.getLogger(__name__)
@@ -195,23 +196,6 @@ def _product_dimension(lines: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        df.write_parquet(tmp, compression="lz4")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(samples_dir: Path) -> dict:
     path = Path(samples_dir) / MANIFEST_NAME
     if not path.exists():
@@ -274,7 +258,7 @@ def build_basket_samples(
             .agg(pl.col("first_week").min(), pl.col("last_week").max())
             .sort("first_week", "PROD_CODE")
         )
-        _write_parquet_atomic(dimension, out_dir / PRODUCTS_FILE)
+        write_parquet_atomic(dimension, out_dir / PRODUCTS_FILE)
         for name in SPLITS:
             os.replace(tmp[name], final[name])
     finally:

@@ -31,7 +31,6 @@ from retailsim_pipeline.config import TrainingConfig
 from retailsim_pipeline.model.losses import WorldModelLoss
 from retailsim_pipeline.model.world_model import WorldModel, count_parameters, no_decay_parameter_names
 from retailsim_pipeline.prep.cache import N_SPECIAL, TensorCache
-from retailsim_pipeline.training.batch import Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 from retailsim_pipeline.training.checkpoint import (
     BEST,
@@ -408,7 +407,3 @@ class Trainer:
         self._say(f"step {self.step}: validation loss {metrics['val/loss']:.4f} (best {self.best_val_loss:.4f}), "
                   f"recall@10 {metrics['val/recall_at_10']:.3f}")
         return self.bad_validations >= self.config.patience
-
-    @staticmethod
-    def batch_to(batch: Batch, device: torch.device) -> Batch:
-        return batch.to(device)
