@@ -2,9 +2,22 @@
 
 Contract (see :mod:`retailsim_pipeline.prep.schema`):
 
-- The header must name all 22 LGSR columns (any order; ``seg_1``/``seg_2`` accepted for
+- The file is ``transactions_YYYYWW.csv`` or the same gzip-compressed (``.csv.gz``; compression is
+  recognised by its magic bytes, whatever the name says).
+- The header must name all 22 LGSR columns (any order, any case; ``seg_1``/``seg_2`` accepted for
   ``CUST_PRICE_SENSITIVITY``/``CUST_LIFESTAGE``). A file that lacks any of them is not this format:
   :class:`LgsrFormatError` names the file and the missing columns, and nothing is written.
+- The two customer segment columns hold either the documented codes or the coded family of the
+  published copy (:data:`~retailsim_pipeline.prep.schema.SEGMENT_CODE_ALIASES`), one family per
+  file; the typed output always holds the documented codes. A file that mixes both families fails
+  as a whole (:class:`LgsrFormatError` naming lines of each).
+- ``""`` (a quoted empty string) is an empty field. A carded customer may lack a segment.
+- A *lossy copy* fails as a whole, with :class:`LossyCopyError` naming the column, an example value,
+  the share of rows affected and what to do: an id column in scientific notation (``9.94E+14``, a
+  spreadsheet round trip), or BASKET_IDs rounded (many trailing zeros, or so few distinct values
+  that baskets would merge). Lossless variants (CRLF, ``1`` for ``1.0``) are fine.
+- Basket ids are unique per week across stores: lines of one BASKET_ID with different stores, dates
+  or customers are quarantined with that reason (a basket's lines need not be adjacent).
 - A row that breaks the contract goes to the quarantine file with its source file, 1-based line
   number (the header is line 1), the first failing column, the reason and the offending value:
   an unparsable number, a missing field (short row, blank line, empty non-nullable field), a row
@@ -22,6 +35,7 @@ Outputs are written to a temporary name and renamed, so a failure never leaves a
 """
 
 import datetime as dt
+import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +44,18 @@ import polars as pl
 
 from retailsim_pipeline.prep.files import write_parquet_atomic
 from retailsim_pipeline.prep.schema import (
+    CODE_SETS,
     FIRST_WEEK,
     FIRST_WEEK_MONDAY,
     WEEKS_PER_YEAR,
     HEADER_ALIASES,
+    ID_COLUMNS,
     ID_PATTERNS,
     LGSR_COLUMNS,
     NULLABLE_COLUMNS,
+    SEGMENT_CODE_ALIASES,
     TRANSACTION_SCHEMA,
+    file_stem,
     lgsr_weekday,
     week_index,
     week_of_file,
@@ -46,6 +64,7 @@ from retailsim_pipeline.prep.schema import (
 log = logging.getLogger(__name__)
 
 LINE_COL = "__line"
+RAW_BASKET_ID = "__raw_basket_id"
 REASON_COL = "__reason"
 COLUMN_COL = "__column"
 VALUE_COL = "__value"
@@ -60,16 +79,34 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "raw_line": pl.String(),
 }
 
-#: Columns whose text can fail to parse, and what such a failure means.
+#: The loyalty-card fields: read as text, ``""`` → null, segment codes mapped, then typed.
+CARD_COLUMNS: tuple[str, ...] = ("CUST_CODE", "CUST_PRICE_SENSITIVITY", "CUST_LIFESTAGE")
+SEGMENT_COLUMNS: tuple[str, ...] = tuple(SEGMENT_CODE_ALIASES)
+
+#: Columns whose text can fail to parse, and what such a failure means (card fields apart).
 _PARSED_KIND = {
     c: ("unparsable number" if t.is_numeric() else "unknown code")
     for c, t in TRANSACTION_SCHEMA.items()
-    if t.is_numeric() or isinstance(t, pl.Enum)
+    if (t.is_numeric() or isinstance(t, pl.Enum)) and c not in CARD_COLUMNS
 }
+
+#: A lossy copy is refused when at least this share of a file's rows carry a mangled id.
+LOSSY_MIN_SHARE = 0.01
+#: Real LGSR baskets have 6.4 lines on average (at most 87 in the 94 published weeks): a file whose
+#: BASKET_IDs average more lines than this has had its ids rounded together.
+MAX_MEAN_LINES_PER_BASKET = 50
+#: ... judged only on files with at least this many rows.
+_MIN_ROWS_FOR_DISTINCT_RULE = 500
+_SCIENTIFIC = r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$"
+_LOSSY_ADVICE = "re-export the file from the source without a spreadsheet: basket ids were rounded"
 
 
 class LgsrFormatError(ValueError):
     """The file is not an LGSR transaction file at all (wrong or missing header, unreadable)."""
+
+
+class LossyCopyError(LgsrFormatError):
+    """The file is an LGSR file whose ids were destroyed by a lossy copy (a spreadsheet round trip)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,13 @@ class IngestResult:
     baskets: int
     customers: int
     reasons: dict[str, int]
+    #: ``"documented"`` or ``"coded"``: the family of segment codes the file used (None: no segments).
+    segment_codes: str | None = None
+
+    @property
+    def lines(self) -> int:
+        """Data lines read (header excluded) = rows landed + rows quarantined."""
+        return self.rows + self.quarantined
 
     @property
     def quarantine_rate(self) -> float:
@@ -92,12 +136,21 @@ class IngestResult:
         return self.quarantined / total if total else 0.0
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
 def read_header(path: Path) -> list[str]:
-    """Canonical column names of ``path``'s header (aliases resolved); raises :class:`LgsrFormatError`."""
+    """Canonical column names of ``path``'s header (aliases resolved, upper case); raises
+    :class:`LgsrFormatError`. A gzip-compressed file is read through gzip, whatever its name."""
     try:
-        with open(path, "rb") as fh:
+        with (gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")) as fh:
             first = fh.readline()
-    except OSError as exc:
+    except (OSError, EOFError) as exc:
         raise LgsrFormatError(f"{path}: cannot be read ({exc})") from exc
     if not first.strip():
         raise LgsrFormatError(f"{path}: empty file, expected a header with the 22 LGSR columns")
@@ -105,7 +158,8 @@ def read_header(path: Path) -> list[str]:
         text = first.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
         raise LgsrFormatError(f"{path}: line 1 is not UTF-8 text; not an LGSR transaction file") from exc
-    names = [HEADER_ALIASES.get(n.strip().strip('"'), n.strip().strip('"')) for n in text.split(",")]
+    names = [n.strip().strip('"').upper() for n in text.split(",")]
+    names = [HEADER_ALIASES.get(n, n) for n in names]
     missing = [c for c in LGSR_COLUMNS if c not in names]
     if missing:
         raise LgsrFormatError(
@@ -126,7 +180,8 @@ def _typed_read(path: Path, header: list[str]) -> tuple[pl.DataFrame, bool]:
     empty, so any empty last field is reported and the caller takes the slow path, which counts
     every line's fields.
     """
-    schema = {name: TRANSACTION_SCHEMA.get(name, pl.String()) for name in header}
+    schema = {name: pl.String() if name in CARD_COLUMNS else TRANSACTION_SCHEMA.get(name, pl.String())
+              for name in header}
     frame = pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8")
     maybe_short = frame.get_column(header[-1]).null_count() > 0
     return (
@@ -160,8 +215,9 @@ def _tolerant_read(path: Path, header: list[str]) -> pl.DataFrame:
         target = TRANSACTION_SCHEMA.get(name)
         if target is not None:
             src = pl.col(f"__f{i}").str.strip_chars('"')
+            target = pl.String() if name in CARD_COLUMNS else target
             casts.append(pl.when(src != "").then(src).cast(target, strict=False).alias(name))
-    typed = parsed.with_columns(casts)
+    typed = parsed.with_columns(*casts, pl.col(f"__f{header.index('BASKET_ID')}").alias(RAW_BASKET_ID))
 
     # Which numeric field failed to parse: raw text present, typed value null.
     reasons = [
@@ -178,7 +234,7 @@ def _tolerant_read(path: Path, header: list[str]) -> pl.DataFrame:
                 ((raw_i != "") & raw_i.is_not_null() & pl.col(name).is_null(), f"{kind} in {name}", name, raw_i)
             )
     return typed.with_columns(*_first_failure(reasons)).select(
-        LINE_COL, *LGSR_COLUMNS, REASON_COL, COLUMN_COL, VALUE_COL, "__raw"
+        LINE_COL, *LGSR_COLUMNS, REASON_COL, COLUMN_COL, VALUE_COL, "__raw", RAW_BASKET_ID
     )
 
 
@@ -285,18 +341,20 @@ def _suspects(df: pl.DataFrame) -> pl.Expr:
 
     A weekly file holds a handful of (week, date, weekday) triples and a few thousand distinct ids
     for millions of rows, so the regular expressions and the date arithmetic run on those alone.
+    Never null: a null id (an anonymous shopper's CUST_CODE) is not a suspect, and a null inside a
+    mask would drop the row from both outputs.
     """
     suspect = pl.lit(False)
     for col, pattern in ID_PATTERNS.items():
         values = df.get_column(col).unique().drop_nulls().cast(pl.String)
         bad = values.filter(~values.str.contains(pattern))
         if len(bad):
-            suspect = suspect | pl.col(col).cast(pl.String).is_in(bad.to_list())
+            suspect = suspect | pl.col(col).cast(pl.String).is_in(bad.to_list()).fill_null(False)
     calendar = df.select("SHOP_WEEK", "SHOP_DATE", "SHOP_WEEKDAY").unique().drop_nulls()
     # A handful of distinct triples: plain Python is faster than planning the polars calendar rules.
     bad_keys = [w * 1_000_000_000 + d * 10 + wd for w, d, wd in calendar.iter_rows() if not _calendar_ok(w, d, wd)]
     if bad_keys:
-        suspect = suspect | _DATE_KEY.is_in(bad_keys)
+        suspect = suspect | _DATE_KEY.is_in(bad_keys).fill_null(False)
     return suspect
 
 
@@ -312,14 +370,119 @@ def _calendar_ok(week: int, date: int, weekday: int) -> bool:
     return 0 <= (day - monday).days <= 6 and weekday == lgsr_weekday(day)
 
 
+def _normalise_card_fields(df: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, str | None]:
+    """``""`` → null in the card fields; coded segment values → documented codes; type them.
+
+    Returns the frame (card columns typed as :data:`TRANSACTION_SCHEMA`, an unknown segment code
+    recorded as the row's reason unless it already has one) and the code family the file used.
+    Raises :class:`LgsrFormatError` when a file mixes the coded and the documented family.
+    """
+    df = df.with_columns(pl.when(pl.col(c) != "").then(pl.col(c)).alias(c) for c in CARD_COLUMNS)
+    seen = {c: set(df.get_column(c).drop_nulls().unique().to_list()) for c in SEGMENT_COLUMNS}
+    coded = {c: seen[c] & set(SEGMENT_CODE_ALIASES[c]) for c in SEGMENT_COLUMNS}
+    # XX ("unknown") is written the same in both families, so it tells neither apart.
+    documented = {c: seen[c] & (set(CODE_SETS[c]) - {"XX"}) for c in SEGMENT_COLUMNS}
+    if any(coded.values()) and any(documented.values()):
+        def lines_of(values: dict[str, set[str]]) -> str:
+            hit = pl.any_horizontal([pl.col(c).is_in(list(v)) for c, v in values.items() if v])
+            lines = df.filter(hit).get_column(LINE_COL).head(5).to_list()
+            codes = ", ".join(sorted({v for vs in values.values() for v in vs}))
+            return f"{codes} on line(s) {', '.join(map(str, lines))}"
+
+        raise LgsrFormatError(
+            f"{path}: the customer segment columns mix two code families: coded values "
+            f"({lines_of(coded)}) and documented codes ({lines_of(documented)}); a file uses one or the "
+            "other. Re-export the week from one source."
+        )
+    family = "coded" if any(coded.values()) else "documented" if any(documented.values()) else None
+    typed = {}
+    for c in SEGMENT_COLUMNS:
+        src = pl.col(c).replace(SEGMENT_CODE_ALIASES[c]) if family == "coded" else pl.col(c)
+        typed[c] = src.cast(TRANSACTION_SCHEMA[c], strict=False)
+    unknown = [
+        (pl.col(c).is_not_null() & typed[c].is_null(), f"unknown code in {c}", c, pl.col(c)) for c in SEGMENT_COLUMNS
+    ]
+    reason, column, value = _first_failure(unknown)
+    df = df.with_columns(
+        pl.coalesce(pl.col(REASON_COL), reason).alias(REASON_COL),
+        pl.when(pl.col(REASON_COL).is_null()).then(column).otherwise(pl.col(COLUMN_COL)).alias(COLUMN_COL),
+        pl.when(pl.col(REASON_COL).is_null()).then(value).otherwise(pl.col(VALUE_COL)).alias(VALUE_COL),
+    )
+    return df.with_columns(
+        pl.col("CUST_CODE").cast(TRANSACTION_SCHEMA["CUST_CODE"]), *[typed[c].alias(c) for c in SEGMENT_COLUMNS]
+    ), family
+
+
+def _lossy(path: Path, column: str, rows: pl.Series, lines: pl.Series, what: str, total: int) -> LossyCopyError:
+    """The error for a lossy id column: file, column, an example value and its line, the share affected."""
+    example = rows.drop_nulls().head(1).to_list()
+    at = lines.head(1).to_list()
+    return LossyCopyError(
+        f"{path}: column {column} is lossy: {len(rows):,} of {total:,} rows ({len(rows) / max(total, 1):.1%}) "
+        f"{what}, e.g. {example[0] if example else '?'!r} on line {at[0] if at else '?'}. Loading it would merge "
+        f"different baskets into one. Nothing was written: {_LOSSY_ADVICE}."
+    )
+
+
+def _check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
+    """Refuse a copy whose ids were mangled (scientific notation, rounding); see the module doc."""
+    total = len(df)
+    if total == 0:
+        return
+    min_rows = max(1, int(LOSSY_MIN_SHARE * total))
+    texts = {c: pl.col(c).cast(pl.String) for c in ID_COLUMNS if c != "BASKET_ID"}
+    if RAW_BASKET_ID in df.columns:  # the tolerant path kept BASKET_ID's text
+        texts["BASKET_ID"] = pl.col(RAW_BASKET_ID).str.strip_chars('"')
+    for column, text in texts.items():
+        values = df.select(text.unique().alias("v")).get_column("v").drop_nulls()
+        sci = values.filter(values.str.contains(_SCIENTIFIC))
+        if len(sci):
+            hit = df.filter(text.is_in(sci.to_list()).fill_null(False))
+            if len(hit) >= min_rows:
+                raise _lossy(path, column, hit.select(text).to_series(), hit.get_column(LINE_COL),
+                             "hold numbers in scientific notation (a spreadsheet rounded them)", total)
+    ids = df.get_column("BASKET_ID")
+    rounded = df.filter((pl.col("BASKET_ID") % 1_000_000 == 0).fill_null(False))
+    if len(rounded) >= min_rows:
+        raise _lossy(path, "BASKET_ID", rounded.get_column("BASKET_ID"), rounded.get_column(LINE_COL),
+                     "end in six or more zeros (rounded)", total)
+    distinct = ids.drop_nulls().n_unique()
+    if total >= _MIN_ROWS_FOR_DISTINCT_RULE and distinct and total / distinct > MAX_MEAN_LINES_PER_BASKET:
+        raise _lossy(path, "BASKET_ID", ids, df.get_column(LINE_COL),
+                     f"share only {distinct:,} distinct value(s) ({total / distinct:,.0f} lines per basket; real "
+                     f"baskets average about 6)", total)
+
+
+#: Basket-level fields that must agree on every line of one BASKET_ID.
+_BASKET_KEYS: tuple[str, ...] = ("STORE_CODE", "SHOP_DATE", "CUST_CODE")
+
+
+def _basket_conflicts(accepted: pl.DataFrame) -> pl.DataFrame:
+    """The lines of BASKET_IDs that appear with different stores, dates or customers (with reasons)."""
+    spread = accepted.group_by("BASKET_ID").agg(pl.col(c).n_unique().alias(c) for c in _BASKET_KEYS)
+    broken = spread.filter(pl.any_horizontal(pl.col(c) > 1 for c in _BASKET_KEYS))
+    if broken.is_empty():
+        return broken.select("BASKET_ID")
+    reason = pl.coalesce(
+        pl.when(pl.col(c) > 1).then(pl.lit(f"BASKET_ID appears with different {c} values")) for c in _BASKET_KEYS
+    )
+    column = pl.coalesce(pl.when(pl.col(c) > 1).then(pl.lit(c)) for c in _BASKET_KEYS)
+    return broken.select("BASKET_ID", reason.alias("__conflict"), column.alias("__conflict_col"))
+
+
 def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Read and validate one LGSR file.
 
     Returns ``(accepted, quarantined)``: ``accepted`` has exactly the typed columns of
-    :data:`TRANSACTION_SCHEMA` in file order; ``quarantined`` follows :data:`QUARANTINE_SCHEMA`.
-    Raises :class:`LgsrFormatError` when the file is not this format.
+    :data:`TRANSACTION_SCHEMA` in file order; ``quarantined`` follows :data:`QUARANTINE_SCHEMA`,
+    ordered by line. Every data line of the file is in exactly one of them.
+    Raises :class:`LgsrFormatError` when the file is not this format (:class:`LossyCopyError` when
+    its ids were destroyed).
     """
-    path = Path(path)
+    return _validate(Path(path))[:2]
+
+
+def _validate(path: Path) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
     header = read_header(path)
     week = week_of_file(path.name)
     try:
@@ -332,6 +495,9 @@ def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     if short:
         df = _tolerant_read(path, header)
     raw_available = short
+    df, family = _normalise_card_fields(df, path)
+    _check_lossy_ids(df, path)
+    n_lines = len(df)
 
     row_rules = _row_rules(week)
     # The cheap mask runs on every row; *which* rule failed is worked out for failing rows only.
@@ -341,10 +507,21 @@ def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         | pl.col(REASON_COL).is_not_null()
     )
     df = df.with_columns(bad_mask.alias("__bad"))
-    accepted = df.filter(~pl.col("__bad")).select(LGSR_COLUMNS)
+    accepted = df.filter(~pl.col("__bad"))
     bad = df.filter(pl.col("__bad"))
+    conflicts = _basket_conflicts(accepted)
+    if not conflicts.is_empty():
+        split = accepted.join(conflicts, on="BASKET_ID", how="left", maintain_order="left")
+        accepted = split.filter(pl.col("__conflict").is_null()).drop("__conflict", "__conflict_col")
+        moved = split.filter(pl.col("__conflict").is_not_null()).with_columns(
+            pl.col("__conflict").alias(REASON_COL), pl.col("__conflict_col").alias(COLUMN_COL),
+            pl.coalesce(pl.when(pl.col("__conflict_col") == c).then(pl.col(c).cast(pl.String))
+                        for c in _BASKET_KEYS).alias(VALUE_COL),
+        ).drop("__conflict", "__conflict_col")
+        bad = pl.concat([bad, moved.select(bad.columns)]).sort(LINE_COL)
+    accepted = accepted.select(LGSR_COLUMNS)
     if bad.is_empty():
-        return accepted, pl.DataFrame(schema=QUARANTINE_SCHEMA)
+        return accepted, pl.DataFrame(schema=QUARANTINE_SCHEMA), family
     all_rules = row_rules + _date_rules() + _id_rules()
     bad = bad.with_columns(
         # A row already rejected while parsing keeps that reason.
@@ -363,11 +540,15 @@ def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col(VALUE_COL).alias("value"),
         raw_line.alias("raw_line"),
     )
-    return accepted, quarantined
+    if len(accepted) + len(quarantined) != n_lines:  # row accounting: nothing may vanish
+        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + "
+                             f"{len(quarantined)} quarantined")
+    return accepted, quarantined, family
 
 
 def transactions_output_path(out_dir: Path, source: Path) -> Path:
-    return Path(out_dir) / (Path(source).stem + ".parquet")
+    """``out_dir/transactions_YYYYWW.parquet`` for ``transactions_YYYYWW.csv`` or ``.csv.gz``."""
+    return Path(out_dir) / (file_stem(source) + ".parquet")
 
 
 def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> IngestResult:
@@ -377,9 +558,9 @@ def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> Ing
     earlier outputs for this file stay as they were.
     """
     source = Path(source)
-    accepted, quarantined = validate_transactions(source)
+    accepted, quarantined, family = _validate(source)
     output = transactions_output_path(out_dir, source)
-    quarantine = Path(quarantine_dir) / (source.stem + ".parquet")
+    quarantine = transactions_output_path(quarantine_dir, source)
     write_parquet_atomic(quarantined, quarantine)
     write_parquet_atomic(accepted, output)
     counts = accepted.select(
@@ -400,4 +581,5 @@ def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> Ing
         baskets=counts["baskets"],
         customers=counts["customers"],
         reasons=reasons,
+        segment_codes=family,
     )

@@ -1,8 +1,20 @@
 """The data contract of the dunnhumby "Let's Get Sort-of-Real" (LGSR) transaction files.
 
-One CSV per shop week, ``transactions_YYYYWW.csv``, one row per product line of a basket, with the
-22 columns of :data:`LGSR_COLUMNS` in that order. This module is the single home of that contract:
-the generator writes it, the validator enforces it, and nothing else hard-codes a column name.
+One CSV per shop week, ``transactions_YYYYWW.csv`` (or the same gzip-compressed as
+``transactions_YYYYWW.csv.gz``), one row per product line of a basket, with the 22 columns of
+:data:`LGSR_COLUMNS`. This module is the single home of that contract: the generator writes it,
+the validator enforces it, and nothing else hard-codes a column name.
+
+The copies that circulate publicly differ from the documented format, and the contract accepts
+them as they are (measured on every file of ``shared/lgsr_real``):
+
+- header names in any case and any column order; ``seg_1``/``seg_2`` for the two customer
+  segment columns (:data:`HEADER_ALIASES`);
+- the segment values *coded* (:data:`SEGMENT_CODE_ALIASES`): a file uses either the coded family
+  or the documented codes, never both; the typed output always holds the documented codes;
+- ``""`` (a quoted empty string) is an empty field: anonymous shoppers' card fields, and a carded
+  customer without a lifestage;
+- a basket's lines scattered inside the file (nothing may assume adjacency).
 
 Shop weeks are fiscal weeks of 52 per year, consecutive Mondays: week ``200607`` starts on Monday
 2006-04-10, ``200652`` is followed by ``200701``. ``SHOP_WEEKDAY`` counts from 1 = Sunday.
@@ -11,6 +23,7 @@ Shop weeks are fiscal weeks of 52 per year, consecutive Mondays: week ``200607``
 
 import datetime as dt
 import re
+from pathlib import Path
 
 import polars as pl
 
@@ -40,11 +53,33 @@ LGSR_COLUMNS: tuple[str, ...] = (
     "STORE_REGION",
 )
 
-#: Some copies of the dataset name the two customer segment columns ``seg_1`` / ``seg_2``.
+#: Some copies of the dataset name the two customer segment columns ``seg_1`` / ``seg_2``. Header names
+#: are matched case-insensitively (keys here are upper case), so ``shop_week`` is ``SHOP_WEEK``.
 HEADER_ALIASES: dict[str, str] = {
-    "seg_1": "CUST_PRICE_SENSITIVITY",
-    "seg_2": "CUST_LIFESTAGE",
+    "SEG_1": "CUST_PRICE_SENSITIVITY",
+    "SEG_2": "CUST_LIFESTAGE",
 }
+
+#: The coded segment values of the published ``seg_1``/``seg_2`` copy → the documented codes.
+#:
+#: Evidence: week 200607 circulates twice, once with ``seg_1``/``seg_2`` and coded values
+#: (``ArthurLeroudier/Advanced-ML-project``, ``data/csvfiles/``) and once with the documented header
+#: and codes (``badampetasrikar/users``, after a spreadsheet round trip that rounded BASKET_ID but
+#: kept every other field; it lacks the first row). Matching the two copies row by row (line n+1 of
+#: the coded copy = line n of the documented one, 25,240 rows) maps each coded value to exactly one
+#: documented value: seg_1 AZ→LA, BG→UM, CT→MM, DY→XX; seg_2 AT→YA, BU→OT, CZ→OA, DI→YF, EQ→OF,
+#: FN→PE. No seg_2 code for XX occurs in the 94 published weeks. The test
+#: ``test_real_data.py::test_segment_mapping_matches_documented_copy`` repeats that comparison.
+SEGMENT_CODE_ALIASES: dict[str, dict[str, str]] = {
+    "CUST_PRICE_SENSITIVITY": {"AZ": "LA", "BG": "UM", "CT": "MM", "DY": "XX"},
+    "CUST_LIFESTAGE": {"AT": "YA", "BU": "OT", "CZ": "OA", "DI": "YF", "EQ": "OF", "FN": "PE"},
+}
+
+#: The identifier columns: a spreadsheet round trip turns their long numbers into ``9.94E+14``.
+ID_COLUMNS: tuple[str, ...] = (
+    "BASKET_ID", "PROD_CODE", "PROD_CODE_10", "PROD_CODE_20", "PROD_CODE_30", "PROD_CODE_40", "CUST_CODE",
+    "STORE_CODE",
+)
 
 #: Closed code sets. The order of each tuple is the class order of the matching label head.
 PRICE_SENSITIVITY_CODES: tuple[str, ...] = ("LA", "MM", "UM", "XX")
@@ -124,7 +159,9 @@ FIRST_WEEK = 200607
 FIRST_WEEK_MONDAY = dt.date(2006, 4, 10)
 WEEKS_PER_YEAR = 52
 
-_FILE_RE = re.compile(r"^transactions_(\d{6})\.csv$")
+_FILE_RE = re.compile(r"^transactions_(\d{6})\.csv(\.gz)?$")
+#: The weekly file names a raw folder may hold (``.csv`` or gzip-compressed ``.csv.gz``).
+RAW_FILE_GLOBS: tuple[str, ...] = ("transactions_*.csv", "transactions_*.csv.gz")
 
 
 def week_code(week_index: int) -> int:
@@ -154,6 +191,62 @@ def weekly_file_name(code: int) -> str:
 
 
 def week_of_file(name: str) -> int | None:
-    """Week code of a weekly file name, or None when the name is not ``transactions_YYYYWW.csv``."""
+    """Week code of a weekly file name, or None when the name is not ``transactions_YYYYWW.csv[.gz]``."""
     m = _FILE_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def file_stem(path) -> str:
+    """``transactions_200607`` for ``transactions_200607.csv`` and ``transactions_200607.csv.gz``."""
+    name = Path(path).name
+    for suffix in (".csv.gz", ".csv", ".parquet"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+class DuplicateWeekError(ValueError):
+    """A week is present in the raw folder twice (``.csv`` and ``.csv.gz``)."""
+
+
+def scan_raw_files(raw_dir) -> tuple[dict[int, Path], dict[int, list[Path]]]:
+    """The weekly files of ``raw_dir`` by week, and the weeks present more than once (both names).
+
+    A week must be one file: ``transactions_200607.csv`` *or* ``transactions_200607.csv.gz``.
+    """
+    raw_dir = Path(raw_dir)
+    found: dict[int, list[Path]] = {}
+    if raw_dir.is_dir():
+        for pattern in RAW_FILE_GLOBS:
+            for path in raw_dir.glob(pattern):
+                week = week_of_file(path.name)
+                if week is not None:
+                    found.setdefault(week, []).append(path)
+    files = {w: ps[0] for w, ps in sorted(found.items()) if len(ps) == 1}
+    duplicates = {w: sorted(ps) for w, ps in sorted(found.items()) if len(ps) > 1}
+    return files, duplicates
+
+
+def duplicate_week_message(week: int, paths: list[Path]) -> str:
+    return (f"week {week} is present twice in {paths[0].parent}: {' and '.join(p.name for p in paths)}; "
+            "keep one of them (a .csv.gz is read like its .csv)")
+
+
+def raw_weekly_files(raw_dir) -> dict[int, Path]:
+    """The weekly files of ``raw_dir`` by week; :class:`DuplicateWeekError` names a week present twice."""
+    files, duplicates = scan_raw_files(raw_dir)
+    if duplicates:
+        raise DuplicateWeekError("; ".join(duplicate_week_message(w, ps) for w, ps in duplicates.items()))
+    return files
+
+
+def raw_file_of_week(raw_dir, week: int) -> Path:
+    """The one raw file of ``week`` (``.csv`` or ``.csv.gz``); FileNotFoundError / DuplicateWeekError."""
+    raw_dir = Path(raw_dir)
+    paths = [p for p in (raw_dir / weekly_file_name(week), raw_dir / (weekly_file_name(week) + ".gz")) if p.exists()]
+    if len(paths) > 1:
+        raise DuplicateWeekError(duplicate_week_message(week, paths))
+    if not paths:
+        raise FileNotFoundError(f"{raw_dir / weekly_file_name(week)}: the weekly file of week {week} is gone "
+                                "(neither .csv nor .csv.gz); re-add it or delete the partition")
+    return paths[0]
