@@ -11,7 +11,7 @@ from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.training_assets import trained_world_model
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.schema import week_of_file
+from retailsim_pipeline.prep.schema import duplicate_week_message, scan_raw_files
 
 #: Ingest the weekly partitions of raw_transactions (one run per week).
 ingest_job = dg.define_asset_job(
@@ -31,20 +31,20 @@ DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-           description="New or changed weekly files in raw/: adds their partitions and requests their ingestion "
-                       "(run key = week + content hash, so nothing is ingested twice and a corrected file is "
-                       "ingested again).")
+           description="New or changed weekly files in raw/ (.csv or .csv.gz): adds their partitions and requests "
+                       "their ingestion (run key = week + content hash of the file as stored, so nothing is "
+                       "ingested twice and a corrected file is ingested again). A week present as both .csv and "
+                       ".csv.gz is skipped with an error naming both files.")
 def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: RetailSimData) -> dg.SensorResult:
     raw = retailsim_data.paths().raw
     # Cursor: {file name: [size, mtime_ns, sha256]} so an unchanged file is never hashed again.
     seen: dict[str, list] = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(weekly_files.name))
-    files = sorted(raw.glob("transactions_*.csv")) if raw.exists() else []
+    files, duplicates = scan_raw_files(raw)
+    for week, paths in duplicates.items():
+        context.log.error(duplicate_week_message(week, paths) + "; not ingested until then")
     new_partitions, requests, cursor = [], [], {}
-    for path in files:
-        week = week_of_file(path.name)
-        if week is None:
-            continue
+    for week, path in files.items():
         stat = path.stat()
         previous = seen.get(path.name)
         if previous and previous[0] == stat.st_size and previous[1] == stat.st_mtime_ns:
@@ -62,7 +62,9 @@ def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: Re
         run_requests=requests,
         dynamic_partitions_requests=[weekly_files.build_add_request(new_partitions)] if new_partitions else [],
         cursor=json.dumps(cursor, sort_keys=True),
-        skip_reason=None if requests else "no new or changed weekly files",
+        skip_reason=None if requests else (
+            "no new or changed weekly files" if not duplicates
+            else "weeks present as both .csv and .csv.gz: " + ", ".join(map(str, duplicates))),
     )
 
 

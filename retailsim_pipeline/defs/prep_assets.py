@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from retailsim_pipeline.defs.ingest_assets import raw_transactions
+from retailsim_pipeline.defs.ingest_assets import failed_weeks, raw_transactions
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.settings import CacheSettings, SplitSettings
@@ -39,9 +39,17 @@ def basket_samples(
     order truncated to 50 with the full count kept, line spend and quantities, the four labels),
     split by shop week into train < validation < test (`samples/{train,validation,test}.parquet`).
 
-    Built from every ingested week; streamed a few weeks at a time.
+    Built from every ingested week; streamed a few weeks at a time. Refuses to run while a week's
+    latest ingest failed its blocking quarantine check (the weeks are named), and fails with the
+    empty split named (weeks available vs asked for) when the data cannot fill all three splits.
     """
     paths = retailsim_data.paths()
+    failed = failed_weeks(context.instance)
+    if failed:
+        raise dg.Failure(
+            description=f"{len(failed)} week(s) failed the blocking quarantine check; fix or remove them, "
+                        "then ingest again:\n" + "\n".join(w.message() for w in failed)
+        )
     result = build_basket_samples(paths.transactions, paths.samples, config)
     weeks = {s: f"{lo} – {hi}" for s, (lo, hi) in ((s, getattr(result.splits, s)) for s in SPLITS)}
     split_table = "\n".join(

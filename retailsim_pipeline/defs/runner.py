@@ -1,10 +1,14 @@
 """In-process materialization for ``retailsim run``: what is missing or stale, and nothing else.
 
-1. Every ``raw/transactions_YYYYWW.csv`` without a partition is registered as one.
+1. Every ``raw/transactions_YYYYWW.csv`` (or ``.csv.gz``) without a partition is registered as one.
+   A week present under both names stops the run with an error naming both files.
 2. For partitioned assets in the selection, each partition is materialized (one run each) when it
    was never materialized, its file changed (size/mtime differ and then the content hash differs)
    or the asset's code version changed.
-3. The selected unpartitioned assets are materialized together in one run, in dependency order,
+3. Any week whose latest ingest failed its blocking quarantine check (this run or an earlier one)
+   stops the run before anything downstream: the report names, per week, the file, the quarantined
+   share and the top three reasons with counts, and ``retailsim run`` exits non-zero.
+4. The selected unpartitioned assets are materialized together in one run, in dependency order,
    when they were never materialized, their code version changed, or a parent was materialized
    after them (in this invocation or before).
 
@@ -20,10 +24,10 @@ import dagster as dg
 from tqdm import tqdm
 
 from retailsim_pipeline.config import DataPaths
-from retailsim_pipeline.defs.ingest_assets import weekly_files
+from retailsim_pipeline.defs.ingest_assets import failed_weeks, weekly_files
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.schema import week_of_file, weekly_file_name
+from retailsim_pipeline.prep.schema import DuplicateWeekError, raw_file_of_week, raw_weekly_files
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,14 @@ class RunReport:
     assets_materialized: list[str] = field(default_factory=list)
     assets_current: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    failed_weeks: list[str] = field(default_factory=list)
     checks_passed: list[str] = field(default_factory=list)
     checks_failed: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
 
     @property
     def success(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.failed_weeks
 
     def lines(self) -> list[str]:
         out = [
@@ -57,14 +62,18 @@ class RunReport:
             out.append(f"CHECKS FAILED (see the Dagster UI): {', '.join(self.checks_failed)}")
         if self.assets_current:
             out.append(f"up to date: {', '.join(self.assets_current)}")
+        if self.failed_weeks:
+            out.append(f"STOPPED: {len(self.failed_weeks)} week(s) failed the blocking quarantine check "
+                       "(quarantine/<file>.parquet lists every row with its line, column and reason); "
+                       "nothing downstream ran:")
+            out += [f"  {w}" for w in self.failed_weeks]
         out += [f"FAILED: {f}" for f in self.failures]
         return out
 
 
 def register_weekly_files(instance: dg.DagsterInstance, paths: DataPaths) -> tuple[list[str], list[str]]:
     """(all partition keys on disk, the ones newly registered)."""
-    weeks = sorted(w for p in paths.raw.glob("transactions_*.csv") if (w := week_of_file(p.name)) is not None)
-    keys = [str(w) for w in weeks]
+    keys = [str(w) for w in raw_weekly_files(paths.raw)]
     existing = set(instance.get_dynamic_partitions(weekly_files.name))
     new = [k for k in keys if k not in existing]
     if new:
@@ -86,7 +95,12 @@ def _partition_is_current(record, paths: DataPaths, partition: str, code_version
     if code_version is not None and mat.tags and mat.tags.get("dagster/code_version") not in (None, code_version):
         return False
     meta = mat.metadata
-    source = paths.raw / weekly_file_name(int(partition))
+    try:
+        source = raw_file_of_week(paths.raw, int(partition))
+    except FileNotFoundError:
+        return False  # the asset run itself reports the missing file
+    if "source" in meta and meta["source"].value != str(source):
+        return False  # e.g. the week was re-added compressed
     stat = source.stat()
     if "source_size" in meta and meta["source_size"].value == stat.st_size and \
             meta.get("source_mtime_ns") is not None and meta["source_mtime_ns"].value == str(stat.st_mtime_ns):
@@ -119,7 +133,11 @@ def materialize_selection(
     run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
     train_key = dg.AssetKey("trained_world_model")
     report = RunReport()
-    keys, report.registered = register_weekly_files(instance, paths)
+    try:
+        keys, report.registered = register_weekly_files(instance, paths)
+    except DuplicateWeekError as exc:
+        report.failures.append(str(exc))
+        return report
     ran: set[dg.AssetKey] = set()
 
     for key in graph.toposorted_asset_keys:
@@ -135,9 +153,12 @@ def materialize_selection(
             if result.success:
                 report.partitions_materialized.append(partition)
                 ran.add(key)
+            elif result.asset_materializations_for_node(key.to_python_identifier()):
+                ran.add(key)  # materialized, then its blocking check failed: reported with the weeks below
             else:
                 report.failures.append(f"{key.to_user_string()}[{partition}]: {_first_error(result)}")
-    if report.failures:
+    report.failed_weeks = [w.message() for w in failed_weeks(instance, keys)]
+    if report.failures or report.failed_weeks:
         return report
 
     to_run: list[dg.AssetKey] = []

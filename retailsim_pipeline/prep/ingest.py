@@ -95,8 +95,8 @@ LOSSY_MIN_SHARE = 0.01
 #: Real LGSR baskets have 6.4 lines on average (at most 87 in the 94 published weeks): a file whose
 #: BASKET_IDs average more lines than this has had its ids rounded together.
 MAX_MEAN_LINES_PER_BASKET = 50
-#: ... judged only on files with at least this many rows.
-_MIN_ROWS_FOR_DISTINCT_RULE = 500
+#: The rounding rules judge only files with at least this many rows (a week holds ~27k).
+_MIN_ROWS_FOR_ROUNDING_RULES = 500
 _SCIENTIFIC = r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$"
 _LOSSY_ADVICE = "re-export the file from the source without a spreadsheet: basket ids were rounded"
 
@@ -442,15 +442,20 @@ def _check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
                 raise _lossy(path, column, hit.select(text).to_series(), hit.get_column(LINE_COL),
                              "hold numbers in scientific notation (a spreadsheet rounded them)", total)
     ids = df.get_column("BASKET_ID")
-    rounded = df.filter((pl.col("BASKET_ID") % 1_000_000 == 0).fill_null(False))
-    if len(rounded) >= min_rows:
+    if total < _MIN_ROWS_FOR_ROUNDING_RULES:
+        return
+    distinct = ids.drop_nulls().unique()
+    # One real id in a million ends in six zeros; rounding makes (nearly) every one do so.
+    round_ids = distinct.filter(distinct % 1_000_000 == 0)
+    if len(distinct) and len(round_ids) / len(distinct) >= 0.5:
+        rounded = df.filter(pl.col("BASKET_ID").is_in(round_ids.implode()).fill_null(False))
         raise _lossy(path, "BASKET_ID", rounded.get_column("BASKET_ID"), rounded.get_column(LINE_COL),
-                     "end in six or more zeros (rounded)", total)
-    distinct = ids.drop_nulls().n_unique()
-    if total >= _MIN_ROWS_FOR_DISTINCT_RULE and distinct and total / distinct > MAX_MEAN_LINES_PER_BASKET:
+                     f"hold ids ending in six or more zeros ({len(round_ids):,} of {len(distinct):,} distinct ids: "
+                     "rounded)", total)
+    if len(distinct) and total / len(distinct) > MAX_MEAN_LINES_PER_BASKET:
         raise _lossy(path, "BASKET_ID", ids, df.get_column(LINE_COL),
-                     f"share only {distinct:,} distinct value(s) ({total / distinct:,.0f} lines per basket; real "
-                     f"baskets average about 6)", total)
+                     f"share only {len(distinct):,} distinct value(s) ({total / len(distinct):,.0f} lines per basket; "
+                     "real baskets average about 6)", total)
 
 
 #: Basket-level fields that must agree on every line of one BASKET_ID.

@@ -74,23 +74,43 @@ class SplitWeeks:
         raise ValueError(f"week {week} is outside every split")
 
 
+class EmptySplitError(ValueError):
+    """The ingested data cannot fill a split: the message names the split, the weeks available and
+    the weeks the configuration asks for."""
+
+
+def _span(weeks: list[int]) -> str:
+    return "none" if not weeks else f"{weeks[0]}" if len(weeks) == 1 else f"{weeks[0]}…{weeks[-1]}"
+
+
 def split_weeks(weeks: list[int], config: SplitConfig) -> SplitWeeks:
-    """Assign sorted distinct ``weeks`` to train < validation < test per ``config``."""
+    """Assign sorted distinct ``weeks`` to train < validation < test per ``config``.
+
+    Raises :class:`EmptySplitError` naming the first empty split, the weeks available and what
+    the configuration asks for.
+    """
     weeks = sorted(set(weeks))
     if config.test_start_week is not None and config.validation_start_week is not None:
-        train = [w for w in weeks if w < config.validation_start_week]
-        val = [w for w in weeks if config.validation_start_week <= w < config.test_start_week]
-        test = [w for w in weeks if w >= config.test_start_week]
+        v, t = config.validation_start_week, config.test_start_week
+        train = [w for w in weeks if w < v]
+        val = [w for w in weeks if v <= w < t]
+        test = [w for w in weeks if w >= t]
+        asked = {"train": f"weeks before {v}", "validation": f"weeks {v} to before {t} (validation_start_week, "
+                 "test_start_week)", "test": f"weeks from {t} on (test_start_week)"}
     else:
         n = len(weeks)
         n_test = max(1, math.ceil(n * config.test_fraction - 1e-9))
         n_val = max(1, math.ceil(n * config.validation_fraction - 1e-9))
         test, val, train = weeks[n - n_test:], weeks[n - n_test - n_val:n - n_test], weeks[:n - n_test - n_val]
+        asked = {"train": f"the weeks before the last {n_test + n_val} (validation and test take those)",
+                 "validation": f"{n_val} week(s) (validation_fraction {config.validation_fraction})",
+                 "test": f"the last {n_test} week(s) (test_fraction {config.test_fraction})"}
     for name, part in (("train", train), ("validation", val), ("test", test)):
         if not part:
-            raise ValueError(
-                f"split {name!r} would be empty with {len(weeks)} week(s) {weeks[:1]}…{weeks[-1:]} and {config}; "
-                "add weeks of data or change the split"
+            raise EmptySplitError(
+                f"split {name!r} would be empty: {len(weeks)} week(s) with valid rows available "
+                f"({_span(weeks)}), and the {name} split asks for {asked[name]}. Add weeks of data or change "
+                "the split (SplitConfig / the basket_samples config)."
             )
     return SplitWeeks((train[0], train[-1]), (val[0], val[-1]), (test[0], test[-1]))
 
@@ -146,6 +166,7 @@ class SamplesResult:
     lines: int
     length_histogram: dict[str, int] = field(default_factory=dict)
     source_weeks: list[int] = field(default_factory=list)
+    empty_weeks: list[int] = field(default_factory=list)
 
     @property
     def data_version(self) -> str:
@@ -161,6 +182,7 @@ class SamplesResult:
             "lines": self.lines,
             "length_histogram": self.length_histogram,
             "source_weeks": self.source_weeks,
+            "empty_weeks": self.empty_weeks,
             "data_version": self.data_version,
         }
 
@@ -219,9 +241,21 @@ def build_basket_samples(
 ) -> SamplesResult:
     """Stream typed weekly transactions into ``out_dir/{train,validation,test}.parquet``."""
     config = config or SplitConfig()
-    by_week = weekly_transaction_files(transactions_dir)
-    if not by_week:
+    found = weekly_transaction_files(transactions_dir)
+    if not found:
         raise FileNotFoundError(f"{transactions_dir}: no transactions_*.parquet; ingest raw files first")
+    # A week without a valid row (header only, everything quarantined) must not shift the split.
+    rows = {w: pq.ParquetFile(p).metadata.num_rows for w, p in found.items()}
+    by_week = {w: p for w, p in found.items() if rows[w] > 0}
+    empty = sorted(set(found) - set(by_week))
+    if not by_week:
+        raise EmptySplitError(
+            f"{transactions_dir}: no valid rows: {len(found)} ingested week(s) ({_span(sorted(found))}) and every "
+            "one is empty (all rows quarantined, or header only); see the quarantine folder for the reasons"
+        )
+    if empty:
+        log.warning("basket samples: %d week(s) without a valid row left out of the split: %s", len(empty),
+                    ", ".join(map(str, empty)))
     splits = split_weeks(list(by_week), config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +287,10 @@ def build_basket_samples(
         for w in writers.values():
             w.close()
         writers.clear()
+        missing = [name for name in SPLITS if counts[name] == 0]
+        if missing:  # unreachable while every split week has rows; never rename a split that was not written
+            raise EmptySplitError(f"split(s) {', '.join(missing)} received no basket from weeks "
+                                  f"{', '.join(f'{n} {getattr(splits, n)}' for n in missing)}")
         dimension = (
             pl.concat(products).group_by(PRODUCT_DIMENSION_KEYS)
             .agg(pl.col("first_week").min(), pl.col("last_week").max())
@@ -275,6 +313,7 @@ def build_basket_samples(
         lines=lines,
         length_histogram={k: histogram[k] for k in order if k in histogram},
         source_weeks=sorted(by_week),
+        empty_weeks=empty,
     )
     manifest = out_dir / MANIFEST_NAME
     tmp_manifest = out_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"

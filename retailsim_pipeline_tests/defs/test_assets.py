@@ -57,20 +57,104 @@ def test_materialize_the_three_assets_end_to_end(tiny_copy, instance):
     assert materialization.tags["dagster/data_version"] == cache.manifest["key"]
 
 
-def test_quarantine_check_fails_on_a_dirty_week(tiny_copy, instance):
-    week = _weeks(tiny_copy)[0]
-    source = tiny_copy.raw / f"transactions_{week}.csv"
+def _dirty(paths, week: str) -> None:
+    """Every third line of ``week`` gets a negative QUANTITY (and some a bad weekday): ~1/3 quarantined."""
+    source = paths.raw / f"transactions_{week}.csv"
     lines = source.read_text().splitlines()
     broken = [line.replace(",1,", ",-1,", 1) if i % 3 == 1 else line for i, line in enumerate(lines)]
     source.write_text("\n".join(broken) + "\n")
+
+
+def test_quarantine_check_fails_on_a_dirty_week(tiny_copy, instance):
+    week = _weeks(tiny_copy)[0]
+    _dirty(tiny_copy, week)
     instance.add_dynamic_partitions(weekly_files.name, [week])
-    result = dg.materialize([raw_transactions], partition_key=week, instance=instance,
+    result = dg.materialize([raw_transactions], partition_key=week, instance=instance, raise_on_error=False,
                             resources={"retailsim_data": RetailSimData(data_dir=str(tiny_copy.root))})
-    assert result.success  # the asset is written; the check reports the problem
+    assert not result.success  # the check is blocking: the step fails after writing
+    assert result.asset_materializations_for_node("raw_transactions")  # the week is written, for inspection
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed and check.metadata["quarantine_rate"].value > 0.01
+    assert f"transactions_{week}.csv" in check.description and "QUANTITY must be > 0: " in check.description
     q = pl.read_parquet(tiny_copy.quarantine / f"transactions_{week}.parquet")
-    assert q.height > 0 and set(q.get_column("source_file")) == {source.name}
+    assert q.height > 0 and set(q.get_column("source_file")) == {f"transactions_{week}.csv"}
+
+
+@pytest.mark.parametrize("select", ["*", "key:raw_transactions", "key:basket_samples"])
+def test_a_failed_week_stops_every_run_before_downstream(tiny_copy, instance, select):
+    weeks = _weeks(tiny_copy)
+    _dirty(tiny_copy, weeks[3])
+    header_only = tiny_copy.raw / f"transactions_{weeks[5]}.csv"
+    header_only.write_text(header_only.read_text().splitlines()[0] + "\n")
+    first = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
+    # Then again with the selection under test: the failed weeks are current, and still block.
+    report = materialize_selection(select, tiny_copy, instance=instance, defs=defs, progress=False)
+    for r in (first, report):
+        assert not r.success and not r.assets_materialized
+        assert len(r.failed_weeks) == 2, r.failed_weeks
+        dirty, empty = r.failed_weeks
+        assert dirty.startswith(f"week {weeks[3]} (") and f"transactions_{weeks[3]}.csv" in dirty
+        assert "% > 1.00%" in dirty and "QUANTITY must be > 0: " in dirty  # share and top reasons with counts
+        assert f"transactions_{weeks[5]}.csv" in empty and "no data line" in empty
+        text = "\n".join(r.lines())
+        assert "STOPPED: 2 week(s) failed the blocking quarantine check" in text
+    assert not tiny_copy.samples.exists()  # nothing downstream ran
+    assert instance.get_latest_materialization_event(basket_samples.key) is None
+
+    # The UI path: basket_samples launched on its own refuses, naming the weeks.
+    result = dg.materialize([basket_samples], instance=instance, raise_on_error=False,
+                            resources={"retailsim_data": RetailSimData(data_dir=str(tiny_copy.root))})
+    assert not result.success
+    message = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.to_string()
+    assert f"week {weeks[3]}" in message and f"week {weeks[5]}" in message
+
+    # Fixed files (a header-only week removed) let the next run through.
+    generate_fixed = tiny_copy.raw / f"transactions_{weeks[3]}.csv"
+    generate_fixed.write_text("\n".join(
+        line.replace(",-1,", ",1,", 1) for line in generate_fixed.read_text().splitlines()) + "\n")
+    header_only.unlink()
+    instance.delete_dynamic_partition(weekly_files.name, weeks[5])
+    fixed = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
+    assert fixed.success, fixed.lines()
+    assert fixed.assets_materialized == ["basket_samples", "tensor_cache"]
+
+
+def test_a_week_present_twice_stops_the_run_naming_both_files(tiny_copy, instance):
+    import gzip
+
+    week = _weeks(tiny_copy)[0]
+    plain = tiny_copy.raw / f"transactions_{week}.csv"
+    (tiny_copy.raw / f"transactions_{week}.csv.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    report = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
+    assert not report.success and not report.partitions_materialized
+    (failure,) = report.failures
+    assert f"transactions_{week}.csv and transactions_{week}.csv.gz" in failure
+
+
+def test_compressed_weeks_are_ingested_like_plain_ones(tiny_copy, instance, tmp_path):
+    import gzip
+    import shutil
+
+    plain_root = tmp_path / "plain"
+    shutil.copytree(tiny_copy.root, plain_root)
+    for source in tiny_copy.raw.glob("transactions_*.csv"):
+        (source.parent / (source.name + ".gz")).write_bytes(gzip.compress(source.read_bytes()))
+        source.unlink()
+    report = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
+    assert report.success, report.lines()
+    assert sorted(report.partitions_materialized) == sorted(
+        p.name[len("transactions_"):-len(".csv.gz")] for p in tiny_copy.raw.glob("*.csv.gz"))
+    from retailsim_pipeline.config import DataPaths
+    from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
+
+    plain = DataPaths(plain_root)
+    from retailsim_pipeline.prep.ingest import ingest_weekly_file
+
+    for source in sorted(plain.raw.glob("*.csv")):
+        ingest_weekly_file(source, plain.transactions, plain.quarantine)
+    build_basket_samples(plain.transactions, plain.samples)
+    for split in SPLITS:
+        assert read_samples(tiny_copy.samples, split).equals(read_samples(plain.samples, split))
 
 
 def test_a_file_in_another_format_fails_the_run_with_its_name(tiny_copy, instance):

@@ -6,6 +6,7 @@ from retailsim_pipeline.config import SplitConfig
 from retailsim_pipeline.prep.ingest import ingest_weekly_file
 from retailsim_pipeline.prep.samples import (
     SPLITS,
+    EmptySplitError,
     baskets_from_lines,
     build_basket_samples,
     read_manifest,
@@ -115,3 +116,47 @@ def test_build_is_atomic_and_repeatable(tiny_copy):
 def test_no_transactions_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ingest raw files first"):
         build_basket_samples(tmp_path / "nothing", tmp_path / "samples")
+
+
+def _ingest_all(paths) -> None:
+    for source in sorted(paths.raw.glob("*.csv")):
+        ingest_weekly_file(source, paths.transactions, paths.quarantine)
+
+
+def test_no_valid_rows_is_a_clear_error_and_writes_nothing(tiny_copy):
+    """Every row quarantined (here: every week header-only) -> a named error, no samples folder."""
+    for source in tiny_copy.raw.glob("*.csv"):
+        source.write_text(source.read_text().splitlines()[0] + "\n")
+    _ingest_all(tiny_copy)
+    with pytest.raises(EmptySplitError, match=r"no valid rows: 12 ingested week\(s\) \(200607…200618\)"):
+        build_basket_samples(tiny_copy.transactions, tiny_copy.samples)
+    assert not tiny_copy.samples.exists()
+
+
+def test_a_split_left_empty_names_the_split_and_the_weeks(tiny_copy):
+    _ingest_all(tiny_copy)
+    good = build_basket_samples(tiny_copy.transactions, tiny_copy.samples)
+    before = {p.name: p.read_bytes() for p in tiny_copy.samples.iterdir()}
+    late = SplitConfig(validation_start_week=200701, test_start_week=200702)
+    with pytest.raises(EmptySplitError) as info:
+        build_basket_samples(tiny_copy.transactions, tiny_copy.samples, late)
+    message = str(info.value)
+    assert "split 'validation' would be empty" in message
+    assert "12 week(s) with valid rows available (200607…200618)" in message
+    assert "weeks 200701 to before 200702" in message
+    # The earlier samples are untouched, and nothing half-written is left.
+    assert {p.name: p.read_bytes() for p in tiny_copy.samples.iterdir()} == before
+    assert good.counts["test"] > 0
+
+
+def test_an_empty_week_does_not_shift_the_split(tiny_copy):
+    _ingest_all(tiny_copy)
+    reference = build_basket_samples(tiny_copy.transactions, tiny_copy.samples)
+    # A 13th week with a header only (or every row quarantined) lands as an empty parquet.
+    last = sorted(tiny_copy.raw.glob("*.csv"))[-1]
+    extra = tiny_copy.raw / "transactions_200619.csv"
+    extra.write_text(last.read_text().splitlines()[0] + "\n")
+    ingest_weekly_file(extra, tiny_copy.transactions, tiny_copy.quarantine)
+    again = build_basket_samples(tiny_copy.transactions, tiny_copy.samples)
+    assert again.counts == reference.counts and again.splits == reference.splits
+    assert again.empty_weeks == [200619]
