@@ -30,6 +30,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/bench_prep.py --json $(RETAILSIM_DATA_DIR)/bench_prep.json
 
 clean-data:

@@ -68,3 +68,26 @@ def test_schedule_skips_without_new_data_and_runs_after_it(tiny_copy, instance):
     skip = weekly_retrain_schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
     assert isinstance(skip, dg.SkipReason) and "no new data" in skip.skip_message
     assert weekly_retrain_schedule.cron_schedule == "0 3 * * 1"
+
+
+def test_sensor_treats_compressed_weeks_like_plain_ones_and_skips_a_week_present_twice(tiny_copy, instance):
+    import gzip
+
+    weeks = sorted(p.stem.split("_")[1] for p in tiny_copy.raw.glob("transactions_*.csv"))
+    # Half the weeks compressed, as people keep them: the run key hashes the file as stored.
+    for week in weeks[::2]:
+        plain = tiny_copy.raw / f"transactions_{week}.csv"
+        (tiny_copy.raw / f"transactions_{week}.csv.gz").write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        plain.unlink()
+    first = _tick(instance, tiny_copy)
+    assert sorted(r.partition_key for r in first.run_requests) == weeks
+    cursor = json.loads(first.cursor)
+    assert f"transactions_{weeks[0]}.csv.gz" in cursor and f"transactions_{weeks[1]}.csv" in cursor
+    instance.add_dynamic_partitions(weekly_files.name, weeks)
+
+    # The same week dropped in again uncompressed: skipped, with both files named in the log.
+    twin = tiny_copy.raw / f"transactions_{weeks[0]}.csv"
+    twin.write_bytes(gzip.decompress((tiny_copy.raw / f"transactions_{weeks[0]}.csv.gz").read_bytes()))
+    second = _tick(instance, tiny_copy, first.cursor)
+    assert not second.run_requests
+    assert weeks[0] in second.skip_reason.skip_message and ".csv.gz" in second.skip_reason.skip_message
