@@ -182,13 +182,12 @@ def _typed_read(path: Path, header: list[str]) -> tuple[pl.DataFrame, bool]:
     """
     schema = {name: pl.String() if name in CARD_COLUMNS else TRANSACTION_SCHEMA.get(name, pl.String())
               for name in header}
-    frame = pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8")
-    maybe_short = frame.get_column(header[-1]).null_count() > 0
-    return (
-        frame.select(LGSR_COLUMNS)
-        .with_row_index(LINE_COL, offset=2)
-        .with_columns(pl.col(LINE_COL).cast(pl.Int64), pl.lit(None, pl.String).alias(REASON_COL),
-                      pl.lit(None, pl.String).alias(COLUMN_COL), pl.lit(None, pl.String).alias(VALUE_COL))
+    frame = pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8",
+                        row_index_name=LINE_COL, row_index_offset=2)
+    maybe_short = frame.get_column(header[-1]).has_nulls()
+    return frame.select(
+        pl.col(LINE_COL).cast(pl.Int64), *LGSR_COLUMNS, pl.lit(None, pl.String).alias(REASON_COL),
+        pl.lit(None, pl.String).alias(COLUMN_COL), pl.lit(None, pl.String).alias(VALUE_COL),
     ), maybe_short
 
 
@@ -336,6 +335,12 @@ _DATE_KEY = (
 )
 
 
+def _distinct(column: str | pl.Expr) -> pl.Expr:
+    """The distinct non-null values of a column as text, in a stable order (so two uses align)."""
+    expr = pl.col(column) if isinstance(column, str) else column
+    return expr.drop_nulls().unique(maintain_order=True).cast(pl.String)  # distinct first: few casts
+
+
 def _suspects(df: pl.DataFrame) -> pl.Expr:
     """Rows that may break a value rule (ids, calendar), found by checking each *distinct* value once.
 
@@ -344,15 +349,20 @@ def _suspects(df: pl.DataFrame) -> pl.Expr:
     Never null: a null id (an anonymous shopper's CUST_CODE) is not a suspect, and a null inside a
     mask would drop the row from both outputs.
     """
+    found = df.select(
+        *[_distinct(c).filter(~_distinct(c).str.contains(p)).implode().alias(c) for c, p in ID_PATTERNS.items()],
+        pl.struct("SHOP_WEEK", "SHOP_DATE", "SHOP_WEEKDAY").unique().drop_nulls().implode().alias("__calendar"),
+    ).row(0, named=True)
     suspect = pl.lit(False)
-    for col, pattern in ID_PATTERNS.items():
-        values = df.get_column(col).unique().drop_nulls().cast(pl.String)
-        bad = values.filter(~values.str.contains(pattern))
-        if len(bad):
-            suspect = suspect | pl.col(col).cast(pl.String).is_in(bad.to_list()).fill_null(False)
-    calendar = df.select("SHOP_WEEK", "SHOP_DATE", "SHOP_WEEKDAY").unique().drop_nulls()
+    for col in ID_PATTERNS:
+        if found[col]:
+            suspect = suspect | pl.col(col).cast(pl.String).is_in(found[col]).fill_null(False)
     # A handful of distinct triples: plain Python is faster than planning the polars calendar rules.
-    bad_keys = [w * 1_000_000_000 + d * 10 + wd for w, d, wd in calendar.iter_rows() if not _calendar_ok(w, d, wd)]
+    bad_keys = [
+        t["SHOP_WEEK"] * 1_000_000_000 + t["SHOP_DATE"] * 10 + t["SHOP_WEEKDAY"]
+        for t in found["__calendar"]
+        if None not in t.values() and not _calendar_ok(t["SHOP_WEEK"], t["SHOP_DATE"], t["SHOP_WEEKDAY"])
+    ]
     if bad_keys:
         suspect = suspect | _DATE_KEY.is_in(bad_keys).fill_null(False)
     return suspect
@@ -377,8 +387,11 @@ def _normalise_card_fields(df: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, 
     recorded as the row's reason unless it already has one) and the code family the file used.
     Raises :class:`LgsrFormatError` when a file mixes the coded and the documented family.
     """
-    df = df.with_columns(pl.when(pl.col(c) != "").then(pl.col(c)).alias(c) for c in CARD_COLUMNS)
-    seen = {c: set(df.get_column(c).drop_nulls().unique().to_list()) for c in SEGMENT_COLUMNS}
+    def text(c: str) -> pl.Expr:
+        return pl.when(pl.col(c) != "").then(pl.col(c))
+
+    seen = {c: set(v) for c, v in df.select(_distinct(text(c)).implode().alias(c) for c in SEGMENT_COLUMNS)
+            .row(0, named=True).items()}
     coded = {c: seen[c] & set(SEGMENT_CODE_ALIASES[c]) for c in SEGMENT_COLUMNS}
     # XX ("unknown") is written the same in both families, so it tells neither apart.
     documented = {c: seen[c] & (set(CODE_SETS[c]) - {"XX"}) for c in SEGMENT_COLUMNS}
@@ -397,20 +410,24 @@ def _normalise_card_fields(df: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, 
     family = "coded" if any(coded.values()) else "documented" if any(documented.values()) else None
     typed = {}
     for c in SEGMENT_COLUMNS:
-        src = pl.col(c).replace(SEGMENT_CODE_ALIASES[c]) if family == "coded" else pl.col(c)
+        src = text(c).replace(SEGMENT_CODE_ALIASES[c]) if family == "coded" else text(c)
         typed[c] = src.cast(TRANSACTION_SCHEMA[c], strict=False)
-    unknown = [
-        (pl.col(c).is_not_null() & typed[c].is_null(), f"unknown code in {c}", c, pl.col(c)) for c in SEGMENT_COLUMNS
-    ]
-    reason, column, value = _first_failure(unknown)
-    df = df.with_columns(
-        pl.coalesce(pl.col(REASON_COL), reason).alias(REASON_COL),
-        pl.when(pl.col(REASON_COL).is_null()).then(column).otherwise(pl.col(COLUMN_COL)).alias(COLUMN_COL),
-        pl.when(pl.col(REASON_COL).is_null()).then(value).otherwise(pl.col(VALUE_COL)).alias(VALUE_COL),
-    )
-    return df.with_columns(
-        pl.col("CUST_CODE").cast(TRANSACTION_SCHEMA["CUST_CODE"]), *[typed[c].alias(c) for c in SEGMENT_COLUMNS]
-    ), family
+    columns = [text("CUST_CODE").cast(TRANSACTION_SCHEMA["CUST_CODE"]).alias("CUST_CODE"),
+               *[typed[c].alias(c) for c in SEGMENT_COLUMNS]]
+    # Unknown codes, worked out on the distinct values: the common (clean) file needs no reason column.
+    mapped = {c: {SEGMENT_CODE_ALIASES[c].get(v, v) if family == "coded" else v for v in seen[c]}
+              for c in SEGMENT_COLUMNS}
+    if any(mapped[c] - set(CODE_SETS[c]) for c in SEGMENT_COLUMNS):
+        unknown = [(text(c).is_not_null() & typed[c].is_null(), f"unknown code in {c}", c, pl.col(c))
+                   for c in SEGMENT_COLUMNS]
+        reason, column, value = _first_failure(unknown)
+        keep = pl.col(REASON_COL).is_not_null()  # a row rejected while parsing keeps that reason
+        columns += [
+            pl.coalesce(pl.col(REASON_COL), reason).alias(REASON_COL),
+            pl.when(keep).then(pl.col(COLUMN_COL)).otherwise(column).alias(COLUMN_COL),
+            pl.when(keep).then(pl.col(VALUE_COL)).otherwise(value).alias(VALUE_COL),
+        ]
+    return df.with_columns(columns), family
 
 
 def _lossy(path: Path, column: str, rows: pl.Series, lines: pl.Series, what: str, total: int) -> LossyCopyError:
@@ -430,31 +447,32 @@ def _check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
     if total == 0:
         return
     min_rows = max(1, int(LOSSY_MIN_SHARE * total))
-    texts = {c: pl.col(c).cast(pl.String) for c in ID_COLUMNS if c != "BASKET_ID"}
+    texts = {c: pl.col(c) for c in ID_COLUMNS if c != "BASKET_ID"}
     if RAW_BASKET_ID in df.columns:  # the tolerant path kept BASKET_ID's text
         texts["BASKET_ID"] = pl.col(RAW_BASKET_ID).str.strip_chars('"')
+    distinct_ids = pl.col("BASKET_ID").drop_nulls().unique()
+    # One query for the common case (a clean file): any scientific notation? how round are the ids?
+    stats = df.select(
+        *[_distinct(t).str.contains(_SCIENTIFIC).any().alias(c) for c, t in texts.items()],
+        distinct_ids.len().alias("__distinct"), (distinct_ids % 1_000_000 == 0).sum().alias("__round"),
+    ).row(0, named=True)
     for column, text in texts.items():
-        values = df.select(text.unique().alias("v")).get_column("v").drop_nulls()
-        sci = values.filter(values.str.contains(_SCIENTIFIC))
-        if len(sci):
-            hit = df.filter(text.is_in(sci.to_list()).fill_null(False))
+        if stats[column]:
+            hit = df.filter(text.cast(pl.String).str.contains(_SCIENTIFIC).fill_null(False))
             if len(hit) >= min_rows:
-                raise _lossy(path, column, hit.select(text).to_series(), hit.get_column(LINE_COL),
+                raise _lossy(path, column, hit.select(text.cast(pl.String)).to_series(), hit.get_column(LINE_COL),
                              "hold numbers in scientific notation (a spreadsheet rounded them)", total)
-    ids = df.get_column("BASKET_ID")
-    if total < _MIN_ROWS_FOR_ROUNDING_RULES:
+    if total < _MIN_ROWS_FOR_ROUNDING_RULES or not stats["__distinct"]:
         return
-    distinct = ids.drop_nulls().unique()
+    distinct, n_round = stats["__distinct"], stats["__round"]
     # One real id in a million ends in six zeros; rounding makes (nearly) every one do so.
-    round_ids = distinct.filter(distinct % 1_000_000 == 0)
-    if len(distinct) and len(round_ids) / len(distinct) >= 0.5:
-        rounded = df.filter(pl.col("BASKET_ID").is_in(round_ids.implode()).fill_null(False))
+    if n_round / distinct >= 0.5:
+        rounded = df.filter((pl.col("BASKET_ID") % 1_000_000 == 0).fill_null(False))
         raise _lossy(path, "BASKET_ID", rounded.get_column("BASKET_ID"), rounded.get_column(LINE_COL),
-                     f"hold ids ending in six or more zeros ({len(round_ids):,} of {len(distinct):,} distinct ids: "
-                     "rounded)", total)
-    if len(distinct) and total / len(distinct) > MAX_MEAN_LINES_PER_BASKET:
-        raise _lossy(path, "BASKET_ID", ids, df.get_column(LINE_COL),
-                     f"share only {len(distinct):,} distinct value(s) ({total / len(distinct):,.0f} lines per basket; "
+                     f"hold ids ending in six or more zeros ({n_round:,} of {distinct:,} distinct ids: rounded)", total)
+    if total / distinct > MAX_MEAN_LINES_PER_BASKET:
+        raise _lossy(path, "BASKET_ID", df.get_column("BASKET_ID"), df.get_column(LINE_COL),
+                     f"share only {distinct:,} distinct value(s) ({total / distinct:,.0f} lines per basket; "
                      "real baskets average about 6)", total)
 
 
@@ -566,8 +584,9 @@ def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> Ing
     accepted, quarantined, family = _validate(source)
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
-    write_parquet_atomic(quarantined, quarantine)
-    write_parquet_atomic(accepted, output)
+    # Weekly files are always read whole: no column statistics to write.
+    write_parquet_atomic(quarantined, quarantine, statistics=False)
+    write_parquet_atomic(accepted, output, statistics=False)
     counts = accepted.select(
         pl.col("BASKET_ID").n_unique().alias("baskets"),
         pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers"),
