@@ -150,6 +150,13 @@ class IngestConfig(BaseModel):
     max_quarantine_rate: float = Field(
         0.01, ge=0.0, le=1.0, description="Asset check: share of rows quarantined above which it fails."
     )
+    # Ceilings that catch absurd but parseable values (1e308, an overflowed counter) before they reach
+    # the cache's price ratios. The 94 published LGSR weeks peak at QUANTITY 1,685 (one bulk line) and
+    # SPEND/QUANTITY £219.15: the ceilings sit well above anything real.
+    max_quantity: int = Field(10_000, ge=1, description="Rows with a larger QUANTITY are quarantined.")
+    max_unit_spend: float = Field(
+        10_000.0, gt=0.0, description="Rows whose SPEND / QUANTITY (pounds per unit) exceeds this are quarantined."
+    )
 
 
 class SplitConfig(BaseModel):

@@ -11,7 +11,12 @@ from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.training_assets import trained_world_model
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.schema import duplicate_week_message, scan_raw_files
+from retailsim_pipeline.prep.schema import (
+    duplicate_week_message,
+    scan_raw_files,
+    unsafe_file_message,
+    unsafe_raw_files,
+)
 
 #: Ingest the weekly partitions of raw_transactions (one run per week).
 ingest_job = dg.define_asset_job(
@@ -40,7 +45,9 @@ def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: Re
     # Cursor: {file name: [size, mtime_ns, sha256]} so an unchanged file is never hashed again.
     seen: dict[str, list] = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(weekly_files.name))
-    files, duplicates = scan_raw_files(raw)
+    files, duplicates = scan_raw_files(raw)  # symbolic links are never among the files
+    for path in unsafe_raw_files(raw):
+        context.log.error(unsafe_file_message(path) + "; not ingested")
     for week, paths in duplicates.items():
         context.log.error(duplicate_week_message(week, paths) + "; not ingested until then")
     new_partitions, requests, cursor = [], [], {}

@@ -108,7 +108,7 @@ def raw_transactions(
     source = raw_file_of_week(paths.raw, week)
     stat = source.stat()
     sha = file_sha256(source)
-    result = ingest_weekly_file(source, paths.transactions, paths.quarantine)
+    result = ingest_weekly_file(source, paths.transactions, paths.quarantine, limits=config)
     preview = pl.read_parquet(result.output, n_rows=5)
     reasons = counts_table(result.reasons, "reason") if result.reasons else "none"
     passed = result.quarantine_rate <= config.max_quarantine_rate and result.rows > 0

@@ -1,7 +1,8 @@
 """In-process materialization for ``retailsim run``: what is missing or stale, and nothing else.
 
 1. Every ``raw/transactions_YYYYWW.csv`` (or ``.csv.gz``) without a partition is registered as one.
-   A week present under both names stops the run with an error naming both files.
+   A week present under both names, or a weekly-file name that is a symbolic link, stops the run
+   with an error naming the files.
 2. For partitioned assets in the selection, each partition is materialized (one run each) when it
    was never materialized, its file changed (size/mtime differ and then the content hash differs)
    or the asset's code version changed.
@@ -27,7 +28,7 @@ from retailsim_pipeline.config import DataPaths
 from retailsim_pipeline.defs.ingest_assets import failed_weeks, weekly_files
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.schema import DuplicateWeekError, raw_file_of_week, raw_weekly_files
+from retailsim_pipeline.prep.schema import RawFileError, raw_file_of_week, raw_weekly_files
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def materialize_selection(
     report = RunReport()
     try:
         keys, report.registered = register_weekly_files(instance, paths)
-    except DuplicateWeekError as exc:
+    except RawFileError as exc:  # a week present twice, a symbolic link
         report.failures.append(str(exc))
         return report
     ran: set[dg.AssetKey] = set()

@@ -912,8 +912,10 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
     for name, shape in expect.items():
         if tuple(cache[name].shape) != shape:
             failures.append(f"{name}: shape {cache[name].shape}, expected {shape}")
-    if not np.isfinite(cache.product_embeddings).all():
-        failures.append("product_embeddings holds NaN/Inf")
+    for name in m["arrays"]:  # every float array, split arrays included: no NaN/Inf may reach the model
+        arr = cache[name]
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+            failures.append(f"{name}: holds {int((~np.isfinite(arr)).sum()):,} NaN/Inf value(s)")
     for split in SPLITS:
         a = cache.split(split)
         n, info = len(a), m["splits"][split]

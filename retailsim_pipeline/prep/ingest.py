@@ -18,6 +18,11 @@ Contract (see :mod:`retailsim_pipeline.prep.schema`):
   that baskets would merge). Lossless variants (CRLF, ``1`` for ``1.0``) are fine.
 - Basket ids are unique per week across stores: lines of one BASKET_ID with different stores, dates
   or customers are quarantined with that reason (a basket's lines need not be adjacent).
+- The file itself must be a regular file (a symbolic link is refused, named, before it is opened)
+  whose name is a plausible shop week (WW 1..52, from 200607 on, not in the future); a file whose
+  rows mostly hold another week than its name is refused as a whole.
+- Absurd but parseable values are quarantined with their reason: SPEND not finite (``inf``,
+  ``NaN``), QUANTITY or SPEND per unit above the ceilings of :class:`IngestConfig`.
 - A row that breaks the contract goes to the quarantine file with its source file, 1-based line
   number (the header is line 1), the first failing column, the reason and the offending value:
   an unparsable number, a missing field (short row, blank line, empty non-nullable field), a row
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import polars as pl
 
+from retailsim_pipeline.config import IngestConfig
 from retailsim_pipeline.prep.files import write_parquet_atomic
 from retailsim_pipeline.prep.schema import (
     CODE_SETS,
@@ -57,6 +63,8 @@ from retailsim_pipeline.prep.schema import (
     TRANSACTION_SCHEMA,
     file_stem,
     lgsr_weekday,
+    unsafe_file_message,
+    week_is_plausible,
     week_index,
     week_of_file,
 )
@@ -279,12 +287,17 @@ def _days_from_civil(y: pl.Expr, m: pl.Expr, d: pl.Expr) -> pl.Expr:
     return era * 146097 + doe - 719468
 
 
-def _row_rules(week: int | None) -> list[Rule]:
+def _row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
     """Cheap per-row rules, in the order a failure is reported."""
     rules = [_rule(pl.col(c).is_null(), f"missing field {c}", c) for c in LGSR_COLUMNS if c not in NULLABLE_COLUMNS]
     rules += [
         _rule(pl.col("QUANTITY") <= 0, "QUANTITY must be > 0", "QUANTITY"),
+        _rule(~pl.col("SPEND").is_finite(), "SPEND is not a finite number", "SPEND"),
         _rule(pl.col("SPEND") < 0, "SPEND must be >= 0", "SPEND"),
+        _rule(pl.col("QUANTITY") > limits.max_quantity,
+              f"QUANTITY above the ceiling {limits.max_quantity:,} (max_quantity)", "QUANTITY"),
+        _rule(pl.col("SPEND") > limits.max_unit_spend * pl.col("QUANTITY"),
+              f"SPEND per unit above the ceiling {limits.max_unit_spend:,g} (max_unit_spend)", "SPEND"),
         _rule(~pl.col("SHOP_WEEKDAY").is_between(1, 7), "SHOP_WEEKDAY must be 1..7 (1 = Sunday)", "SHOP_WEEKDAY"),
         _rule(~pl.col("SHOP_HOUR").is_between(0, 23), "SHOP_HOUR must be 0..23", "SHOP_HOUR"),
         _rule(~(pl.col("SHOP_WEEK") % 100).is_between(1, WEEKS_PER_YEAR), "SHOP_WEEK is not a YYYYWW week",
@@ -493,7 +506,7 @@ def _basket_conflicts(accepted: pl.DataFrame) -> pl.DataFrame:
     return broken.select("BASKET_ID", reason.alias("__conflict"), column.alias("__conflict_col"))
 
 
-def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate_transactions(path: Path, limits: IngestConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Read and validate one LGSR file.
 
     Returns ``(accepted, quarantined)``: ``accepted`` has exactly the typed columns of
@@ -502,10 +515,39 @@ def validate_transactions(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     Raises :class:`LgsrFormatError` when the file is not this format (:class:`LossyCopyError` when
     its ids were destroyed).
     """
-    return _validate(Path(path))[:2]
+    return _validate(Path(path), limits or IngestConfig())[:2]
 
 
-def _validate(path: Path) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
+#: A file whose rows mostly name another week than its file name is refused as a whole.
+_MISNAMED_SHARE = 0.5
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before reading it, what must never be read: links, non-files, impossible week names."""
+    if path.is_symlink() or not path.is_file():
+        raise LgsrFormatError(unsafe_file_message(path))
+    week = week_of_file(path.name)
+    if week is not None and not week_is_plausible(week):
+        raise LgsrFormatError(
+            f"{path}: {week} in the file name is not an LGSR shop week (YYYYWW with WW 1..52, from "
+            f"{FIRST_WEEK} on, not in the future); rename the file after the week its rows hold"
+        )
+
+
+def _check_week_matches_name(df: pl.DataFrame, path: Path, week: int | None) -> None:
+    if week is None or df.is_empty():
+        return
+    other = df.filter(pl.col("SHOP_WEEK").is_not_null() & (pl.col("SHOP_WEEK") != week))
+    if len(other) > _MISNAMED_SHARE * len(df):
+        common = other.get_column("SHOP_WEEK").mode().sort().to_list()
+        raise LgsrFormatError(
+            f"{path}: the file name says week {week} but {len(other):,} of {len(df):,} rows say another week "
+            f"(mostly {common[0]}, e.g. line {other.get_column(LINE_COL)[0]}); rename the file after its week"
+        )
+
+
+def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
+    _check_file(path)
     header = read_header(path)
     week = week_of_file(path.name)
     try:
@@ -520,9 +562,10 @@ def _validate(path: Path) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
     raw_available = short
     df, family = _normalise_card_fields(df, path)
     _check_lossy_ids(df, path)
+    _check_week_matches_name(df, path, week)
     n_lines = len(df)
 
-    row_rules = _row_rules(week)
+    row_rules = _row_rules(week, limits)
     # The cheap mask runs on every row; *which* rule failed is worked out for failing rows only.
     bad_mask = (
         pl.any_horizontal([cond.fill_null(False) for cond, *_ in row_rules])
@@ -574,14 +617,17 @@ def transactions_output_path(out_dir: Path, source: Path) -> Path:
     return Path(out_dir) / (file_stem(source) + ".parquet")
 
 
-def ingest_weekly_file(source: Path, out_dir: Path, quarantine_dir: Path) -> IngestResult:
+def ingest_weekly_file(
+    source: Path, out_dir: Path, quarantine_dir: Path, limits: IngestConfig | None = None
+) -> IngestResult:
     """Validate ``source`` and write ``out_dir/<stem>.parquet`` and ``quarantine_dir/<stem>.parquet``.
 
     Both outputs are written atomically; on :class:`LgsrFormatError` nothing is written and any
-    earlier outputs for this file stay as they were.
+    earlier outputs for this file stay as they were. ``limits`` holds the value ceilings
+    (:class:`~retailsim_pipeline.config.IngestConfig`; defaults when None).
     """
     source = Path(source)
-    accepted, quarantined, family = _validate(source)
+    accepted, quarantined, family = _validate(source, limits or IngestConfig())
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
     # Weekly files are always read whole: no column statistics to write.

@@ -205,8 +205,37 @@ def file_stem(path) -> str:
     return Path(path).stem
 
 
-class DuplicateWeekError(ValueError):
+class RawFileError(ValueError):
+    """A file of the raw folder that may not be ingested (a week present twice, a symbolic link)."""
+
+
+class DuplicateWeekError(RawFileError):
     """A week is present in the raw folder twice (``.csv`` and ``.csv.gz``)."""
+
+
+def week_is_plausible(code: int, today: dt.date | None = None) -> bool:
+    """A real LGSR shop week: ``YYYYWW`` with WW in 1..52, from 200607 on, starting no later than today."""
+    code = int(code)
+    if not 1 <= code % 100 <= WEEKS_PER_YEAR or code < FIRST_WEEK:
+        return False
+    return week_monday(code) <= (today or dt.date.today())
+
+
+def unsafe_raw_files(raw_dir) -> list[Path]:
+    """Weekly-file names in ``raw_dir`` that are not regular files (symbolic links, folders, devices).
+
+    Raw files must be regular files inside ``raw/``: a link could point anywhere on the machine.
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return []
+    return sorted(p for pattern in RAW_FILE_GLOBS for p in raw_dir.glob(pattern)
+                  if week_of_file(p.name) is not None and (p.is_symlink() or not p.is_file()))
+
+
+def unsafe_file_message(path: Path) -> str:
+    kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+    return f"{path}: {kind}; raw weekly files must be regular files inside raw/ (copy the file there instead)"
 
 
 def scan_raw_files(raw_dir) -> tuple[dict[int, Path], dict[int, list[Path]]]:
@@ -220,7 +249,7 @@ def scan_raw_files(raw_dir) -> tuple[dict[int, Path], dict[int, list[Path]]]:
         for pattern in RAW_FILE_GLOBS:
             for path in raw_dir.glob(pattern):
                 week = week_of_file(path.name)
-                if week is not None:
+                if week is not None and not path.is_symlink() and path.is_file():
                     found.setdefault(week, []).append(path)
     files = {w: ps[0] for w, ps in sorted(found.items()) if len(ps) == 1}
     duplicates = {w: sorted(ps) for w, ps in sorted(found.items()) if len(ps) > 1}
@@ -233,7 +262,11 @@ def duplicate_week_message(week: int, paths: list[Path]) -> str:
 
 
 def raw_weekly_files(raw_dir) -> dict[int, Path]:
-    """The weekly files of ``raw_dir`` by week; :class:`DuplicateWeekError` names a week present twice."""
+    """The weekly files of ``raw_dir`` by week; :class:`DuplicateWeekError` names a week present twice,
+    :class:`RawFileError` a weekly-file name that is a symbolic link or not a regular file."""
+    unsafe = unsafe_raw_files(raw_dir)
+    if unsafe:
+        raise RawFileError("; ".join(unsafe_file_message(p) for p in unsafe))
     files, duplicates = scan_raw_files(raw_dir)
     if duplicates:
         raise DuplicateWeekError("; ".join(duplicate_week_message(w, ps) for w, ps in duplicates.items()))

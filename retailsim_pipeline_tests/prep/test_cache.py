@@ -216,3 +216,18 @@ def test_price_and_temporal_features():
     assert t[0, 23] == 1.0 and t[1, 23] == 0.0  # weekend flag
     assert t[0, 24 + 9] == 1.0 and t[1, 24 + 18] == 1.0  # hour one-hot
     assert t[1, 62] == pytest.approx(1.0)  # trend
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan], ids=["inf", "nan"])
+def test_manifest_check_requires_every_float_array_finite(cache, tmp_path, value):
+    """A value that slipped through (e.g. SPEND 1e308 -> an inf price ratio) fails the check by name."""
+    copy = tmp_path / cache.path.name
+    shutil.copytree(cache.path, copy)
+    meta = json.loads((copy / "manifest.json").read_text())["arrays"]["test/trip"]
+    arr = np.load(copy / meta["file"])
+    assert np.issubdtype(arr.dtype, np.floating)
+    arr.flat[7] = value
+    np.save(copy / meta["file"], arr)
+    outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
+    assert not outcome.passed
+    assert outcome.failures == ["test/trip: holds 1 NaN/Inf value(s)"]
