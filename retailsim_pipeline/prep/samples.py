@@ -261,16 +261,20 @@ def build_basket_samples(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = {s: out_dir / f"{s}.parquet" for s in SPLITS}
     tmp = {s: out_dir / f".{s}.parquet.tmp-{os.getpid()}" for s in SPLITS}
-    writers: dict[str, pq.ParquetWriter] = {}
+    # Each chunk's share of a split is written as a part (polars' own writer: ~3x pyarrow's on list
+    # columns); a split made of several parts is then streamed into one file.
+    parts: dict[str, list[Path]] = {s: [] for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     histogram: dict[str, int] = {}
     lines = 0
     products: list[pl.DataFrame] = []
     try:
-        for chunk in _chunks(sorted(by_week.items())):
+        for i, chunk in enumerate(_chunks(sorted(by_week.items()))):
             chunk_lines = pl.scan_parquet([p for _, p in chunk])
-            frame = baskets_from_lines(chunk_lines, config.max_basket_len).collect()
-            products.append(_product_dimension(chunk_lines).collect())
+            frame, dimension_part = pl.collect_all(
+                [baskets_from_lines(chunk_lines, config.max_basket_len), _product_dimension(chunk_lines)]
+            )
+            products.append(dimension_part)
             lines += int(frame.get_column("n_lines").sum())
             for label, n in frame.group_by(_length_bin(pl.col("n_lines")).alias("bin")).len().iter_rows():
                 histogram[label] = histogram.get(label, 0) + n
@@ -279,18 +283,19 @@ def build_basket_samples(
                 part = frame.filter(pl.col("week").is_between(lo, hi))
                 if part.is_empty():
                     continue
-                table = part.to_arrow()
-                if name not in writers:
-                    writers[name] = pq.ParquetWriter(tmp[name], table.schema, compression="lz4")
-                writers[name].write_table(table.cast(writers[name].schema))
+                path = out_dir / f".{name}.part{i:04d}.tmp-{os.getpid()}"
+                parts[name].append(path)
+                part.write_parquet(path, compression="lz4", statistics=True)
                 counts[name] += len(part)
-        for w in writers.values():
-            w.close()
-        writers.clear()
         missing = [name for name in SPLITS if counts[name] == 0]
         if missing:  # unreachable while every split week has rows; never rename a split that was not written
             raise EmptySplitError(f"split(s) {', '.join(missing)} received no basket from weeks "
                                   f"{', '.join(f'{n} {getattr(splits, n)}' for n in missing)}")
+        for name in SPLITS:
+            if len(parts[name]) == 1:
+                os.replace(parts[name][0], tmp[name])
+            else:
+                pl.scan_parquet(parts[name]).sink_parquet(tmp[name], compression="lz4", statistics=True)
         dimension = (
             pl.concat(products).group_by(PRODUCT_DIMENSION_KEYS)
             .agg(pl.col("first_week").min(), pl.col("last_week").max())
@@ -300,9 +305,7 @@ def build_basket_samples(
         for name in SPLITS:
             os.replace(tmp[name], final[name])
     finally:
-        for w in writers.values():
-            w.close()
-        for p in tmp.values():
+        for p in [*tmp.values(), *(q for ps in parts.values() for q in ps)]:
             p.unlink(missing_ok=True)
     order = [f"{lo}" if lo == hi else (f"{lo}-{hi}" if hi else f"{lo}+") for lo, hi in _LENGTH_BINS]
     result = SamplesResult(

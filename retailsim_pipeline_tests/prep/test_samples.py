@@ -160,3 +160,18 @@ def test_an_empty_week_does_not_shift_the_split(tiny_copy):
     again = build_basket_samples(tiny_copy.transactions, tiny_copy.samples)
     assert again.counts == reference.counts and again.splits == reference.splits
     assert again.empty_weeks == [200619]
+
+
+def test_streaming_in_several_chunks_gives_the_same_samples(tiny_copy, tmp_path, monkeypatch):
+    """Chunks of a few weeks (parts merged into one file per split) equal the one-chunk build."""
+    import retailsim_pipeline.prep.samples as samples_mod
+
+    _ingest_all(tiny_copy)
+    whole = build_basket_samples(tiny_copy.transactions, tmp_path / "whole")
+    monkeypatch.setattr(samples_mod, "_ROWS_PER_CHUNK", 3_000)  # ~2 weeks of tiny data per chunk
+    assert len(samples_mod._chunks(sorted(samples_mod.weekly_transaction_files(tiny_copy.transactions).items()))) > 4
+    chunked = build_basket_samples(tiny_copy.transactions, tmp_path / "chunked")
+    assert chunked.counts == whole.counts and chunked.length_histogram == whole.length_histogram
+    for split in SPLITS:
+        assert_frame_equal(read_samples(tmp_path / "chunked", split), read_samples(tmp_path / "whole", split))
+    assert not list((tmp_path / "chunked").glob(".*tmp*"))
