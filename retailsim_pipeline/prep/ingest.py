@@ -493,9 +493,13 @@ def _check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
 _BASKET_KEYS: tuple[str, ...] = ("STORE_CODE", "SHOP_DATE", "CUST_CODE")
 
 
-def _basket_conflicts(accepted: pl.DataFrame) -> pl.DataFrame:
-    """The lines of BASKET_IDs that appear with different stores, dates or customers (with reasons)."""
-    spread = accepted.group_by("BASKET_ID").agg(pl.col(c).n_unique().alias(c) for c in _BASKET_KEYS)
+def _basket_spread(accepted: pl.LazyFrame) -> pl.LazyFrame:
+    """Per BASKET_ID, how many distinct stores, dates and customers its lines carry (1 when sound)."""
+    return accepted.group_by("BASKET_ID").agg(pl.col(c).n_unique().alias(c) for c in _BASKET_KEYS)
+
+
+def _basket_conflicts(spread: pl.DataFrame) -> pl.DataFrame:
+    """The BASKET_IDs whose lines disagree on store, date or customer, with the reason and column."""
     broken = spread.filter(pl.any_horizontal(pl.col(c) > 1 for c in _BASKET_KEYS))
     if broken.is_empty():
         return broken.select("BASKET_ID")
@@ -572,10 +576,11 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
         | _suspects(df)
         | pl.col(REASON_COL).is_not_null()
     )
-    df = df.with_columns(bad_mask.alias("__bad"))
-    accepted = df.filter(~pl.col("__bad"))
-    bad = df.filter(pl.col("__bad"))
-    conflicts = _basket_conflicts(accepted)
+    marked = df.lazy().with_columns(bad_mask.alias("__bad"))
+    good = marked.filter(~pl.col("__bad"))
+    # One query (the marking shared): accepted rows, rejected rows, and each basket's spread.
+    accepted, bad, spread = pl.collect_all([good, marked.filter(pl.col("__bad")), _basket_spread(good)])
+    conflicts = _basket_conflicts(spread)
     if not conflicts.is_empty():
         split = accepted.join(conflicts, on="BASKET_ID", how="left", maintain_order="left")
         accepted = split.filter(pl.col("__conflict").is_null()).drop("__conflict", "__conflict_col")
