@@ -83,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, _ = tracking.load_world_model(args.model_uri, tracking_uri=uri)
     oracle = OracleScorer(cache, args.split, paths.ground_truth) if (paths.ground_truth / "world.npz").exists() \
         else None
-    result = evaluate(cache, Path(cache.manifest["upstream"]["samples_dir"]), model, split=args.split, oracle=oracle)
+    result = evaluate(cache, cache.samples_dir, model, split=args.split, oracle=oracle)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion = None
     if champion_version is not None:

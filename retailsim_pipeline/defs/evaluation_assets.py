@@ -79,7 +79,7 @@ def evaluation_report(
     oracle = None
     if (paths.ground_truth / "world.npz").exists():
         oracle = OracleScorer(cache, config.split, paths.ground_truth)
-    samples_dir = Path(cache.manifest["upstream"]["samples_dir"])
+    samples_dir = cache.samples_dir
     result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, oracle=oracle,
                       device=config.device)
     metric = config.promotion_metric

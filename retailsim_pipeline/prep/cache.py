@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -747,7 +748,10 @@ def build_tensor_cache(
             "format": CACHE_FORMAT,
             "key": key,
             "created_unix": time.time(),
-            "upstream": {"basket_samples": samples_manifest["data_version"], "samples_dir": str(samples_dir)},
+            # Relative to the data folder (the cache root's parent): a moved or copied data folder
+            # keeps pointing at its own samples.
+            "upstream": {"basket_samples": samples_manifest["data_version"],
+                         "samples_dir": os.path.relpath(samples_dir.resolve(), cache_root.resolve().parent)},
             "config": config.model_dump(mode="json"),
             "config_hash": config_hash(config),
             "fit": {"split": "train", "weeks": [train_weeks[0], train_weeks[-1]]},
@@ -763,15 +767,36 @@ def build_tensor_cache(
             "arrays": arrays,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():  # forced rebuild: replace the old folder
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _publish(tmp, final, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _write_latest(cache_root, key)
     seconds = time.perf_counter() - t0
     log.info("tensor cache %s built in %.1fs", final, seconds)
     return CacheBuildResult(final, key, manifest, False, seconds)
+
+
+def _publish(tmp: Path, final: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``final`` without ever deleting a folder a reader may use.
+
+    The key is a content hash: a ``final`` that appeared meanwhile (another process built the same
+    inputs) holds the same arrays, so it is kept and ``tmp`` dropped. A forced rebuild moves the old
+    folder aside with one atomic rename, puts the new one in place with another, and only then
+    deletes the old one (open memory maps stay valid after the unlink).
+    """
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError:
+        if not (final / "manifest.json").exists():
+            raise
+    if not force:
+        log.info("tensor cache %s was built meanwhile by another process; keeping it", final)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_latest(cache_root: Path, key: str) -> None:
@@ -842,8 +867,21 @@ class TensorCache:
 
     @classmethod
     def latest(cls, cache_root: Path) -> "TensorCache":
-        key = (Path(cache_root) / LATEST_FILE).read_text().strip()
+        """The cache named by ``cache_root/LATEST``, which must hold a cache key (hex) that exists."""
+        latest = Path(cache_root) / LATEST_FILE
+        if not latest.is_file():
+            raise FileNotFoundError(f"{latest}: no tensor cache yet; materialize tensor_cache first")
+        key = latest.read_text().strip()
+        if not re.fullmatch(r"[0-9a-f]{8,64}", key) or not (Path(cache_root) / key / "manifest.json").is_file():
+            raise ValueError(f"{latest}: {key[:80]!r} does not name a tensor cache in {cache_root}; "
+                             "rebuild it with `retailsim run --select key:tensor_cache`")
         return cls.open(Path(cache_root) / key)
+
+    @property
+    def samples_dir(self) -> Path:
+        """The basket samples this cache was built from (stored relative to the data folder)."""
+        stored = Path(self.manifest["upstream"]["samples_dir"])
+        return stored if stored.is_absolute() else (self.path.parent.parent / stored).resolve()
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]

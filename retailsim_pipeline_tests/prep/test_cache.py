@@ -231,3 +231,45 @@ def test_manifest_check_requires_every_float_array_finite(cache, tmp_path, value
     outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
     assert not outcome.passed
     assert outcome.failures == ["test/trip: holds 1 NaN/Inf value(s)"]
+
+
+def test_a_moved_data_folder_points_at_its_own_samples(tiny_prepped, tmp_path):
+    """The manifest stores the samples folder relative to the data folder, not as an absolute path."""
+    assert TensorCache.latest(tiny_prepped.cache).manifest["upstream"]["samples_dir"] == "samples"
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_prepped.root, moved)
+    copy = TensorCache.latest(moved / "cache")
+    assert copy.samples_dir == (moved / "samples").resolve()
+    assert not str(copy.samples_dir).startswith(str(tiny_prepped.root))
+
+
+@pytest.mark.parametrize("content", ["../../etc", "0123456789abcdef", "not a key\n"], ids=["path", "absent", "junk"])
+def test_latest_must_name_an_existing_cache_key(tiny_prepped, tmp_path, content):
+    root = tmp_path / "cache"
+    shutil.copytree(tiny_prepped.cache, root)
+    good = TensorCache.latest(root)
+    (root / "LATEST").write_text(content)
+    with pytest.raises(ValueError, match="does not name a tensor cache"):
+        TensorCache.latest(root)
+    (root / "LATEST").write_text(good.path.name + "\n")
+    assert TensorCache.latest(root).path == good.path
+
+
+def test_a_cache_built_meanwhile_by_another_process_is_kept_not_deleted(tiny_prepped, tmp_path):
+    """Two builders of the same key: the second keeps the first's folder (a reader may hold it)."""
+    root = tmp_path / "cache"
+    shutil.copytree(tiny_prepped.cache, root)
+    final = TensorCache.latest(root).path
+    reader = TensorCache.open(final)  # memory maps into the folder
+    inode = final.stat().st_ino
+    tmp = root / ".tmp-other"
+    shutil.copytree(final, tmp)
+    cache_mod._publish(tmp, final, force=False)
+    assert final.stat().st_ino == inode and tmp.exists()  # kept; the caller removes its own tmp
+    shutil.rmtree(tmp)
+    # A forced rebuild swaps the folder in with renames; the old reader's maps stay readable.
+    shutil.copytree(final, tmp)
+    cache_mod._publish(tmp, final, force=True)
+    assert final.stat().st_ino != inode and not tmp.exists()
+    assert not list(root.glob(".old-*"))
+    assert reader.product_embeddings.sum() == TensorCache.open(final).product_embeddings.sum()
