@@ -1,10 +1,11 @@
 """``retailsim`` — the command line (also ``python -m retailsim_pipeline``).
 
 - ``retailsim generate --preset {tiny,demo,full} [--seed N] [--out DIR]``: write LGSR-format data.
-- ``retailsim run [--select SELECTION]``: materialize assets in-process on the project's Dagster
+- ``retailsim run [--select SELECTION] [--wait]``: materialize assets in-process on the project's Dagster
   instance (``dagster.yaml``): new weekly raw files are registered as partitions first, every
   partition that is missing or whose file changed is materialized, then the selected
-  unpartitioned assets that are missing or whose upstream changed in this run.
+  unpartitioned assets that are missing or whose upstream changed in this run. One writer per data
+  folder: while another run holds it, exits saying which (or waits, with ``--wait``).
 - ``retailsim train [...]``: train standalone from a tensor cache (``--help`` for its options).
 - ``retailsim evaluate MODEL_URI [--split test]``: rich tables of the model vs the baselines (and the
   oracle on generated data), and the same report as the ``evaluation_report`` asset.
@@ -50,12 +51,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from retailsim_pipeline.prep.files import DataFolderBusy, DataFolderLock
+
     paths = DataPaths(data_root())
     configure_instance_env(paths.root)
-    from retailsim_pipeline.defs.runner import materialize_selection
+    # One writer per data folder: a second `retailsim run` exits (or, with --wait, waits) instead of
+    # ingesting every week again and racing on the samples and the cache.
+    lock = DataFolderLock(paths.root)
+    try:
+        lock.acquire(wait=args.wait, on_wait=lambda message: print(message, flush=True))
+    except DataFolderBusy as exc:
+        print(f"{exc}; try again when it has finished, or pass --wait", flush=True)
+        return 1
+    try:
+        from retailsim_pipeline.defs.runner import materialize_selection
 
-    report = materialize_selection(args.select, paths, progress=not args.quiet, log_level=args.dagster_log_level,
-                                   training_preset=args.preset)
+        report = materialize_selection(args.select, paths, progress=not args.quiet,
+                                       log_level=args.dagster_log_level, training_preset=args.preset)
+    finally:
+        lock.release()
     for line in report.lines():
         print(line)
     return 0 if report.success else 1
@@ -196,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--dagster-log-level", default="WARNING", help="level of Dagster's console event log")
     run.add_argument("--preset", choices=["tiny", "demo", "seed"], default="demo", help="training preset")
+    run.add_argument("--wait", action="store_true", help="when another run writes to the data folder, wait for it "
+                     "instead of exiting")
     run.set_defaults(func=cmd_run)
 
     train = sub.add_parser("train", help="train standalone from a tensor cache (python -m retailsim_pipeline.training)",

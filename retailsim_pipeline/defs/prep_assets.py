@@ -8,6 +8,7 @@ from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdo
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.settings import CacheSettings, SplitSettings
 from retailsim_pipeline.prep.cache import CACHE_FORMAT, build_tensor_cache
+from retailsim_pipeline.prep.files import DataFolderLock
 from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
 
 SAMPLES_CODE_VERSION = "1"
@@ -44,6 +45,16 @@ def basket_samples(
     empty split named (weeks available vs asked for) when the data cannot fill all three splits.
     """
     paths = retailsim_data.paths()
+    with _writer_lock(context, paths):
+        return _basket_samples(context, config, paths)
+
+
+def _writer_lock(context: dg.AssetExecutionContext, paths) -> DataFolderLock:
+    """The data folder's writer lock, waited for with a log line (re-entrant under `retailsim run`)."""
+    return DataFolderLock(paths.root, wait=True, on_wait=context.log.info)
+
+
+def _basket_samples(context: dg.AssetExecutionContext, config: SplitSettings, paths) -> dg.MaterializeResult:
     failed = failed_weeks(context.instance)
     if failed:
         raise dg.Failure(
@@ -95,7 +106,8 @@ def tensor_cache(
     renamed; an unchanged input reuses the existing folder. Loaded memory-mapped by `TensorCache.open`.
     """
     paths = retailsim_data.paths()
-    result = build_tensor_cache(paths.samples, paths.cache, config)
+    with _writer_lock(context, paths):
+        result = build_tensor_cache(paths.samples, paths.cache, config)
     m = result.manifest
     rows = ["| array | shape | dtype |", "|---|---|---|"] + [
         f"| {name} | {tuple(meta['shape'])} | {meta['dtype']} |"
