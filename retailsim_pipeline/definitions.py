@@ -2,7 +2,13 @@
 
 import dagster as dg
 
-from retailsim_pipeline.defs.automation import ingest_job, new_raw_files_sensor, retrain_job, weekly_retrain_schedule
+from retailsim_pipeline.defs.automation import (
+    ingest_job,
+    new_raw_files_sensor,
+    recover_crashed_runs_sensor,
+    retrain_job,
+    weekly_retrain_schedule,
+)
 from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
@@ -14,7 +20,7 @@ defs = dg.Definitions(
     assets=[raw_transactions, basket_samples, tensor_cache, trained_world_model, evaluation_report],
     asset_checks=prep_checks,
     jobs=[ingest_job, retrain_job],
-    sensors=[new_raw_files_sensor],
+    sensors=[new_raw_files_sensor, recover_crashed_runs_sensor],
     schedules=[weekly_retrain_schedule],
     resources={
         "retailsim_data": RetailSimData(),

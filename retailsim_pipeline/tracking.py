@@ -310,6 +310,31 @@ class MlflowLogger:
         self.close("FAILED" if exc_type else "FINISHED")
 
 
+#: Tags that say which process owns a run, so a later start can tell a crashed run from a live one.
+PID_TAG, HOST_TAG = "retailsim.pid", "retailsim.host"
+
+
+def close_orphaned_runs(tracking_uri: str | None, is_alive) -> list[str]:
+    """End as KILLED every RUNNING run of :data:`EXPERIMENT` whose owning process is gone.
+
+    ``is_alive(pid, host)`` decides; runs without a pid tag (logged by something else) are left alone.
+    Returns the run ids it closed.
+    """
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    closed = []
+    for run in client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        pid, host = run.data.tags.get(PID_TAG), run.data.tags.get(HOST_TAG)
+        if pid is not None and not is_alive(int(pid), host):
+            client.set_tag(run.info.run_id, "retailsim.ended_by", "recovery: the training process was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def _start_system_metrics(run_id: str, tracking_uri: str, interval: float, resume: bool):
     """MLflow's monitor bound to ``run_id`` explicitly (``mlflow.start_run`` is not needed for it)."""
     try:

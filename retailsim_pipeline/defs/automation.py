@@ -7,6 +7,7 @@ import dagster as dg
 
 from retailsim_pipeline.defs.evaluation_assets import evaluation_report
 from retailsim_pipeline.defs.ingest_assets import raw_transactions, weekly_files
+from retailsim_pipeline.defs.recovery import recover
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.training_assets import trained_world_model
@@ -73,6 +74,17 @@ def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: Re
             "no new or changed weekly files" if not duplicates
             else "weeks present as both .csv and .csv.gz: " + ", ".join(map(str, duplicates))),
     )
+
+
+@dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Housekeeping: marks failed the runs whose worker process is gone (freeing their pool "
+                       "slots), ends orphaned MLflow training runs as KILLED, removes temporaries left by a crash. "
+                       "Requests nothing.")
+def recover_crashed_runs_sensor(context: dg.SensorEvaluationContext, retailsim_data: RetailSimData) -> dg.SkipReason:
+    report = recover(context.instance, retailsim_data.paths())
+    for line in report.lines():
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(report.lines()) or "nothing to recover")
 
 
 def _latest_timestamp(instance: dg.DagsterInstance, key: dg.AssetKey) -> float | None:

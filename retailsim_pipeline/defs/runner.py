@@ -13,7 +13,9 @@
    when they were never materialized, their code version changed, or a parent was materialized
    after them (in this invocation or before).
 
-Runs go through ``dagster.materialize`` on the given instance, so they appear in the UI's run list
+First, :func:`~retailsim_pipeline.defs.recovery.recover` cleans up after a crashed earlier run (runs
+left STARTED, MLflow runs left RUNNING, temporaries). Runs go through ``dagster.materialize`` on the
+given instance, tagged with this process's pid and host, so they appear in the UI's run list
 and asset catalog exactly like runs launched there.
 """
 
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from retailsim_pipeline.config import DataPaths
 from retailsim_pipeline.defs.ingest_assets import failed_weeks, weekly_files
+from retailsim_pipeline.defs.recovery import process_tags, recover
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import RawFileError, raw_file_of_week, raw_weekly_files
@@ -45,13 +48,14 @@ class RunReport:
     checks_passed: list[str] = field(default_factory=list)
     checks_failed: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
 
     @property
     def success(self) -> bool:
         return not self.failures and not self.failed_weeks
 
     def lines(self) -> list[str]:
-        out = [
+        out = [*self.recovered,
             f"registered {len(self.registered)} new weekly partition(s)",
             f"materialized {len(self.partitions_materialized)} partition(s); "
             f"{self.partitions_current} already up to date",
@@ -134,6 +138,7 @@ def materialize_selection(
     run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
     train_key = dg.AssetKey("trained_world_model")
     report = RunReport()
+    report.recovered = recover(instance, paths).lines()
     try:
         keys, report.registered = register_weekly_files(instance, paths)
     except RawFileError as exc:  # a week present twice, a symbolic link
@@ -149,7 +154,8 @@ def materialize_selection(
         report.partitions_current += len(keys) - len(todo)
         for partition in tqdm(todo, desc=key.to_user_string(), unit="week", disable=not progress or not todo):
             result = dg.materialize(assets, selection=[key], partition_key=partition, instance=instance,
-                                    resources=resources, run_config=run_config, raise_on_error=False)
+                                    resources=resources, run_config=run_config, raise_on_error=False,
+                                    tags=process_tags())
             report.run_ids.append(result.run_id)
             if result.success:
                 report.partitions_materialized.append(partition)
@@ -183,7 +189,7 @@ def materialize_selection(
             run_config["ops"] = {"trained_world_model": {"ops": {"train_world_model": {
                 "config": {"preset": training_preset}}}}}
         result = dg.materialize(assets, selection=to_run, instance=instance, resources=resources,
-                                run_config=run_config, raise_on_error=False)
+                                run_config=run_config, raise_on_error=False, tags=process_tags())
         report.run_ids.append(result.run_id)
         if result.success:
             report.assets_materialized += [k.to_user_string() for k in to_run]

@@ -1,6 +1,7 @@
 """Group ``training``: the world model, trained in its own process through Dagster Pipes and registered in MLflow."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydantic import Field, create_model
 from retailsim_pipeline import tracking
 from retailsim_pipeline.config import LossWeights, ModelConfig, TrainingConfig, config_hash, training_preset
 from retailsim_pipeline.defs.resources import RetailSimData
-from retailsim_pipeline.training.run import apply_overrides
+from retailsim_pipeline.training.run import PARENT_PID_ENV, apply_overrides
 
 TRAINING_CODE_VERSION = "2"  # 2: the model reads the customer-history memory
 
@@ -90,7 +91,9 @@ def train_world_model(
         "tags": {"dagster.run_id": context.run_id, "dagster.asset_key": "trained_world_model",
                  "dagster.run_url": f"http://127.0.0.1:3000/runs/{context.run_id}"},
     }
-    env = {"RETAILSIM_DATA_DIR": str(paths.root), "RETAILSIM_TRAINING_PARAMS": json.dumps(params)}
+    # The child watches this process (PARENT_PID_ENV) and stops cleanly when it is gone.
+    env = {"RETAILSIM_DATA_DIR": str(paths.root), "RETAILSIM_TRAINING_PARAMS": json.dumps(params),
+           PARENT_PID_ENV: str(os.getpid())}
     command = training_command(training)
     context.log.info(f"launching {' '.join(command)} (preset {training.preset}, out {out_dir})")
     invocation = pipes_subprocess_client.run(command=command, context=context, extras=params, env=env)

@@ -15,8 +15,12 @@ import argparse
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from retailsim_pipeline.config import DataPaths, TrainingConfig, data_root, training_preset
@@ -76,7 +80,8 @@ def run_training(params: dict, *, progress: bool = False, on_log=None) -> dict:
         from retailsim_pipeline import tracking
 
         tags = {"retailsim.cache_key": cache.manifest["key"], "retailsim.preset": config.preset,
-                "git_commit": git_commit(), **(params.get("tags") or {})}
+                "git_commit": git_commit(), tracking.PID_TAG: os.getpid(), tracking.HOST_TAG: socket.gethostname(),
+                **(params.get("tags") or {})}
         metrics = tracking.MlflowLogger(tracking_uri=params.get("tracking_uri"), run_name=params.get("run_name"),
                                         tags=tags)
         metrics.log_params({**config.model_dump(mode="json"), "cache_path": str(cache.path)})
@@ -142,9 +147,44 @@ def params_from_args(args: argparse.Namespace) -> dict:
             "tracking_uri": args.tracking_uri}
 
 
+#: Set by the Dagster op to its own pid: the training process stops when that process is gone.
+PARENT_PID_ENV = "RETAILSIM_PARENT_PID"
+
+
+def die_with_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """Stop this process cleanly (SIGTERM to itself: checkpoint, MLflow run ended KILLED) once
+    ``parent_pid`` is gone, so a killed ``retailsim run`` or run worker never leaves an orphaned
+    training behind. Linux also delivers SIGTERM at once when the direct parent dies
+    (``PR_SET_PDEATHSIG``); the watch thread covers torchrun ranks, whose parent is torchrun.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                log.warning("the launching process %d is gone: stopping", parent_pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass  # alive, owned by someone else
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if os.environ.get(PARENT_PID_ENV):
+        die_with_parent(int(os.environ[PARENT_PID_ENV]))
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
