@@ -1,5 +1,7 @@
 """Real materializations of the data assets on the tiny preset, on a real (temporary) instance."""
 
+from pathlib import Path
+
 import dagster as dg
 import polars as pl
 import pytest
@@ -195,3 +197,21 @@ def test_runner_materializes_missing_then_only_what_changed(tiny_copy, instance)
     # Selecting one asset leaves the rest alone.
     fourth = materialize_selection("key:tensor_cache", tiny_copy, instance=instance, defs=defs, progress=False)
     assert fourth.success and fourth.assets_current == ["tensor_cache"] and not fourth.partitions_materialized
+
+
+def test_assets_hand_each_other_json_never_pickles(tiny_copy, instance):
+    import json
+
+    report = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
+    assert report.success, report.lines()
+    stored = tiny_copy.dagster / "values" / "tensor_cache" / "__all__.json"
+    assert json.loads(stored.read_text()) == str(TensorCache.latest(tiny_copy.cache).path)
+    pickles = [p for p in Path(instance.storage_directory()).rglob("*") if p.is_file() and "compute_logs" not in p.parts]
+    assert pickles == [], pickles  # Dagster's default IO manager (pickles) was never used
+
+    from retailsim_pipeline.defs.resources import JsonIOManager
+
+    manager = JsonIOManager(tmp := tiny_copy.root / "values")
+    with pytest.raises(TypeError, match="not JSON"):
+        manager.handle_output(dg.build_output_context(name="result", asset_key="x"), object())
+    assert not tmp.exists() or not list(tmp.rglob("*.json"))
