@@ -297,7 +297,7 @@ def _row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
         _rule(pl.col("QUANTITY") > limits.max_quantity,
               f"QUANTITY above the ceiling {limits.max_quantity:,} (max_quantity)", "QUANTITY"),
         _rule(pl.col("SPEND") > limits.max_unit_spend * pl.col("QUANTITY"),
-              f"SPEND per unit above the ceiling {limits.max_unit_spend:,g} (max_unit_spend)", "SPEND"),
+              f"SPEND per unit above the ceiling {limits.max_unit_spend:,}".removesuffix(".0") + " (max_unit_spend)", "SPEND"),
         _rule(~pl.col("SHOP_WEEKDAY").is_between(1, 7), "SHOP_WEEKDAY must be 1..7 (1 = Sunday)", "SHOP_WEEKDAY"),
         _rule(~pl.col("SHOP_HOUR").is_between(0, 23), "SHOP_HOUR must be 0..23", "SHOP_HOUR"),
         _rule(~(pl.col("SHOP_WEEK") % 100).is_between(1, WEEKS_PER_YEAR), "SHOP_WEEK is not a YYYYWW week",

@@ -274,9 +274,14 @@ def raw_weekly_files(raw_dir) -> dict[int, Path]:
 
 
 def raw_file_of_week(raw_dir, week: int) -> Path:
-    """The one raw file of ``week`` (``.csv`` or ``.csv.gz``); FileNotFoundError / DuplicateWeekError."""
+    """The one raw file of ``week`` (``.csv`` or ``.csv.gz``); FileNotFoundError / DuplicateWeekError, and
+    RawFileError for a symbolic link or anything but a regular file."""
     raw_dir = Path(raw_dir)
-    paths = [p for p in (raw_dir / weekly_file_name(week), raw_dir / (weekly_file_name(week) + ".gz")) if p.exists()]
+    candidates = (raw_dir / weekly_file_name(week), raw_dir / (weekly_file_name(week) + ".gz"))
+    unsafe = [p for p in candidates if p.is_symlink() or (p.exists() and not p.is_file())]
+    if unsafe:  # refused before anything follows the link (a hash would read its target)
+        raise RawFileError("; ".join(unsafe_file_message(p) for p in unsafe))
+    paths = [p for p in candidates if p.exists()]
     if len(paths) > 1:
         raise DuplicateWeekError(duplicate_week_message(week, paths))
     if not paths:
