@@ -6,7 +6,6 @@ module), copies it and corrupts a few of its lines with plain text edits; the re
 
 import datetime as dt
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,14 +26,20 @@ from retailsim_pipeline.prep.schema import (
     TRANSACTION_SCHEMA,
     lgsr_weekday,
     week_monday,
-    weekly_file_name,
+)
+from retailsim_pipeline_tests.prep.lgsr_text import (
+    COL,
+    FILE_NAME,
+    N_COLS,
+    WEEK,
+    field,
+    no_tmp_files,
+    q_entries,
+    read_lines,
+    set_fields,
+    write_lines,
 )
 
-WEEK = 200607
-FILE_NAME = weekly_file_name(WEEK)
-COL = {c: i for i, c in enumerate(LGSR_COLUMNS)}
-N_COLS = len(LGSR_COLUMNS)
-TMP_GLOB = ".*tmp*"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,35 +64,6 @@ def real_week_file(tmp_path_factory) -> Path:
     return src
 
 
-@pytest.fixture
-def week_copy(real_week_file, tmp_path) -> Path:
-    """A private copy of the real weekly file, same name (so the file's week is known)."""
-    dest = tmp_path / "raw" / FILE_NAME
-    dest.parent.mkdir()
-    shutil.copyfile(real_week_file, dest)
-    return dest
-
-
-def read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
-
-
-def write_lines(path: Path, lines: list[str], newline: str = "\n") -> None:
-    with open(path, "w", newline="") as fh:
-        fh.write(newline.join(lines) + newline)
-
-
-def set_fields(line: str, **values: str) -> str:
-    fields = line.split(",")
-    for name, value in values.items():
-        fields[COL[name]] = value
-    return ",".join(fields)
-
-
-def field(line: str, name: str) -> str:
-    return line.split(",")[COL[name]]
-
-
 def as_strings(path: Path) -> pl.DataFrame:
     """What is really in a (clean) file: every field as text, plus its 1-based line number."""
     return pl.read_csv(path, infer_schema=False).with_row_index("line", offset=2)
@@ -105,14 +81,6 @@ def key_sequence(df: pl.DataFrame) -> list[tuple[str, str]]:
 def expected_kept(original: Path, dropped_lines: set[int]) -> list[tuple[str, str]]:
     """PROD_CODE/BASKET_ID sequence of the original file without the given (1-based) lines."""
     return key_sequence(as_strings(original).filter(~pl.col("line").is_in(sorted(dropped_lines))))
-
-
-def q_entries(quarantined: pl.DataFrame) -> list[tuple]:
-    return list(quarantined.select("line_number", "column", "reason", "value").iter_rows())
-
-
-def no_tmp_files(*folders: Path) -> list[Path]:
-    return [p for folder in folders if folder.exists() for p in folder.glob(TMP_GLOB)]
 
 
 def date_int(d: dt.date) -> str:

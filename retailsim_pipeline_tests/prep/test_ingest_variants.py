@@ -40,14 +40,22 @@ from retailsim_pipeline.prep.schema import (
     week_monday,
     weekly_file_name,
 )
+from retailsim_pipeline_tests.prep.lgsr_text import (
+    COL,
+    FILE_NAME,
+    N_COLS,
+    WEEK,
+    field,
+    no_tmp_files,
+    q_entries,
+    read_lines,
+    set_fields,
+    without_lines,
+    write_lines,
+)
 
-WEEK = 200607
 NEXT_WEEK = 200608
-FILE_NAME = weekly_file_name(WEEK)
 OUTPUT_NAME = "transactions_200607.parquet"
-COL = {c: i for i, c in enumerate(LGSR_COLUMNS)}
-N_COLS = len(LGSR_COLUMNS)
-TMP_GLOB = ".*tmp*"
 ADVICE = "re-export the file from the source without a spreadsheet: basket ids were rounded"
 
 CARD = ("CUST_CODE", "CUST_PRICE_SENSITIVITY", "CUST_LIFESTAGE")
@@ -102,35 +110,6 @@ def want(original) -> pl.DataFrame:
     return original[1]
 
 
-@pytest.fixture
-def week_copy(real_week_file, tmp_path) -> Path:
-    """A private copy of the real weekly file, same name (so the file's week is known)."""
-    dest = tmp_path / "raw" / FILE_NAME
-    dest.parent.mkdir()
-    shutil.copyfile(real_week_file, dest)
-    return dest
-
-
-def read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
-
-
-def write_lines(path: Path, lines: list[str], newline: str = "\n", *, final_newline: bool = True) -> None:
-    with open(path, "w", newline="") as fh:
-        fh.write(newline.join(lines) + (newline if final_newline else ""))
-
-
-def set_fields(line: str, **values: str) -> str:
-    fields = line.split(",")
-    for name, value in values.items():
-        fields[COL[name]] = value
-    return ",".join(fields)
-
-
-def field(line: str, name: str) -> str:
-    return line.split(",")[COL[name]]
-
-
 def anonymous_lines(lines: list[str]) -> list[int]:
     """0-based indexes (in ``lines``, header = 0) of data lines without a loyalty card."""
     return [i for i in range(1, len(lines)) if field(lines[i], "CUST_CODE") in ("", '""')]
@@ -147,21 +126,6 @@ def basket_lines(lines: list[str], basket_id: str) -> list[int]:
 def ingest(path: Path, root: Path) -> tuple[IngestResult, pl.DataFrame, pl.DataFrame]:
     result = ingest_weekly_file(path, root / "out", root / "quarantine")
     return result, pl.read_parquet(result.output), pl.read_parquet(result.quarantine)
-
-
-def q_entries(quarantined: pl.DataFrame) -> list[tuple]:
-    return list(quarantined.select("line_number", "column", "reason", "value").iter_rows())
-
-
-def no_tmp_files(*folders: Path) -> list[Path]:
-    return [p for folder in folders if folder.exists() for p in folder.glob(TMP_GLOB)]
-
-
-def without_lines(frame: pl.DataFrame, line_indexes) -> pl.DataFrame:
-    """``frame`` (one row per data line, in file order) without the rows of the given 0-based line
-    indexes of the file (header = 0, so row = index - 1)."""
-    drop = sorted(i - 1 for i in line_indexes)
-    return frame.with_row_index("__i").filter(~pl.col("__i").is_in(drop)).drop("__i")
 
 
 def make_tolerant(lines: list[str], avoid) -> tuple[int, tuple]:
