@@ -590,6 +590,8 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
                         for c in _BASKET_KEYS).alias(VALUE_COL),
         ).drop("__conflict", "__conflict_col")
         bad = pl.concat([bad, moved.select(bad.columns)]).sort(LINE_COL)
+    if len(accepted) + len(bad) != n_lines:  # row accounting: every line lands or is quarantined
+        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + {len(bad)} rejected")
     accepted = accepted.select(LGSR_COLUMNS)
     if bad.is_empty():
         return accepted, pl.DataFrame(schema=QUARANTINE_SCHEMA), family
@@ -611,9 +613,6 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
         pl.col(VALUE_COL).alias("value"),
         raw_line.alias("raw_line"),
     )
-    if len(accepted) + len(quarantined) != n_lines:  # row accounting: nothing may vanish
-        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + "
-                             f"{len(quarantined)} quarantined")
     return accepted, quarantined, family
 
 
