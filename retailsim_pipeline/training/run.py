@@ -154,14 +154,18 @@ PARENT_PID_ENV = "RETAILSIM_PARENT_PID"
 def die_with_parent(parent_pid: int, interval: float = 1.0) -> None:
     """Stop this process cleanly (SIGTERM to itself: checkpoint, MLflow run ended KILLED) once
     ``parent_pid`` is gone, so a killed ``retailsim run`` or run worker never leaves an orphaned
-    training behind. Linux also delivers SIGTERM at once when the direct parent dies
-    (``PR_SET_PDEATHSIG``); the watch thread covers torchrun ranks, whose parent is torchrun.
+    training behind. When the launcher is the direct parent (Linux), the kernel delivers that SIGTERM
+    (``PR_SET_PDEATHSIG``); otherwise (torchrun ranks, whose parent is torchrun; other systems) a
+    thread polls the launcher and sends it once. One signal only: a second one arriving after the
+    trainer has stopped would kill the process while it exports the model and ends its MLflow run.
     """
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
         try:
             import ctypes
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM) == 0:  # PR_SET_PDEATHSIG
+                if os.getppid() == parent_pid:  # still alive after the call: the kernel has it covered
+                    return
         except OSError:
             pass
 

@@ -32,9 +32,37 @@ def _env(paths) -> dict:
     return env
 
 
-def _start(paths, select: str, *args: str) -> subprocess.Popen:
-    """The CLI in a subprocess; its output (the training child's too) accumulates in ``proc.lines``."""
-    proc = subprocess.Popen([sys.executable, "-m", "retailsim_pipeline", "run", "--quiet", "--select", select,
+def _hold(module: str, name: str, at_call: int = 1) -> str:
+    """A script standing in for the CLI that holds the ``at_call``-th call of ``module.name`` (printing
+    ``HELD`` first), so that a kill lands at that point whatever the machine's speed (the tiny cache,
+    say, builds in 0.2 s)."""
+    return (
+        "import sys, time, importlib\n"
+        f"mod = importlib.import_module({module!r})\n"
+        f"real = getattr(mod, {name!r})\n"
+        "calls = []\n"
+        "def held(*a, **k):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == {at_call}:\n"
+        "        print('HELD', flush=True); time.sleep(120)\n"
+        "    return real(*a, **k)\n"
+        f"setattr(mod, {name!r}, held)\n"
+        "from retailsim_pipeline.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+
+
+#: In the middle of a partition run (the 4th week's ingest), and with the cache's temporary folder
+#: complete but not yet renamed.
+HOLD = {"ingest": _hold("retailsim_pipeline.defs.ingest_assets", "ingest_weekly_file", at_call=4),
+        "cache": _hold("retailsim_pipeline.prep.cache", "_publish")}
+
+
+def _start(paths, select: str, *args: str, code: str | None = None) -> subprocess.Popen:
+    """The CLI in a subprocess (``code``: a script standing in for ``python -m retailsim_pipeline``);
+    its output (the training child's too) accumulates in ``proc.lines``."""
+    entry = ["-c", code] if code else ["-m", "retailsim_pipeline"]
+    proc = subprocess.Popen([sys.executable, *entry, "run", "--quiet", "--select", select,
                              "--preset", "tiny", *args], cwd=REPO, env=_env(paths), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     proc.lines = []
@@ -120,13 +148,10 @@ def _mlflow_runs(paths) -> list[dict]:
 @pytest.mark.parametrize("moment", ["ingest", "cache"])
 def test_kill_during_data_stages_then_the_next_run_completes_like_a_clean_one(tiny_copy, tiny_prepped, moment,
                                                                              monkeypatch):
-    proc = _start(tiny_copy, DATA)
+    proc = _start(tiny_copy, DATA, code=HOLD[moment])
+    _wait_for(lambda: any(line.startswith("HELD") for line in proc.lines), f"the {moment} stage", proc=proc)
     if moment == "ingest":
-        _wait_for(lambda: len(list(tiny_copy.transactions.glob("*.parquet"))) >= 3, "three weeks ingested",
-                  proc=proc)
-    else:
-        _wait_for(lambda: list(tiny_copy.cache.glob(".tmp-*")) if tiny_copy.cache.is_dir() else [],
-                  "the cache build's temporary folder", proc=proc)
+        assert len(list(tiny_copy.transactions.glob("*.parquet"))) == 3
     _kill(proc)
     if moment == "cache":
         assert _temporaries(tiny_copy), "the kill was meant to leave a half-built cache behind"
@@ -155,7 +180,7 @@ def test_kill_during_training_frees_the_pool_and_the_next_run_trains(tiny_copy, 
         _kill(proc)
         # The orphan stops by itself (it watches its launcher) and ends its MLflow run as KILLED.
         _wait_for(lambda: not _training_children(tiny_copy), "the orphaned training to stop", timeout=60)
-        assert [r["status"] for r in _mlflow_runs(tiny_copy)] == ["KILLED"]
+        assert [r["status"] for r in _mlflow_runs(tiny_copy)] == ["KILLED"], "".join(proc.lines[-40:])
         assert _in_flight(tiny_copy, monkeypatch), "the killed run should still look STARTED"
     else:
         os.kill(child, signal.SIGKILL)
