@@ -47,7 +47,8 @@ def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: Re
     seen: dict[str, list] = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(weekly_files.name))
     files, duplicates = scan_raw_files(raw)  # symbolic links are never among the files
-    for path in unsafe_raw_files(raw):
+    unsafe = unsafe_raw_files(raw)
+    for path in unsafe:
         context.log.error(unsafe_file_message(path) + "; not ingested")
     for week, paths in duplicates.items():
         context.log.error(duplicate_week_message(week, paths) + "; not ingested until then")
@@ -70,9 +71,10 @@ def new_raw_files_sensor(context: dg.SensorEvaluationContext, retailsim_data: Re
         run_requests=requests,
         dynamic_partitions_requests=[weekly_files.build_add_request(new_partitions)] if new_partitions else [],
         cursor=json.dumps(cursor, sort_keys=True),
-        skip_reason=None if requests else (
-            "no new or changed weekly files" if not duplicates
-            else "weeks present as both .csv and .csv.gz: " + ", ".join(map(str, duplicates))),
+        skip_reason=None if requests else "; ".join(
+            ["no new or changed weekly files"]
+            + (["weeks present as both .csv and .csv.gz: " + ", ".join(map(str, duplicates))] if duplicates else [])
+            + (["not regular files (links?), not ingested: " + ", ".join(p.name for p in unsafe)] if unsafe else [])),
     )
 
 
