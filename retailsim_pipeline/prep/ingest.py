@@ -30,9 +30,12 @@ Contract (see :mod:`retailsim_pipeline.prep.schema`):
   that does not match the real format, a week/date/weekday/hour that is impossible or disagrees
   with the file's week. ``XX`` is a valid code, and the three loyalty-card fields may be empty.
 - The accepted rows keep their file order (= line order within each basket).
+- Row accounting: every data line is either accepted or quarantined (asserted; an anonymous
+  shopper's null CUST_CODE can never turn a row mask null and drop the row from both outputs).
 
-Speed: the common case (a clean, well-formed file) is one strict typed ``read_csv`` plus one
-vectorized pass of checks. Only when polars cannot parse a file strictly (a non-numeric value in a
+Speed: the common case (a clean, well-formed file) is one strict typed ``read_csv`` plus about 15
+small polars queries: checks run on *distinct* values where they can (ids, codes, calendar triples),
+and the reason for a failing row is worked out for failing rows only. Only when polars cannot parse a file strictly (a non-numeric value in a
 numeric column, ragged lines) does it fall back to reading every field as text, splitting lines
 itself, and locating the bad rows.
 
