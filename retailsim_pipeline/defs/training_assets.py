@@ -13,6 +13,7 @@ from pydantic import Field, create_model
 from retailsim_pipeline import tracking
 from retailsim_pipeline.config import LossWeights, ModelConfig, TrainingConfig, config_hash, training_preset
 from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.training.pipes import PARAMS_ENV
 from retailsim_pipeline.training.run import PARENT_PID_ENV, apply_overrides
 
 TRAINING_CODE_VERSION = "2"  # 2: the model reads the customer-history memory
@@ -92,8 +93,7 @@ def train_world_model(
                  "dagster.run_url": f"http://127.0.0.1:3000/runs/{context.run_id}"},
     }
     # The child watches this process (PARENT_PID_ENV) and stops cleanly when it is gone.
-    env = {"RETAILSIM_DATA_DIR": str(paths.root), "RETAILSIM_TRAINING_PARAMS": json.dumps(params),
-           PARENT_PID_ENV: str(os.getpid())}
+    env = {"RETAILSIM_DATA_DIR": str(paths.root), PARAMS_ENV: json.dumps(params), PARENT_PID_ENV: str(os.getpid())}
     command = training_command(training)
     context.log.info(f"launching {' '.join(command)} (preset {training.preset}, out {out_dir})")
     invocation = pipes_subprocess_client.run(command=command, context=context, extras=params, env=env)

@@ -21,7 +21,7 @@ Rules
 
 :func:`visible_tokens` gives, for each position, the products of its basket that remain visible (the
 input of the baselines, and what ranking excludes from the candidates); :func:`masked_batch` gives the
-world model a :class:`~retailsim_pipeline.training.batch.Batch` whose masked lines are exactly the
+world model a :class:`~retailsim_pipeline.model.batch.Batch` whose masked lines are exactly the
 hidden ones.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.prep.cache import MASK, UNK, SplitArrays
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 
 
@@ -145,7 +145,7 @@ def masked_batch(assembler: BatchAssembler, indices: np.ndarray, hidden: np.ndar
     """
     idx = np.asarray(indices, dtype=np.int64)
     hidden = np.asarray(hidden, dtype=bool)
-    offsets = assembler._offsets  # [N + 1] the assembler's CSR of the split
+    offsets = assembler.offsets  # [N + 1] the assembler's CSR of the split
     if len(hidden) != int(offsets[-1]):
         raise ValueError(f"hidden covers {len(hidden)} lines; split {assembler.split!r} has {int(offsets[-1])}")
     batch = assembler.assemble(idx, mask_prob=0.0, mask_seed=(0,))  # nothing masked

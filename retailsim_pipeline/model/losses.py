@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from retailsim_pipeline.config import AUX_HEADS, TrainingConfig
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 __all__ = ["PHASES", "LOSS_PARTS", "WorldModelLoss", "aux_losses", "focal_loss", "info_nce"]
 

@@ -1,6 +1,6 @@
 """The world model (DESIGN §5; seed 000): context and product fusion, a Mamba encoder, a Transformer decoder, heads.
 
-One forward pass reads a padded batch of baskets (the :class:`~retailsim_pipeline.training.batch.Batch`
+One forward pass reads a padded batch of baskets (the :class:`~retailsim_pipeline.model.batch.Batch`
 contract) and returns logits of the products at the positions to predict, the decoder's hidden states (for the
 contrastive loss) and the four auxiliary heads' logits. Shapes: ``B`` baskets, ``S`` the padded basket length,
 ``D`` = ``d_model``, ``V`` = ``n_products`` (vocabulary incl. PAD/MASK/UNK).

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.prep.cache import MASK, N_SPECIAL, PAD, TensorCache, price_features
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,13 @@ class BatchAssembler:
     @property
     def n_samples(self) -> int:
         return len(self.sample_indices)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[N + 1] int64, read-only: the split's CSR offsets (basket i's lines are ``offsets[i]:offsets[i + 1]``)."""
+        view = self._offsets.view()
+        view.flags.writeable = False
+        return view
 
     def __len__(self) -> int:
         """Batches per epoch (the same for every epoch)."""

@@ -190,20 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(PARENT_PID_ENV):
         die_with_parent(int(os.environ[PARENT_PID_ENV]))
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+    from retailsim_pipeline.training import pipes
 
-    launched_by_dagster = DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ
-    if launched_by_dagster and int(os.environ.get("RANK", "0")) == 0:
-        with open_dagster_pipes() as pipes:
-            params = dict(pipes.extras)
-            pipes.log.info(f"training {params['config'].get('preset')} on {params['cache_path']}")
-            summary = run_training(params, progress=False, on_log=pipes.log.info)
-            pipes.report_custom_message(summary)
-        return 0
-    if launched_by_dagster:  # other torchrun ranks: same parameters, no Dagster channel
-        params = json.loads(os.environ["RETAILSIM_TRAINING_PARAMS"])
-        run_training(params)
-        return 0
+    if pipes.launched_by_dagster():
+        return pipes.run_under_dagster(run_training)
     args = build_parser().parse_args(argv)
     summary = run_training(params_from_args(args), progress=not args.quiet)
     json.dump({k: v for k, v in summary.items()}, sys.stdout, indent=2)

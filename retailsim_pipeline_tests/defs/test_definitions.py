@@ -1,7 +1,9 @@
 import ast
+import shutil
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 import retailsim_pipeline
 from retailsim_pipeline.definitions import defs
@@ -29,19 +31,96 @@ def test_assets_carry_lineage_metadata():
             "manifest_consistent"} <= checks
 
 
-def test_layers_depend_one_way():
-    """prep/model/training/evaluation never import dagster or mlflow; only defs/ and cli wire Dagster."""
-    root = Path(retailsim_pipeline.__file__).parent
-    for path in root.rglob("*.py"):
+#: Which of the package's own layers each layer may import (defs/, cli, definitions: anything).
+#: defs/cli -> training/evaluation -> model/prep -> config; tracking (the MLflow module) sits beside
+#: training and reads the model. evaluation scores with the batch assembly it shares with training.
+ALLOWED: dict[str, set[str]] = {
+    "config": set(),
+    "prep": {"config", "prep"},
+    "model": {"config", "model"},
+    "tracking": {"config", "model"},
+    "training": {"config", "prep", "model", "training", "tracking"},
+    "evaluation": {"config", "prep", "model", "evaluation", "training.batches"},
+}
+#: Third-party packages only some modules may import.
+RESTRICTED = {"dagster": {"defs", "cli", "definitions"}, "dagster_pipes": {"training.pipes"},
+              "mlflow": {"tracking"}}
+
+
+def _module(rel: Path) -> str:
+    parts = rel.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_violations(root: Path) -> list[str]:
+    """Every import in the package at ``root`` that breaks :data:`ALLOWED` / :data:`RESTRICTED`, and
+    every import of another module's private name (``from x import _y``, ``x._y`` on an imported module)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
+        module = _module(rel)
+        layer = module.split(".")[0]
+        imported: list[tuple[str, int]] = []
+        aliases: set[str] = set()
         tree = ast.parse(path.read_text())
-        imported = {
-            (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
-            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-            for a in (n.names if isinstance(n, ast.Import) else [n]) if getattr(n, "module", "x") or True
-            if (n.module if isinstance(n, ast.ImportFrom) else a.name)
-        }
-        if rel.parts[0] in {"prep", "model", "training", "evaluation"} or rel.name == "config.py":
-            assert "dagster" not in imported, rel
-        if rel.name != "tracking.py":
-            assert "mlflow" not in imported, rel
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    imported.append((a.name, node.lineno))
+                    if a.name.startswith("retailsim_pipeline"):
+                        aliases.add(a.asname or a.name.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.append((node.module, node.lineno))
+                for a in node.names:
+                    if node.module.startswith("retailsim_pipeline"):
+                        aliases.add(a.asname or a.name)
+                        imported.append((f"{node.module}.{a.name}", node.lineno))
+                        if a.name.startswith("_"):
+                            out.append(f"{rel}:{node.lineno}: imports the private name {a.name} of {node.module}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+                out.append(f"{rel}:{node.lineno}: reads the private name {node.value.id}.{node.attr}")
+        for name, line in imported:
+            top = name.split(".")[0]
+            if top in RESTRICTED and not any(module == m or module.startswith(m + ".") for m in RESTRICTED[top]):
+                out.append(f"{rel}:{line}: imports {top} (only {', '.join(sorted(RESTRICTED[top]))} may)")
+            if top != "retailsim_pipeline" or layer not in ALLOWED:
+                continue
+            target = name.split(".")[1:]
+            if not target:
+                continue
+            allowed = ALLOWED[layer]
+            if not any(".".join(target[:len(a.split("."))]) == a for a in allowed):
+                out.append(f"{rel}:{line}: {layer} imports {'.'.join(target[:2])} "
+                           f"(allowed: {', '.join(sorted(allowed)) or 'nothing of the package'})")
+    return sorted(set(out))
+
+
+def test_layers_depend_one_way():
+    """prep/model/training/evaluation never import dagster or mlflow; layers point one way."""
+    assert layer_violations(Path(retailsim_pipeline.__file__).parent) == []
+
+
+@pytest.mark.parametrize("file, line, expected", [
+    ("model/losses.py", "from retailsim_pipeline.training.batches import BatchAssembler",
+     "model imports training.batches"),
+    ("prep/samples.py", "from retailsim_pipeline.model.batch import Batch", "prep imports model.batch"),
+    ("config.py", "from retailsim_pipeline.prep import schema", "config imports prep.schema"),
+    ("evaluation/positions.py", "from retailsim_pipeline.training.trainer import Trainer",
+     "evaluation imports training.trainer"),
+    ("training/trainer.py", "import dagster_pipes", "imports dagster_pipes"),
+    ("training/run.py", "import mlflow", "imports mlflow"),
+    ("evaluation/metrics.py", "from retailsim_pipeline.prep.cache import _publish",
+     "imports the private name _publish"),
+    ("evaluation/metrics.py", "import retailsim_pipeline.prep.cache as cache_mod\nX = cache_mod._publish",
+     "reads the private name cache_mod._publish"),
+])
+def test_a_planted_violation_is_caught(tmp_path, file, line, expected):
+    copy = tmp_path / "retailsim_pipeline"
+    shutil.copytree(Path(retailsim_pipeline.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / file
+    target.write_text(target.read_text() + "\n" + line + "\n")
+    found = layer_violations(copy)
+    assert len(found) >= 1 and all(f.startswith(file) for f in found), found
+    assert any(expected in f for f in found), found

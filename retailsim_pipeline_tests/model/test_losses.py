@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, LossWeights, TrainingConfig
 from retailsim_pipeline.model.losses import LOSS_PARTS, WorldModelLoss, aux_losses, focal_loss, info_nce
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 
 # ------------------------------------------------------------------------------------------------------------

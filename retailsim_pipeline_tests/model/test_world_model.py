@@ -19,7 +19,7 @@ from retailsim_pipeline.model.world_model import (
     no_decay_parameter_names,
     top_k_products,
 )
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 V = 40  # tiny vocabulary: 3 specials + 37 products
 TINY = MODEL_PRESETS["tiny"].model_copy(update={"n_products": V})

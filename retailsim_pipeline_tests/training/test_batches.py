@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retailsim_pipeline.prep.cache import MASK, N_SPECIAL, PAD, TensorCache, price_features
-from retailsim_pipeline.training.batch import IGNORE_INDEX, Batch
+from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 
 BUCKETS = (10, 20, 30, 50)

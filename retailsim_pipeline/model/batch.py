@@ -1,4 +1,6 @@
-"""The batch the world model consumes: one shared contract for batch assembly, model, losses and tracking."""
+"""The batch the world model consumes: the model's input contract, shared by batch assembly
+(``training.batches``), the model, its losses, evaluation and tracking. It lives with the model so that
+nothing below training has to import training."""
 
 from dataclasses import dataclass, fields
 
