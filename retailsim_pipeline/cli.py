@@ -85,9 +85,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from retailsim_pipeline import tracking
-    from retailsim_pipeline.defs.evaluation_assets import decide_promotion
+    from retailsim_pipeline.config import EvaluationConfig
     from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
     from retailsim_pipeline.evaluation.oracle import OracleScorer
+    from retailsim_pipeline.evaluation.promotion import beats_baselines, decide_promotion
     from retailsim_pipeline.evaluation.report import print_tables, write_report
     from retailsim_pipeline.prep.cache import TensorCache
 
@@ -99,15 +100,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else None
     result = evaluate(cache, cache.samples_dir, model, split=args.split, oracle=oracle)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
+    policy = EvaluationConfig()  # the same metric and margin as the evaluation_report asset's defaults
     champion = None
     if champion_version is not None:
         champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version), tracking_uri=uri)
-        champion = rescore_model(result["_setup"], champion_model)["recall@10"]
+        champion = rescore_model(result["_setup"], champion_model)[policy.promotion_metric]
     label = args.model_uri.replace("models:/", "").replace("/", "-").replace("@", "-")
     promotion = decide_promotion(
-        challenger_version=label, challenger=result["model"]["recall@10"], champion_version=champion_version,
-        champion=champion, metric="recall@10", margin=0.0,
-        beats_baselines=result["model"]["recall@10"] > result["baselines"]["cooccurrence"]["recall@10"])
+        challenger_version=label, challenger=result["model"][policy.promotion_metric],
+        champion_version=champion_version, champion=champion, metric=policy.promotion_metric,
+        margin=policy.promotion_margin, beats_baselines=beats_baselines(result))
     promotion["reason"] += " (retailsim evaluate reports only; aliases are changed by the evaluation_report asset)"
     doc = {"schema": "retailsim.evaluation/1",
            "meta": {"split": args.split, "model_name": tracking.REGISTERED_MODEL, "model_version": label,

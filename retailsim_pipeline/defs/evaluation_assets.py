@@ -11,6 +11,7 @@ from retailsim_pipeline.config import EvaluationConfig
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
 from retailsim_pipeline.evaluation.oracle import OracleScorer
+from retailsim_pipeline.evaluation.promotion import beats_baselines, decide_promotion
 from retailsim_pipeline.evaluation.report import write_report
 from retailsim_pipeline.prep.cache import TensorCache
 
@@ -20,23 +21,6 @@ CHECK = "model_beats_baselines"
 
 class EvaluationSettings(EvaluationConfig, dg.Config):
     """Split, masking seed and promotion rule of the evaluation report."""
-
-
-def decide_promotion(*, challenger_version: str, challenger: float, champion_version: str | None,
-                     champion: float | None, beats_baselines: bool, metric: str, margin: float) -> dict:
-    """Champion/challenger rule: a model that fails the baseline check is never promoted; the first
-    passing model becomes champion; later ones only when ``metric`` beats the champion's by > margin."""
-    if not beats_baselines:
-        decision, reason = "challenger", "does not beat item co-occurrence on recall@10"
-    elif champion_version is None or champion_version == challenger_version:
-        decision, reason = "champion", "first model to pass the baseline check"
-    elif champion is not None and challenger > champion + margin:
-        decision, reason = "champion", f"{metric} {challenger:.4f} > champion {champion:.4f} + {margin}"
-    else:
-        decision, reason = "challenger", f"{metric} {challenger:.4f} does not beat champion {champion:.4f} + {margin}"
-    return {"metric": metric, "margin": margin, "challenger_version": challenger_version, "challenger": challenger,
-            "champion_version": champion_version if champion_version != challenger_version else None,
-            "champion": champion, "passed_baseline_check": beats_baselines, "decision": decision, "reason": reason}
 
 
 def _table(doc: dict) -> str:
@@ -83,7 +67,7 @@ def evaluation_report(
     result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, oracle=oracle,
                       device=config.device)
     metric = config.promotion_metric
-    beats = result["model"]["recall@10"] > result["baselines"]["cooccurrence"]["recall@10"]
+    beats = beats_baselines(result)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion_value = None
     if champion_version is not None and champion_version != version:

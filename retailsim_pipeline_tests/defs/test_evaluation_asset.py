@@ -8,7 +8,7 @@ import pytest
 
 from retailsim_pipeline import tracking
 from retailsim_pipeline.definitions import defs
-from retailsim_pipeline.defs.evaluation_assets import decide_promotion
+from retailsim_pipeline.evaluation.promotion import decide_promotion
 from retailsim_pipeline.defs.runner import materialize_selection
 from retailsim_pipeline.evaluation.report import validate_metrics
 
