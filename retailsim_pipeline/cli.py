@@ -115,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
            "meta": {"split": args.split, "model_name": tracking.REGISTERED_MODEL, "model_version": label,
                     "model_uri": args.model_uri, "mlflow_run_id": "", "cache_key": cache.manifest["key"],
                     "n_baskets": result["n_baskets"], "n_positions": result["n_positions"],
-                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "eval_seed": 1234},
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "eval_seed": policy.seed},
            "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
            "buckets": result["buckets"], "promotion": promotion}
     print_tables(doc)

@@ -292,12 +292,18 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="Seed: 256 baskets.")
     grad_accum_steps: int = Field(1, ge=1)
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW; none on norms, biases, A_log, D.")
+    adam_betas: list[float] = Field(
+        [0.9, 0.98], min_length=2, max_length=2, description="AdamW betas: β2 0.98 (not 0.999) as for Transformers trained with warm-up, "
+        "which adapts faster when the loss scale moves between phases.")
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon (PyTorch's default).")
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="Seed 002: EMA weights used for evaluation.")
     log_every: int = Field(100, ge=1)
     val_every: int = Field(500, ge=1)
     val_samples: int = Field(4096, ge=1, description="Fixed validation subset (deterministic masking).")
     patience: int = Field(3, ge=1, description="Validations without improvement before stopping.")
+    min_delta: float = Field(1e-4, ge=0.0, description="A validation loss must drop by more than this to count as "
+                             "an improvement (the loss is ~3-7 nats: below 1e-4 is noise of the masking).")
     checkpoint_every: int = Field(2000, ge=1)
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps (tests, smoke runs).")
     max_bad_steps: int = Field(10, ge=1, description="Consecutive NaN/Inf losses before aborting.")
@@ -331,6 +337,8 @@ class EvaluationConfig(BaseModel):
 
     split: str = Field("test", description="Split to score: test (default) or validation.")
     seed: int = Field(1234, description="Seed of the evaluation masking: the same positions for every model.")
+    mask_rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of a basket's lines hidden for scoring (the "
+                             "seed's BERT masking rate, so evaluation asks what training asks).")
     promotion_metric: str = Field("recall@10", description="Metric compared with the current champion.")
     promotion_margin: float = Field(0.0, ge=0.0, description="The challenger must beat the champion by more.")
     device: str = Field("cpu", description="Device to score on.")

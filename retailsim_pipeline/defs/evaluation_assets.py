@@ -64,8 +64,8 @@ def evaluation_report(
     if (paths.ground_truth / "world.npz").exists():
         oracle = OracleScorer(cache, config.split, paths.ground_truth)
     samples_dir = cache.samples_dir
-    result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, oracle=oracle,
-                      device=config.device)
+    result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, mask_rate=config.mask_rate,
+                      oracle=oracle, device=config.device)
     metric = config.promotion_metric
     beats = beats_baselines(result)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)

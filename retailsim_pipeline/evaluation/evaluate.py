@@ -22,7 +22,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
 from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
 from retailsim_pipeline.evaluation.metrics import (
     Ranks,
@@ -79,9 +79,10 @@ def _bucket_length(n: np.ndarray) -> np.ndarray:
     return out
 
 
-def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = 1234) -> EvalSetup:
+def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = EvaluationConfig().seed,
+            mask_rate: float = EvaluationConfig().mask_rate) -> EvalSetup:
     arrays = cache.split(split)
-    positions = eval_positions(arrays, seed=seed, split=split)
+    positions = eval_positions(arrays, seed=seed, mask_prob=mask_rate, split=split)
     v_off, v_tok = visible_tokens(arrays, positions)
     # Cold start: the customer's trips in the train split (cust codes from the samples, row-aligned).
     samples = pl.read_parquet(Path(samples_dir) / f"{split}.parquet", columns=["basket_id", "cust_code"])
@@ -180,12 +181,13 @@ def evaluate(
     model: torch.nn.Module,
     *,
     split: str = "test",
-    seed: int = 1234,
+    seed: int = EvaluationConfig().seed,
+    mask_rate: float = EvaluationConfig().mask_rate,
     oracle=None,
     device: str = "cpu",
 ) -> dict:
     """``{"model", "baselines", "oracle", "buckets", "n_positions", "n_baskets"}`` for one model."""
-    setup = prepare(cache, samples_dir, split=split, seed=seed)
+    setup = prepare(cache, samples_dir, split=split, seed=seed, mask_rate=mask_rate)
     train = cache.split("train")
     arrays = cache.split(split)
     vocab = cache.product_embeddings.shape[0]

@@ -30,9 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from retailsim_pipeline.config import EvaluationConfig
 from retailsim_pipeline.prep.cache import MASK, UNK, SplitArrays
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
+
+_EVAL = EvaluationConfig()  # the defaults: one source for the seed and the mask rate
 
 
 @dataclass
@@ -64,7 +67,7 @@ def _basket_of_line(offsets: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
 
 
-def eval_positions(arrays: SplitArrays, *, seed: int = 1234, mask_prob: float = 0.15,
+def eval_positions(arrays: SplitArrays, *, seed: int = _EVAL.seed, mask_prob: float = _EVAL.mask_rate,
                    split: str = "test") -> EvalPositions:
     """The evaluation positions of a split (rules in the module docstring). Vectorized over all lines."""
     if not 0.0 <= mask_prob <= 1.0:

@@ -101,7 +101,7 @@ def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Ad
     groups = [{"params": decay_params, "weight_decay": config.weight_decay},
               {"params": plain, "weight_decay": 0.0}]
     # lr=1.0: the LambdaLR multiplier *is* the learning rate (schedule.learning_rate).
-    return torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=1.0, betas=tuple(config.adam_betas), eps=config.adam_eps)
 
 
 class Trainer:
@@ -394,7 +394,7 @@ class Trainer:
 
     def _validate_and_maybe_stop(self) -> bool:
         metrics = self.evaluate()
-        improved = metrics["val/loss"] < self.best_val_loss - 1e-4
+        improved = metrics["val/loss"] < self.best_val_loss - self.config.min_delta
         if improved:
             self.best_val_loss = metrics["val/loss"]
             self.bad_validations = 0
