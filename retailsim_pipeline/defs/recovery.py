@@ -58,7 +58,8 @@ def run_process(instance: dg.DagsterInstance, run: dg.DagsterRun) -> tuple[int, 
     if PID_TAG in run.tags:
         return int(run.tags[PID_TAG]), run.tags.get(HOST_TAG)
     for record in instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records:
-        m = _WORKER_STARTED.search(record.event_log_entry.user_message or "")
+        entry = record.event_log_entry  # an engine event's text is its message (user_message is empty)
+        m = _WORKER_STARTED.search(entry.message or entry.user_message or "")
         if m:
             return int(m.group(1)), None  # the default run launcher runs workers on this machine
     return None
