@@ -7,10 +7,10 @@ import dagster as dg
 import polars as pl
 
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
-from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.resources import RetailSimData, writer_lock
 from retailsim_pipeline.defs.settings import IngestSettings
 from retailsim_pipeline.prep.ingest import ingest_weekly_file
-from retailsim_pipeline.prep.files import DataFolderLock, file_sha256
+from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import TRANSACTION_SCHEMA, raw_file_of_week
 
 #: One dynamic partition per weekly file; the key is its shop week, e.g. ``200607``.
@@ -108,7 +108,7 @@ def raw_transactions(
     source = raw_file_of_week(paths.raw, week)
     stat = source.stat()
     sha = file_sha256(source)
-    with DataFolderLock(paths.root, wait=True, on_wait=context.log.info):  # one writer per data folder
+    with writer_lock(context, retailsim_data):  # one writer per data folder
         result = ingest_weekly_file(source, paths.transactions, paths.quarantine, limits=config)
     preview = pl.read_parquet(result.output, n_rows=5)
     reasons = counts_table(result.reasons, "reason") if result.reasons else "none"

@@ -5,10 +5,9 @@ import polars as pl
 
 from retailsim_pipeline.defs.ingest_assets import failed_weeks, raw_transactions
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
-from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.resources import RetailSimData, writer_lock
 from retailsim_pipeline.defs.settings import CacheSettings, SplitSettings
 from retailsim_pipeline.prep.cache import CACHE_FORMAT, build_tensor_cache
-from retailsim_pipeline.prep.files import DataFolderLock
 from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
 
 SAMPLES_CODE_VERSION = "1"
@@ -45,13 +44,8 @@ def basket_samples(
     empty split named (weeks available vs asked for) when the data cannot fill all three splits.
     """
     paths = retailsim_data.paths()
-    with _writer_lock(context, paths):
+    with writer_lock(context, retailsim_data):
         return _basket_samples(context, config, paths)
-
-
-def _writer_lock(context: dg.AssetExecutionContext, paths) -> DataFolderLock:
-    """The data folder's writer lock, waited for with a log line (re-entrant under `retailsim run`)."""
-    return DataFolderLock(paths.root, wait=True, on_wait=context.log.info)
 
 
 def _basket_samples(context: dg.AssetExecutionContext, config: SplitSettings, paths) -> dg.MaterializeResult:
@@ -106,7 +100,7 @@ def tensor_cache(
     renamed; an unchanged input reuses the existing folder. Loaded memory-mapped by `TensorCache.open`.
     """
     paths = retailsim_data.paths()
-    with _writer_lock(context, paths):
+    with writer_lock(context, retailsim_data):
         result = build_tensor_cache(paths.samples, paths.cache, config)
     m = result.manifest
     rows = ["| array | shape | dtype |", "|---|---|---|"] + [

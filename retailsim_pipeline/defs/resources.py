@@ -16,6 +16,14 @@ class RetailSimData(dg.ConfigurableResource):
         return DataPaths(Path(self.data_dir).resolve() if self.data_dir else data_root())
 
 
+def writer_lock(context: dg.AssetExecutionContext, data: RetailSimData):
+    """The data folder's writer lock, waited for with a line in the run's log (re-entrant under
+    ``retailsim run``, which already holds it)."""
+    from retailsim_pipeline.prep.files import DataFolderLock
+
+    return DataFolderLock(data.paths().root, wait=True, on_wait=context.log.info)
+
+
 class JsonIOManager(dg.IOManager):
     """Stores what assets hand each other (folder paths, small JSON documents) as JSON files.
 

@@ -197,11 +197,13 @@ def weekly_transaction_files(transactions_dir: Path) -> dict[int, Path]:
     return files
 
 
-def _chunks(files: list[tuple[int, Path]]) -> list[list[tuple[int, Path]]]:
-    """Consecutive weeks grouped so that each group holds about ``_ROWS_PER_CHUNK`` lines."""
+def _chunks(files: list[tuple[int, Path]], rows_by_week: dict[int, int] | None = None
+            ) -> list[list[tuple[int, Path]]]:
+    """Consecutive weeks grouped so that each group holds about ``_ROWS_PER_CHUNK`` lines
+    (row counts from ``rows_by_week`` when the caller has them, else from each file's footer)."""
     chunks, current, rows = [], [], 0
     for week, path in files:
-        n = pq.ParquetFile(path).metadata.num_rows
+        n = rows_by_week[week] if rows_by_week is not None else pq.ParquetFile(path).metadata.num_rows
         if current and rows + n > _ROWS_PER_CHUNK:
             chunks.append(current)
             current, rows = [], 0
@@ -269,7 +271,7 @@ def build_basket_samples(
     lines = 0
     products: list[pl.DataFrame] = []
     try:
-        for i, chunk in enumerate(_chunks(sorted(by_week.items()))):
+        for i, chunk in enumerate(_chunks(sorted(by_week.items()), rows)):
             chunk_lines = pl.scan_parquet([p for _, p in chunk])
             frame, dimension_part = pl.collect_all(
                 [baskets_from_lines(chunk_lines, config.max_basket_len), _product_dimension(chunk_lines)]
