@@ -217,6 +217,13 @@ def config_hash(*models: BaseModel) -> str:
 # Model and training (DESIGN §5–6; seeds 000–004)
 # --------------------------------------------------------------------------------------------
 
+#: The vocabulary's reserved token ids, written once: the cache builds its vocabulary with them first
+#: (``<PAD>``, ``<MASK>``, ``<UNK>``), the model masks them out of rankings, serving maps unknown codes to
+#: UNK. Not a setting but the contract the polars side and the torch side share without importing each other.
+PAD, MASK, UNK = 0, 1, 2
+SPECIAL_CODES: tuple[str, ...] = ("<PAD>", "<MASK>", "<UNK>")
+N_SPECIAL = len(SPECIAL_CODES)
+
 #: Classes of the four auxiliary heads, in the order of the cache's ``labels`` columns. Each is the
 #: data contract's code set (XX included); basket_size has no XX in the contract, so it gets an
 #: explicit unknown class (DESIGN §5: "plus an unknown class").

@@ -53,7 +53,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 from pydantic import BaseModel
 
-from retailsim_pipeline.config import DataPaths, ModelConfig
+from retailsim_pipeline.config import N_SPECIAL, PAD, SPECIAL_CODES, UNK, DataPaths, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ REGISTERED_MODEL = "retailsim-world-model"
 
 #: Token ids of the special tokens; the same as ``prep.cache`` (not imported: the pyfunc's serving
 #: environment should not need polars). A test checks they agree.
-PAD, MASK, UNK = 0, 1, 2
-N_SPECIAL = 3
-SPECIAL_CODES = ("<PAD>", "<MASK>", "<UNK>")
 
 DEFAULT_TOP_K = 10
 
@@ -353,55 +350,6 @@ def _start_system_metrics(run_id: str, tracking_uri: str, interval: float, resum
 # --------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------
-
-
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """PNG of the training curves: ``train/*`` loss parts (left) and ``val/*`` (right) against ``step``.
-
-    ``history`` is the trainer's list of logged rows, e.g. ``{"step": 100, "train/loss": 2.1,
-    "train/focal": 1.7, …}`` and ``{"step": 100, "val/loss": 2.3}``; a key may be missing from any row.
-    Non-finite values are left out (a gap, not a crash).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in history:
-        if "step" not in row:
-            continue
-        for key, value in row.items():
-            if not (key.startswith("train/") or key.startswith("val/")):
-                continue
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(value):
-                xs, ys = series.setdefault(key, ([], []))
-                xs.append(float(row["step"]))
-                ys.append(value)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, prefix, title in ((axes[0], "train/", "training loss parts"), (axes[1], "val/", "validation")):
-        keys = sorted(k for k in series if k.startswith(prefix))
-        for key in keys:
-            xs, ys = series[key]
-            ax.plot(xs, ys, label=key.removeprefix(prefix), linewidth=2 if key.endswith("/loss") else 1)
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        if keys:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

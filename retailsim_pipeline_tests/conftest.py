@@ -1,7 +1,6 @@
 """Shared fixtures: the `tiny` preset generated once per session, and the prep chain run on it."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 

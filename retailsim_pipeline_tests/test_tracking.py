@@ -16,8 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 from retailsim_pipeline import tracking
 from retailsim_pipeline.config import MODEL_PRESETS, DataPaths, TrainingConfig, training_preset
-from retailsim_pipeline.model import world_model
 from retailsim_pipeline.model.world_model import WorldModel
+from retailsim_pipeline.training.curves import write_training_curves
 from retailsim_pipeline.tracking import (
     REGISTERED_MODEL,
     MetricsLogger,
@@ -26,7 +26,6 @@ from retailsim_pipeline.tracking import (
     get_alias_version,
     load_world_model,
     log_world_model,
-    plot_training_curves,
     register_world_model,
     set_alias,
 )
@@ -69,15 +68,6 @@ def _tiny_model(seed: int) -> WorldModel:
 # --------------------------------------------------------------------------------------------
 # Contracts
 # --------------------------------------------------------------------------------------------
-
-
-def test_special_tokens_agree_with_cache_and_model():
-    from retailsim_pipeline.prep import cache
-
-    assert (tracking.PAD, tracking.MASK, tracking.UNK, tracking.N_SPECIAL) == (
-        cache.PAD, cache.MASK, cache.UNK, cache.N_SPECIAL)
-    assert (tracking.PAD, tracking.MASK, tracking.UNK, tracking.N_SPECIAL) == (
-        world_model.PAD, world_model.MASK, world_model.UNK, world_model.N_SPECIAL)
 
 
 def test_only_tracking_imports_mlflow():
@@ -152,7 +142,7 @@ def test_run_logs_params_metrics_tags_artifacts_and_system_metrics(tracking_uri,
         history.append({"step": 10, "val/loss": 2.5, "train/loss": math.nan})
         logger.set_tags({"cache_version": "v1", "asset_key": "trained_world_model"})
         logger.log_dict({"preset": "tiny", "n": 3}, "config/training.json")
-        logger.log_artifact(plot_training_curves(history, tmp_path / "curves.png"), artifact_path="plots")
+        logger.log_artifact(write_training_curves(history, tmp_path / "curves.png"), artifact_path="plots")
         time.sleep(1.0)  # > several sampling intervals of the system metrics monitor
         run_id = logger.run_id
         assert logger.run_url().endswith(f"/#/experiments/{logger.experiment_id}/runs/{run_id}")
@@ -209,13 +199,14 @@ def test_resume_run_and_failed_status(tracking_uri):
     assert [m.step for m in client.get_metric_history(logger.run_id, "train/loss")] == [1, 2]
 
 
-def test_plot_training_curves_tolerates_gaps(tmp_path):
-    path = plot_training_curves(
-        [{"step": 0, "train/loss": 1.0}, {"step": 1, "train/loss": float("inf"), "val/loss": 2.0}, {"x": 1}],
+def test_training_curves_tolerate_gaps(tmp_path):
+    path = write_training_curves(
+        [{"step": 0, "train/loss": 1.0}, {"step": 1, "train/loss": float("inf"), "val/loss": 2.0}, {"x": "a"}],
         tmp_path / "sub" / "c.png",
     )
-    assert path.stat().st_size > 1000
-    assert plot_training_curves([], tmp_path / "empty.png").exists()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    assert write_training_curves([], tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()
 
 
 # --------------------------------------------------------------------------------------------

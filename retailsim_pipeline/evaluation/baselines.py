@@ -24,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from retailsim_pipeline.prep.cache import N_SPECIAL, SplitArrays
+from retailsim_pipeline.config import N_SPECIAL
+from retailsim_pipeline.prep.cache import SplitArrays
 
 
 class Scorer(Protocol):

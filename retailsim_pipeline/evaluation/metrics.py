@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy.special import digamma
 
-from retailsim_pipeline.prep.cache import N_SPECIAL
+from retailsim_pipeline.config import N_SPECIAL
 
 #: Cut-offs of precision@K and recall@K (DESIGN §7 names 1, 5, 10; 20 is cheap and shows the trend).
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)

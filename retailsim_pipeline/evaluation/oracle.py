@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from retailsim_pipeline.prep.cache import N_SPECIAL, TensorCache
+from retailsim_pipeline.config import N_SPECIAL
+from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.prep.ground_truth import BasketContext, load_world, oracle_item_scores
 
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.config import EvaluationConfig
-from retailsim_pipeline.prep.cache import MASK, UNK, SplitArrays
+from retailsim_pipeline.config import MASK, UNK
+from retailsim_pipeline.prep.cache import SplitArrays
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 

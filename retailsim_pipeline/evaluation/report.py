@@ -19,7 +19,6 @@ always agree. Plots use matplotlib's object API (``Figure`` + Agg), never ``pypl
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from retailsim_pipeline.training.curves import plot_training_curves, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -538,49 +539,6 @@ _COLORS = {
 }
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    # No "Software" text chunk: the page must not carry matplotlib's URL even inside an image.
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _history_series(history: Sequence[Mapping]) -> dict[str, tuple[list[float], list[float]]]:
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for i, row in enumerate(history):
-        step = row.get("step", i)
-        for key, value in row.items():
-            if key == "step" or not _is_number(value) or not math.isfinite(value):
-                continue
-            xs, ys = series.setdefault(key, ([], []))
-            xs.append(step)
-            ys.append(value)
-    return series
-
-
-def plot_training_curves(history: Sequence[Mapping]) -> bytes | None:
-    """Every numeric history key against ``step``, one panel per prefix (``train/…``, ``val/…``, …);
-    learning rates get their own panel. ``None`` when there is nothing to plot."""
-    series = _history_series(history or [])
-    if not series:
-        return None
-    panels: dict[str, list[str]] = {}
-    for key in series:
-        prefix, _, name = key.rpartition("/")
-        panel = "learning rate" if "lr" in name.split("_") else prefix or "other"
-        panels.setdefault(panel, []).append(key)
-    fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
-    for ax, (panel, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
-        for key in keys:
-            xs, ys = series[key]
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _png(fig)
-
-
 def plot_recall_at_k(doc: Mapping) -> bytes:
     """Recall@K against K (1, 5, 10, 20) for the model, the baselines and the oracle."""
     fig = Figure(figsize=(6, 4), layout="constrained")
@@ -598,7 +556,7 @@ def plot_recall_at_k(doc: Mapping) -> bytes:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_buckets(doc: Mapping) -> bytes:
@@ -621,7 +579,7 @@ def plot_buckets(doc: Mapping) -> bytes:
         ax.set_ylabel(BUCKET_METRIC)
         ax.grid(axis="y", alpha=0.3)
     fig.axes[0].legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_confusion(doc: Mapping) -> bytes:
@@ -643,7 +601,7 @@ def plot_confusion(doc: Mapping) -> bytes:
         ax.set_xlabel("predicted")
         ax.set_ylabel("actual")
         ax.set_title(f"{AUX_TITLES[head]} (accuracy {_num(aux[head]['accuracy'])})")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, ModelConfig
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, MASK, N_SPECIAL, PAD, UNK, ModelConfig
 from retailsim_pipeline.model.mamba import Mamba
 
 __all__ = [
@@ -28,11 +28,6 @@ __all__ = [
     "no_decay_parameter_names",
     "top_k_products",
 ]
-
-# The tensor cache's special tokens (prep/cache.py; repeated here because `model` never imports the polars
-# side of the project; a test checks that the two agree).
-PAD, MASK, UNK = 0, 1, 2
-N_SPECIAL = 3
 
 INIT_STD = 0.02  # GPT-2/BERT's init of linears and embeddings outside the Mamba blocks
 

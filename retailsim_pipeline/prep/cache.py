@@ -58,7 +58,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from retailsim_pipeline.config import CacheConfig, config_hash
+from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, SPECIAL_CODES, UNK, CacheConfig, config_hash
 from retailsim_pipeline.prep.samples import (
     LABELS,
     PRODUCTS_FILE,
@@ -82,8 +82,6 @@ log = logging.getLogger(__name__)
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address.
 CACHE_FORMAT = 2  # 2: customer history items
-PAD, MASK, UNK = 0, 1, 2
-N_SPECIAL = 3
 LATEST_FILE = "LATEST"
 
 _HOUR_BINS = (0, 10, 12, 14, 16, 18, 24)  # 6 bins: early, late morning, lunch, afternoon, after work, evening
@@ -257,7 +255,7 @@ def build_vocabulary(train: pl.LazyFrame, products: pl.DataFrame) -> pl.DataFram
     hierarchy = hierarchy.sort("first_week").unique("PROD_CODE", keep="first").drop("first_week", "last_week")
     vocab = counts.with_row_index("token_id", offset=N_SPECIAL).with_columns(pl.col("token_id").cast(pl.Int32))
     specials = pl.DataFrame(
-        {"token_id": [PAD, MASK, UNK], "PROD_CODE": ["<PAD>", "<MASK>", "<UNK>"], "train_count": [0, 0, 0]},
+        {"token_id": [PAD, MASK, UNK], "PROD_CODE": list(SPECIAL_CODES), "train_count": [0, 0, 0]},
         schema={"token_id": pl.Int32, "PROD_CODE": pl.String, "train_count": pl.UInt32},
     )
     return pl.concat([specials, vocab.with_columns(pl.col("train_count").cast(pl.UInt32))]).join(

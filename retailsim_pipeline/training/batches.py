@@ -41,7 +41,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from retailsim_pipeline.prep.cache import MASK, N_SPECIAL, PAD, TensorCache, price_features
+from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
+from retailsim_pipeline.prep.cache import TensorCache, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger(__name__)

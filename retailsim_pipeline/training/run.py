@@ -106,11 +106,12 @@ def _export(metrics, trainer: Trainer, result, out_dir: Path) -> dict:
     """Log the curves, the config and the best EMA weights as a pyfunc model; returns run/model ids."""
     from retailsim_pipeline import tracking
     from retailsim_pipeline.training.checkpoint import load_checkpoint
+    from retailsim_pipeline.training.curves import write_training_curves
 
     checkpoint = load_checkpoint(result.best_checkpoint or result.last_checkpoint)
-    curve = out_dir / "training_curves.png"
-    tracking.plot_training_curves(result.history, curve)
-    metrics.log_artifact(curve)
+    curve = write_training_curves(result.history, out_dir / "training_curves.png")
+    if curve is not None:
+        metrics.log_artifact(curve)
     metrics.log_dict(trainer.config.model_dump(mode="json"), "training_config.json")
     metrics.log_metrics({"best_val_loss": result.best_val_loss, "samples_per_s": result.samples_per_s,
                          "wall_seconds": result.wall_seconds, "parameters": result.parameters}, step=result.steps)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from retailsim_pipeline.config import TrainingConfig
 from retailsim_pipeline.model.losses import WorldModelLoss
 from retailsim_pipeline.model.world_model import WorldModel, count_parameters, no_decay_parameter_names
-from retailsim_pipeline.prep.cache import N_SPECIAL, TensorCache
+from retailsim_pipeline.config import N_SPECIAL
+from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.training.batches import BatchAssembler
 from retailsim_pipeline.training.checkpoint import (
     BEST,

@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"config", "model"},
     "tracking": {"config", "model"},
     "training": {"config", "prep", "model", "training", "tracking"},
-    "evaluation": {"config", "prep", "model", "evaluation", "training.batches"},
+    "evaluation": {"config", "prep", "model", "evaluation", "training.batches", "training.curves"},
 }
 #: Third-party packages only some modules may import.
 RESTRICTED = {"dagster": {"defs", "cli", "definitions"}, "dagster_pipes": {"training.pipes"},

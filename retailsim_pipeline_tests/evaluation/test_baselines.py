@@ -9,7 +9,8 @@ import torch
 from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
 from retailsim_pipeline.evaluation.metrics import Ranks, ranking_metrics, target_ranks
 from retailsim_pipeline.evaluation.positions import eval_positions, masked_batch, visible_tokens
-from retailsim_pipeline.prep.cache import MASK, N_SPECIAL, UNK, SplitArrays, TensorCache
+from retailsim_pipeline.config import MASK, N_SPECIAL, UNK
+from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
 from retailsim_pipeline.model.batch import IGNORE_INDEX
 from retailsim_pipeline.training.batches import BatchAssembler
 

@@ -14,7 +14,7 @@ from retailsim_pipeline.evaluation.metrics import (
     ranking_metrics,
     target_ranks,
 )
-from retailsim_pipeline.prep.cache import N_SPECIAL
+from retailsim_pipeline.config import N_SPECIAL
 
 def _ranks_one(scores_products, target_product, exclude=(), special_scores=(100.0, 100.0, 100.0)) -> Ranks:
     """Ranks of one row whose product scores (tokens N_SPECIAL…) are given; specials score high."""

@@ -75,10 +75,20 @@ def test_history_copy_path_raises_the_shoppers_own_products():
     assert torch.allclose(full[batch.predict_mask], with_history, atol=1e-5)
 
 
-def test_special_tokens_match_the_cache():
-    from retailsim_pipeline.prep import cache
+def test_the_cache_vocabulary_puts_the_special_tokens_at_their_ids():
+    """The model masks ids below N_SPECIAL; the cache's vocabulary must hold PAD/MASK/UNK exactly there."""
+    import polars as pl
 
-    assert (PAD, MASK, UNK, N_SPECIAL) == (cache.PAD, cache.MASK, cache.UNK, cache.N_SPECIAL)
+    from retailsim_pipeline.config import SPECIAL_CODES
+    from retailsim_pipeline.prep.cache import build_vocabulary
+
+    train = pl.LazyFrame({"products": [["B", "A"], ["A"]]})
+    products = pl.DataFrame({"PROD_CODE": ["A", "B"], "first_week": [1, 1], "last_week": [2, 2]})
+    vocab = build_vocabulary(train, products)
+    codes = dict(zip(vocab["token_id"].to_list(), vocab["PROD_CODE"].to_list()))
+    assert [codes[PAD], codes[MASK], codes[UNK]] == list(SPECIAL_CODES)
+    assert min(t for t, c in codes.items() if c not in SPECIAL_CODES) == N_SPECIAL
+    assert codes[N_SPECIAL] == "A"  # the most frequent train product comes first
 
 
 def test_output_shapes_for_a_padded_batch():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from retailsim_pipeline.prep.cache import MASK, N_SPECIAL, PAD, TensorCache, price_features
+from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
+from retailsim_pipeline.prep.cache import TensorCache, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 

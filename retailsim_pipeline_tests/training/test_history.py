@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from retailsim_pipeline.prep.cache import PAD, TensorCache
+from retailsim_pipeline.config import PAD
+from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.training.batches import BatchAssembler
 
 
