@@ -26,16 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def configure_instance_env(data_dir: Path) -> None:
-    """Point Dagster at the project's instance: ``DAGSTER_HOME`` (the folder of ``dagster.yaml``) and
-    the state folders under the data root that ``dagster.yaml`` reads from the environment."""
+    """Point Dagster at the project's instance: ``DAGSTER_HOME`` is the folder of ``dagster.yaml``, whose
+    storage classes keep the state under ``data_dir/dagster`` (:mod:`retailsim_pipeline.defs.instance`)."""
     if "DAGSTER_HOME" not in os.environ:
         if not (REPO_ROOT / "dagster.yaml").exists():
             raise SystemExit("DAGSTER_HOME is not set and no dagster.yaml beside the package; "
                              "set DAGSTER_HOME to the folder that holds the project's dagster.yaml")
         os.environ["DAGSTER_HOME"] = str(REPO_ROOT)
-    os.environ.setdefault("RETAILSIM_DAGSTER_DIR", str(data_dir / "dagster"))
-    os.environ.setdefault("RETAILSIM_DAGSTER_COMPUTE_LOGS_DIR", str(data_dir / "dagster" / "compute_logs"))
-    Path(os.environ["RETAILSIM_DAGSTER_DIR"]).mkdir(parents=True, exist_ok=True)
+    os.environ[DATA_DIR_ENV] = str(data_dir)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

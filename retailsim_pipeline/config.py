@@ -224,6 +224,24 @@ PAD, MASK, UNK = 0, 1, 2
 SPECIAL_CODES: tuple[str, ...] = ("<PAD>", "<MASK>", "<UNK>")
 N_SPECIAL = len(SPECIAL_CODES)
 
+#: Basket-length buckets, one ladder for every report: bucket i holds lengths in [edges[i], edges[i+1]), the
+#: last is open. Roughly doubling widths, so each bucket of real LGSR baskets (mean 6.4 lines) stays populous.
+BASKET_LENGTH_EDGES: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 50, 100)
+#: The evaluation's length buckets: the same ladder from 2 (a scored basket needs one product hidden and one
+#: visible) to 20, the longer baskets pooled up to the model's ``max_basket_len`` (few positions each above 20).
+EVALUATION_LENGTH_EDGES: tuple[int, ...] = (2, 5, 10, 20)
+#: Batch assembly's bucket upper bounds (inclusive): batches hold baskets of one bucket so padding stays small;
+#: the last bound must reach the longest truncated basket (the seed's ``max_basket_len`` 50).
+BATCH_LENGTH_BOUNDS: tuple[int, ...] = (10, 20, 30, 50)
+
+
+def length_bucket_labels(edges: tuple[int, ...], top: int | None = None) -> list[str]:
+    """Labels of the buckets of ``edges``: ``"1"``, ``"2-4"``, …, the last ``"20-50"`` when the lengths stop at
+    ``top``, else ``"100+"``. A length ``n`` falls in bucket ``searchsorted(edges, n, "right") - 1``."""
+    labels = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])]
+    return [*labels, f"{edges[-1]}-{top}" if top is not None else f"{edges[-1]}+"]
+
+
 #: Classes of the four auxiliary heads, in the order of the cache's ``labels`` columns. Each is the
 #: data contract's code set (XX included); basket_size has no XX in the contract, so it gets an
 #: explicit unknown class (DESIGN §5: "plus an unknown class").

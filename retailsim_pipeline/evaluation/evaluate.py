@@ -22,7 +22,14 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
+from retailsim_pipeline.config import (
+    AUX_CLASSES,
+    AUX_HEADS,
+    EVALUATION_LENGTH_EDGES,
+    EvaluationConfig,
+    SplitConfig,
+    length_bucket_labels,
+)
 from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
 from retailsim_pipeline.evaluation.metrics import (
     Ranks,
@@ -39,7 +46,6 @@ from retailsim_pipeline.training.batches import BatchAssembler
 log = logging.getLogger(__name__)
 
 COLD_START_ORDER = ["anonymous", "0", "1-2", "3-9", "10+"]
-LENGTH_ORDER = ["2-4", "5-9", "10-19", "20-50"]
 AUX_LABELS = {
     "basket_size": [*LABEL_CODES["BASKET_SIZE"], "unknown"],
     "price_sensitivity": list(LABEL_CODES["BASKET_PRICE_SENSITIVITY"]),
@@ -71,12 +77,14 @@ def _bucket_cold_start(trips: np.ndarray, carded: np.ndarray) -> np.ndarray:
     return out
 
 
+#: :data:`~retailsim_pipeline.config.EVALUATION_LENGTH_EDGES`'s labels; the last bucket ends at the length
+#: baskets are truncated to (``SplitConfig.max_basket_len``).
+LENGTH_ORDER = length_bucket_labels(EVALUATION_LENGTH_EDGES, top=SplitConfig().max_basket_len)
+
+
 def _bucket_length(n: np.ndarray) -> np.ndarray:
-    out = np.full(len(n), "20-50", dtype=object)
-    out[n <= 19] = "10-19"
-    out[n <= 9] = "5-9"
-    out[n <= 4] = "2-4"
-    return out
+    index = np.searchsorted(np.asarray(EVALUATION_LENGTH_EDGES), n, side="right") - 1
+    return np.asarray(LENGTH_ORDER, dtype=object)[np.clip(index, 0, len(LENGTH_ORDER) - 1)]
 
 
 def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = EvaluationConfig().seed,

@@ -40,7 +40,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from retailsim_pipeline.config import SplitConfig
+from retailsim_pipeline.config import BASKET_LENGTH_EDGES, SplitConfig, length_bucket_labels
 from retailsim_pipeline.prep.files import file_sha256, write_parquet_atomic
 from retailsim_pipeline.prep.schema import LABEL_COLUMNS, week_of_file
 
@@ -227,14 +227,14 @@ def read_manifest(samples_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-_LENGTH_BINS = ((1, 1), (2, 4), (5, 9), (10, 19), (20, 29), (30, 49), (50, 99), (100, None))
+_LENGTH_LABELS = length_bucket_labels(BASKET_LENGTH_EDGES)
 
 
 def _length_bin(n: pl.Expr) -> pl.Expr:
-    expr = pl.lit("100+")
-    for lo, hi in reversed(_LENGTH_BINS[:-1]):
-        label = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        expr = pl.when(n.is_between(lo, hi)).then(pl.lit(label)).otherwise(expr)
+    """The :data:`~retailsim_pipeline.config.BASKET_LENGTH_EDGES` bucket label of each basket length."""
+    expr = pl.lit(_LENGTH_LABELS[0])
+    for edge, label in zip(BASKET_LENGTH_EDGES[1:], _LENGTH_LABELS[1:]):
+        expr = pl.when(n >= edge).then(pl.lit(label)).otherwise(expr)
     return expr
 
 
@@ -309,7 +309,7 @@ def build_basket_samples(
     finally:
         for p in [*tmp.values(), *(q for ps in parts.values() for q in ps)]:
             p.unlink(missing_ok=True)
-    order = [f"{lo}" if lo == hi else (f"{lo}-{hi}" if hi else f"{lo}+") for lo, hi in _LENGTH_BINS]
+    order = _LENGTH_LABELS
     result = SamplesResult(
         paths=final,
         sha256={name: file_sha256(path) for name, path in final.items()},

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
+from retailsim_pipeline.config import BATCH_LENGTH_BOUNDS, MASK, N_SPECIAL, PAD
 from retailsim_pipeline.prep.cache import TensorCache, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
@@ -91,7 +91,7 @@ class BatchAssembler:
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,
-        buckets: Sequence[int] = (10, 20, 30, 50),
+        buckets: Sequence[int] = BATCH_LENGTH_BOUNDS,
         max_samples: int | None = None,
         drop_last: bool = False,
     ):

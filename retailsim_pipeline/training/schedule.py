@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 from retailsim_pipeline.config import TrainingConfig
 
-PHASES = ("warmup", "main", "finetune")
-
 
 @dataclass(frozen=True)
 class PhasePlan:
@@ -53,19 +51,3 @@ def learning_rate(step: int, config: TrainingConfig, plan: PhasePlan) -> float:
 
 def mask_prob(phase: str, config: TrainingConfig) -> float:
     return config.mask_prob_finetune if phase == "finetune" else config.mask_prob
-
-
-def phase_table(config: TrainingConfig) -> list[dict]:
-    """One row per phase: its span in epochs (``0–3`` = the first three), LR, mask probability, loss."""
-    e = config.epochs
-    warm, fine = e * config.warmup_fraction, e * config.finetune_fraction
-    bounds = {"warmup": (0.0, warm), "main": (warm, e - fine), "finetune": (e - fine, float(e))}
-
-    rows = []
-    for phase in PHASES:
-        lo, hi = bounds[phase]
-        if hi > lo:
-            rows.append({"phase": phase, "epochs": f"{lo:g}–{hi:g}",
-                         "lr": phase_lr(phase, config), "mask_prob": mask_prob(phase, config),
-                         "loss": "focal" if phase == "warmup" else "focal + contrastive + aux"})
-    return rows

@@ -213,6 +213,29 @@ query {
 }"""
 
 
+def _wait_until_loaded(ui: Dagster, timeout: float = 90) -> None:
+    """Until the webserver answers and the code location is loaded (fails on a load error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ui.check_alive()
+        assert time.monotonic() < deadline, f"webserver not ready after {timeout:.0f}s\n{ui.log_tails()}"
+        try:
+            with urllib.request.urlopen(f"{ui.base}/server_info", timeout=5) as response:
+                if response.status == 200:
+                    entries = ui.gql(WORKSPACE)["workspaceOrError"]["locationEntries"]
+                    entry = entries[0] if entries else {"loadStatus": None, "locationOrLoadError": None}
+                    location = entry["locationOrLoadError"]
+                    if location and location["__typename"] == "PythonError":
+                        pytest.fail(f"code location failed to load: {location['message']}")
+                    if entry["loadStatus"] == "LOADED" and location:
+                        ui.location = location["name"]
+                        ui.repository = location["repositories"][0]["name"]
+                        return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+
+
 def _terminate(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -270,25 +293,7 @@ def dagster_ui(tiny_copy, tiny_raw, tmp_path, monkeypatch):
             procs[name] = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                            start_new_session=True)
         ui = Dagster(port, procs, logs)
-        deadline = time.monotonic() + 90
-        while True:
-            ui.check_alive()
-            assert time.monotonic() < deadline, f"webserver not ready after 90s\n{ui.log_tails()}"
-            try:
-                with urllib.request.urlopen(f"{ui.base}/server_info", timeout=5) as response:
-                    if response.status == 200:
-                        entries = ui.gql(WORKSPACE)["workspaceOrError"]["locationEntries"]
-                        entry = entries[0]
-                        location = entry["locationOrLoadError"]
-                        if location and location["__typename"] == "PythonError":
-                            pytest.fail(f"code location failed to load: {location['message']}")
-                        if entry["loadStatus"] == "LOADED" and location:
-                            ui.location = location["name"]
-                            ui.repository = location["repositories"][0]["name"]
-                            break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
+        _wait_until_loaded(ui)
         yield ui
     finally:
         for proc in procs.values():
@@ -397,3 +402,49 @@ def test_ui_graphql_materializes_everything_and_the_gpu_pool_serialises_training
     assert windows[1][0] >= windows[0][1], f"train steps overlapped despite the gpu pool: {windows}"
     print(f"ingest {t_ingest:.0f}s, main run done at {t_main:.0f}s, total {time.monotonic() - t0:.0f}s, "
           f"train windows {windows}, observed {observed}")
+
+
+PARTITION_KEYS = """
+query {
+  assetNodeOrError(assetKey: {path: ["raw_transactions"]}) {
+    __typename
+    ... on AssetNode { partitionKeys }
+  }
+}"""
+
+
+def test_dagster_dev_in_the_project_root_needs_no_variable_and_finds_the_cli_instance(tmp_path, monkeypatch):
+    """``dagster dev`` started in the project root with nothing exported (no DAGSTER_HOME, no RETAILSIM_*)
+    loads the code location and uses the instance that ``retailsim`` uses: ``./data/dagster``."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dagster.yaml", "workspace.yaml"):
+        shutil.copy(REPO_ROOT / name, project / name)
+    # The CLI's view (DAGSTER_HOME = the project, data root = ./data): register a weekly partition.
+    for key in ("RETAILSIM_DAGSTER_DIR", "RETAILSIM_DAGSTER_COMPUTE_LOGS_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(project))
+    monkeypatch.setenv("RETAILSIM_DATA_DIR", str(project / "data"))
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("weekly_files", ["200607"])
+    assert (project / "data" / "dagster" / "history" / "runs.db").exists()
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RETAILSIM_")}
+    port = _free_port()
+    log = tmp_path / "dagster_dev.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)], cwd=project,
+                                env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            ui = Dagster(port, {"dagster dev": proc}, {"dagster dev": log})
+            _wait_until_loaded(ui, timeout=120)
+            node = ui.gql(PARTITION_KEYS)["assetNodeOrError"]
+            assert node["__typename"] == "AssetNode", node
+            assert node["partitionKeys"] == ["200607"], ui.log_tails()
+        finally:
+            _terminate(proc)
+    text = log.read_text(errors="replace")
+    assert "is not set" not in text, text[-3000:]

@@ -15,7 +15,8 @@ from retailsim_pipeline.config import TrainingConfig, training_preset
 from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.training.checkpoint import LAST, load_checkpoint, save_checkpoint
 from retailsim_pipeline.training.run import apply_overrides
-from retailsim_pipeline.training.schedule import learning_rate, phase_plan, phase_table
+from retailsim_pipeline.model.losses import PHASES
+from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_lr, phase_plan
 from retailsim_pipeline.training.trainer import Trainer, TrainingAborted
 
 
@@ -30,11 +31,12 @@ def _config(**overrides) -> TrainingConfig:
     return apply_overrides(base, overrides)
 
 
-def test_phase_table_follows_the_seed():
-    rows = phase_table(TrainingConfig(epochs=20))
-    assert [(r["phase"], r["epochs"], r["lr"], r["mask_prob"]) for r in rows] == [
-        ("warmup", "0–3", 1e-5, 0.15), ("main", "3–15", 5e-5, 0.15), ("finetune", "15–20", 1e-5, 0.20)]
-    assert rows[0]["loss"] == "focal"
+def test_the_schedule_follows_the_seed():
+    cfg = TrainingConfig(epochs=20)  # seed 001: warm-up epochs 1–3, main 4–15, fine-tune 16–20
+    plan = phase_plan(cfg, steps_per_epoch=10)
+    assert (plan.warmup_end, plan.finetune_start, plan.total_steps) == (30, 150, 200)
+    assert [(p, phase_lr(p, cfg), mask_prob(p, cfg)) for p in PHASES] == [
+        ("warmup", 1e-5, 0.15), ("main", 5e-5, 0.15), ("finetune", 1e-5, 0.20)]
     plan = phase_plan(TrainingConfig(epochs=40), steps_per_epoch=10)  # boundaries scale with the run
     assert (plan.total_steps, plan.warmup_end, plan.finetune_start) == (400, 60, 300)
     assert [plan.phase(s) for s in (0, 59, 60, 299, 300, 399)] == ["warmup", "warmup", "main", "main",
@@ -44,7 +46,8 @@ def test_phase_table_follows_the_seed():
     assert learning_rate(0, cfg, plan) == pytest.approx(1e-5 / 100)  # warm-up LR, ramped
     assert learning_rate(5000, cfg, plan) == pytest.approx(5e-5)
     assert learning_rate(17000, cfg, plan) == pytest.approx(1e-5)
-    assert [r["epochs"] for r in phase_table(training_preset("demo"))] == ["0–0.3", "0.3–1.5", "1.5–2"]
+    demo = phase_plan(training_preset("demo"), steps_per_epoch=100)  # a 2-epoch run still has all three
+    assert (demo.warmup_end, demo.finetune_start, demo.total_steps) == (30, 150, 200)
 
 
 def test_overrides_are_validated():
