@@ -6,7 +6,8 @@ import dagster as dg
 
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
-from retailsim_pipeline.prep.cache import TensorCache, check_leakage, check_manifest
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.cache_checks import check_leakage, check_manifest
 from retailsim_pipeline.prep.samples import SPLITS, scan_samples
 
 

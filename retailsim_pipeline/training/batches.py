@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
-from retailsim_pipeline.prep.cache import TensorCache, price_features
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.features import price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _price_tables(product_log_price: np.ndarray) -> tuple[np.ndarray, np.ndarray
     angle = probe[:, None] * freqs
     if not np.array_equal(np.concatenate([np.sin(angle), np.cos(angle)], axis=1),
                           price_features(probe, np.zeros_like(probe), PRICE_DIM)[:, :2 * q]):
-        raise RuntimeError("prep.cache.price_features changed its ratio encoding; update "
+        raise RuntimeError("prep.features.price_features changed its ratio encoding; update "
                            "training.batches._price_tables to match")
     return product_code, freqs
 

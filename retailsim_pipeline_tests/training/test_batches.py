@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
-from retailsim_pipeline.prep.cache import TensorCache, price_features
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.features import price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -65,6 +66,19 @@ def test_pads_only_to_the_batchs_longest(cache, train):
     short, long_ = int(np.argmin(lengths)), int(np.argmax(lengths))
     b = train.assemble(np.array([short, long_]), mask_prob=0.15, mask_seed=(0,))
     assert b.tokens.shape == (2, lengths[long_])
+
+
+def test_unmasked_tokens_are_the_baskets_padded_with_pad(cache):
+    """Without masking a batch's tokens are each basket's CSR slice, then PAD (any order of rows)."""
+    val = BatchAssembler(cache, "validation", batch_size=8, shuffle=False)
+    a = cache.split("validation")
+    idx = np.array([0, 5, 3, len(a) - 1])
+    b = val.assemble(idx, mask_prob=0.0, mask_seed=(0,))
+    assert (b.targets == IGNORE_INDEX).all()
+    for row, i in enumerate(idx):
+        seq = np.asarray(a.tokens[a.offsets[i]:a.offsets[i + 1]])
+        tokens = b.tokens[row].numpy()
+        assert np.array_equal(tokens[: len(seq)], seq) and np.all(tokens[len(seq):] == PAD)
 
 
 def test_bucket_membership_and_every_sample_once(cache, train):
