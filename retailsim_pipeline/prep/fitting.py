@@ -70,21 +70,39 @@ def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
     return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
 
 
-def build_customer_history(
-    train_customer_index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_customers: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each customer's ``k`` most bought train products: tokens [C, k] int32 (PAD-filled) and line
-    counts [C, k] float32, most bought first (ties: smaller token). Row 0 (anonymous/unknown) is empty.
+def customer_product_counts(
+    customer_index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_customers: int, vocab_size: int
+) -> sp.csr_matrix:
+    """How many lines of product p customer c bought in the baskets given: [C, V] float32 CSR.
+
+    ``customer_index`` [N] is each basket's customer row (0 = anonymous or unknown), ``offsets`` [N + 1]
+    and ``tokens`` [L] the baskets' CSR. Row 0 and the special tokens stay empty: an anonymous line
+    belongs to nobody's history. The one definition of "customer × product counts": the customer
+    context, the customer history and the personal-frequency baseline all read it.
+    """
+    line_customer = np.repeat(np.asarray(customer_index, dtype=np.int64), np.diff(np.asarray(offsets)))  # [L]
+    tokens = np.asarray(tokens, dtype=np.int64)
+    keep = (line_customer > 0) & (tokens >= N_SPECIAL)
+    return _count_matrix(line_customer[keep], tokens[keep], (n_customers, vocab_size))
+
+
+def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """[shape] float32 CSR counting each (row, col) pair (the constructor sums duplicates)."""
+    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+    counts.sum_duplicates()
+    return counts
+
+
+def build_customer_history(counts: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each customer's ``k`` most bought train products, from :func:`customer_product_counts` [C, V]:
+    tokens [C, k] int32 (PAD-filled) and line counts [C, k] float32, most bought first (ties: smaller
+    token). Row 0 (anonymous/unknown) is empty.
 
     The model reads them as a per-customer memory (what this shopper re-buys). For a *train* basket
     the batch assembler subtracts the basket's own lines, so a masked product is never "known" from
     the very basket it was hidden in.
     """
-    rows = np.repeat(np.asarray(train_customer_index, dtype=np.int64), np.diff(offsets))
-    real = (rows > 0) & (tokens >= N_SPECIAL)
-    counts = sp.csr_matrix((np.ones(int(real.sum()), np.float32), (rows[real], tokens[real])),
-                           shape=(n_customers, int(tokens.max(initial=0)) + 1 if len(tokens) else 1))
-    counts.sum_duplicates()
+    n_customers = counts.shape[0]
     coo = counts.tocoo()
     order = np.lexsort((coo.col, -coo.data, coo.row))
     r, c, v = coo.row[order], coo.col[order], coo.data[order]
@@ -112,13 +130,11 @@ def _weekday_exprs(prefix: str) -> list[pl.Expr]:
     return [(pl.col("weekday") == d).cast(pl.Float32).mean().alias(f"{prefix}_wd{d}") for d in range(1, 8)]
 
 
-def _mean_embedding(index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_rows: int,
-                    emb: np.ndarray) -> np.ndarray:
-    """Mean embedding of the lines of each row's baskets: [n_rows, emb.shape[1]] (zero where no lines)."""
-    line_row = np.repeat(index, np.diff(offsets))
-    m = sp.csr_matrix((np.ones(len(tokens), np.float32), (line_row, tokens)), shape=(n_rows, emb.shape[0]))
-    counts = np.asarray(m.sum(axis=1)).ravel()
-    return (m @ emb) / np.maximum(counts, 1)[:, None]
+def _mean_embedding(counts: sp.csr_matrix, emb: np.ndarray) -> np.ndarray:
+    """Mean embedding of each row's lines, from its [n_rows, V] line counts: [n_rows, emb.shape[1]]
+    (zero where a row has no lines)."""
+    n_lines = np.asarray(counts.sum(axis=1)).ravel()
+    return (counts @ emb) / np.maximum(n_lines, 1)[:, None]
 
 
 def home_stores(train: pl.DataFrame) -> pl.DataFrame:
@@ -134,8 +150,9 @@ def home_stores(train: pl.DataFrame) -> pl.DataFrame:
 def build_customer_context(
     train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, stores: pl.DataFrame,
     config: CacheConfig,
-) -> tuple[np.ndarray, pl.DataFrame, pl.DataFrame]:
-    """Customer context [C, 192] float32 (row 0 = anonymous/unknown), its index and home stores.
+) -> tuple[np.ndarray, pl.DataFrame, sp.csr_matrix]:
+    """Customer context [C, 192] float32 (row 0 = anonymous/unknown), its index (cust_code, row,
+    home_store) and the customers' train line counts per product (:func:`customer_product_counts`).
 
     History (160): mean product embedding of the customer's train lines, first 128 dims · 32
     behaviour statistics (standardised over customers): log trips, log lines, log mean lines and
@@ -184,15 +201,11 @@ def build_customer_context(
         pl.col("active_weeks").log1p(), (pl.col("trips") / pl.col("active_weeks")),
         weeks_since.cast(pl.Float64).log1p(),
     )
-    # Mean log price ratio per customer from the CSR lines.
-    cust_row_of_sample = (
-        train.with_columns(pl.col("cust_code").cast(pl.String))
-        .join(per_cust.select("cust_code", "row"), on="cust_code", how="left", maintain_order="left")
-        .get_column("row").fill_null(0).to_numpy().astype(np.int64)
-    )
+    cust_row_of_sample = customer_rows(train, per_cust)
     hist_dim = config.customer_history_dim
     emb_part = min(128, hist_dim - 32)
-    mean_emb = _mean_embedding(cust_row_of_sample, offsets, tokens, n, emb[:, :emb_part])
+    counts = customer_product_counts(cust_row_of_sample, offsets, tokens, n, emb.shape[0])  # [C, V]
+    mean_emb = _mean_embedding(counts, emb[:, :emb_part])
     ctx = np.zeros((n, hist_dim + config.customer_profile_dim), dtype=np.float32)
     ctx[1:, :emb_part] = mean_emb[1:]
     ctx[1:, emb_part: emb_part + stats.shape[1]] = _standardise(stats)
@@ -211,8 +224,7 @@ def build_customer_context(
     ctx[1:, p0 + profile.shape[1] + 4] = 1.0  # known customer
     ctx[0, p0 + profile.shape[1] + 5] = 1.0  # the anonymous/unknown row has its own flag
     index = per_cust.select("cust_code", pl.col("row").cast(pl.Int32), "home_store")
-    home = per_cust.select("cust_code", "home_store")
-    return ctx, index, home
+    return ctx, index, counts
 
 
 def build_store_context(
@@ -265,7 +277,8 @@ def build_store_context(
     )
     e0 = 20 + stats.shape[1]
     width = min(56, config.store_dim - e0)
-    ctx[:, e0: e0 + width] = _mean_embedding(store_row, offsets, tokens, n, emb[:, :width])
+    store_counts = _count_matrix(np.repeat(store_row, np.diff(offsets)), tokens, (n, emb.shape[0]))  # [S, V]
+    ctx[:, e0: e0 + width] = _mean_embedding(store_counts, emb[:, :width])
     ctx[0, e0: e0 + width] = 0.0
     index = per_store.select("store_code", pl.col("row").cast(pl.Int32), "store_format")
     return ctx, index
@@ -315,8 +328,7 @@ def fit_train_tables(train: pl.DataFrame, products: pl.DataFrame, config: CacheC
     emb = build_product_embeddings(offsets, tokens, vocab, config)
     product_log_price = build_product_log_price(tokens, unit_price, vocab.height)
     store_ctx, stores = build_store_context(train, offsets, tokens, emb, config)
-    cust_ctx, customers, _ = build_customer_context(train, offsets, tokens, emb, stores, config)
-    hist_tokens, hist_counts = build_customer_history(
-        customer_rows(train, customers), offsets, tokens, cust_ctx.shape[0], config.history_items)
+    cust_ctx, customers, counts = build_customer_context(train, offsets, tokens, emb, stores, config)
+    hist_tokens, hist_counts = build_customer_history(counts, config.history_items)
     return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, hist_tokens, hist_counts,
                         store_ctx, stores, csr)
