@@ -13,7 +13,8 @@ file                                  shape, dtype        contents
 ====================================  ==================  =============================================
 manifest.json                                             shapes, dtypes, sha256 of every array, the
                                                           upstream data version, config and its hash,
-                                                          the weeks the tables were fitted on
+                                                          the weeks the tables were fitted on, the
+                                                          width of every vector (``widths``)
 vocabulary.parquet                    V rows              token_id, PROD_CODE, train_count, hierarchy
 product_embeddings.npy                [V, 256] float32    see :func:`~retailsim_pipeline.prep.embeddings.build_product_embeddings`
 product_log_price.npy                 [V] float32         log of the product's median train unit price
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address,
 #: and :meth:`TensorCache.open` refuses a folder of another format.
-CACHE_FORMAT = 2  # 2: customer history items
+CACHE_FORMAT = 3  # 2: customer history items; 3: the vectors' widths in the manifest
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 VOCABULARY_FILE = "vocabulary.parquet"
@@ -110,6 +111,9 @@ class TensorCache:
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path}: not a tensor cache (no manifest)")
         manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{manifest_path}: a tensor cache of format {manifest.get('format')}, this code reads "
+                             f"format {CACHE_FORMAT}; rebuild it with `retailsim run --select key:tensor_cache`")
         arrays = {}
         for name, meta in manifest["arrays"].items():
             file = path / meta["file"]
@@ -164,6 +168,12 @@ class TensorCache:
     @property
     def store_context(self) -> np.ndarray:
         return self._arrays["store_context"]
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Width of every vector the model reads: product, price, customer, store, temporal, trip and
+        context (= customer + temporal + store + trip)."""
+        return dict(self.manifest["widths"])
 
     @property
     def split_names(self) -> list[str]:

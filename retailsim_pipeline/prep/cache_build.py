@@ -32,7 +32,7 @@ from retailsim_pipeline.prep.cache import (
 )
 from retailsim_pipeline.prep.features import temporal_features, trip_features_all, week_index_expr
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.fitting import basket_csr, fit_train_tables, home_stores
+from retailsim_pipeline.prep.fitting import FittedTables, basket_csr, fit_train_tables, home_stores
 from retailsim_pipeline.prep.samples import LABELS, PRODUCTS_FILE, SPLITS, read_manifest, scan_samples
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 
@@ -100,6 +100,15 @@ def build_split_features(
             "n_lines": joined.get_column("n_lines").to_numpy().astype(np.int32),
         }
     return out
+
+
+def cache_widths(tables: FittedTables, split: dict[str, np.ndarray], config: CacheConfig) -> dict[str, int]:
+    """The width of every vector the model reads, as built (the trainer sizes the model from these)."""
+    widths = {"product": int(tables.product_embeddings.shape[1]), "price": config.price_dim,
+              "customer": int(tables.customer_context.shape[1]), "store": int(tables.store_context.shape[1]),
+              "temporal": int(split["temporal"].shape[1]), "trip": int(split["trip"].shape[1])}
+    widths["context"] = widths["customer"] + widths["temporal"] + widths["store"] + widths["trip"]
+    return widths
 
 
 def _describe(arr: np.ndarray, file: str, path: Path) -> dict:
@@ -181,6 +190,7 @@ def build_tensor_cache(
             },
             "sizes": {"vocab": int(vocab.height), "customers": int(tables.customer_context.shape[0]),
                       "stores": int(tables.store_context.shape[0])},
+            "widths": cache_widths(tables, per_split["train"], config),
             "special_tokens": {"PAD": PAD, "MASK": MASK, "UNK": UNK},
             "label_codes": {c.lower(): list(LABEL_CODES[c]) for c in LABEL_COLUMNS},
             "arrays": arrays,

@@ -40,10 +40,17 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
             failures.append(f"{name}: sha256 differs from the manifest")
     v, c, s = m["sizes"]["vocab"], m["sizes"]["customers"], m["sizes"]["stores"]
     cfg = CacheConfig(**m["config"])
+    expect_widths = {"product": cfg.product_dim, "price": cfg.price_dim, "customer": cfg.customer_dim,
+                     "store": cfg.store_dim, "temporal": cfg.temporal_dim, "trip": cfg.trip_dim,
+                     "context": cfg.context_dim}
+    if cache.widths != expect_widths:
+        failures.append(f"widths {cache.widths} disagree with the config's {expect_widths}")
+    w = cache.widths
     expect = {
-        "product_embeddings": (v, cfg.product_dim), "product_log_price": (v,),
-        "customer_context": (c, cfg.customer_history_dim + cfg.customer_profile_dim),
-        "store_context": (s, cfg.store_dim),
+        "product_embeddings": (v, w["product"]), "product_log_price": (v,), "customer_context": (c, w["customer"]),
+        "store_context": (s, w["store"]),
+        **{f"{split}/{name}": (m["splits"][split]["n_samples"], w[name])
+           for split in cache.split_names for name in ("temporal", "trip")},
     }
     for name, shape in expect.items():
         if tuple(cache[name].shape) != shape:

@@ -14,6 +14,7 @@ or a fitted table beyond what it is handed.
 import numpy as np
 import polars as pl
 
+from retailsim_pipeline.config import TEMPORAL_WIDTH, TRIP_WIDTH
 from retailsim_pipeline.prep.samples import LABELS
 from retailsim_pipeline.prep.schema import (
     FIRST_WEEK,
@@ -24,13 +25,16 @@ from retailsim_pipeline.prep.schema import (
     WEEKS_PER_YEAR,
 )
 
-def price_features(log_ratio: np.ndarray, log_price: np.ndarray, dim: int = 64) -> np.ndarray:
-    """Fourier encoding of a line's price: [..., dim] float32.
+def price_features(log_ratio: np.ndarray, log_price: np.ndarray, dim: int) -> np.ndarray:
+    """Fourier encoding of a line's price: [..., dim] float32 (``dim``: ``CacheConfig.price_dim``, the
+    cache manifest's ``widths["price"]``; a multiple of 4).
 
     First half: the log of the unit price relative to the product's train median (promotions,
     store price levels); second half: the product's log median price (budget vs premium). Each is
     encoded as sin/cos at ``dim // 4`` geometric frequencies, so nearby prices get nearby codes.
     """
+    if dim < 4 or dim % 4:
+        raise ValueError(f"price feature width {dim} is not a positive multiple of 4")
     quarter = dim // 4
     freqs_ratio = (2.0 ** np.arange(quarter, dtype=np.float32)) * np.float32(np.pi / 4)  # ratio in ~[-2, 2]
     freqs_price = (2.0 ** np.arange(quarter, dtype=np.float32)) * np.float32(np.pi / 16)  # log £ in ~[-3, 4]
@@ -43,14 +47,14 @@ def temporal_features(
     week_idx: np.ndarray, day_of_year: np.ndarray, month: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
     trend_scale: float,
 ) -> np.ndarray:
-    """When the basket happens: [N, 64] float32.
+    """When the basket happens: [N, TEMPORAL_WIDTH = 64] float32.
 
     day of year sin/cos k = 1..4 (8) · fiscal week of year sin/cos k = 1..3 (6) · weekday one-hot (7)
     + sin/cos (2) · weekend flag (1) · hour one-hot (24) + sin/cos (2) · month one-hot (12) ·
     trend = weeks since 200607 / ``trend_scale`` and its square (2).
     """
     n = len(week_idx)
-    out = np.zeros((n, 64), dtype=np.float32)
+    out = np.zeros((n, TEMPORAL_WIDTH), dtype=np.float32)
     doy = 2 * np.pi * np.asarray(day_of_year, np.float32) / 365.25
     woy = 2 * np.pi * ((np.asarray(week_idx) + 6) % 52).astype(np.float32) / 52
     col = 0
@@ -77,7 +81,7 @@ def temporal_features(
     col += 12
     trend = np.asarray(week_idx, np.float32) / max(trend_scale, 1.0)
     out[:, col], out[:, col + 1] = trend, trend**2
-    assert col + 2 == 64
+    assert col + 2 == TEMPORAL_WIDTH, col + 2
     return out
 
 
@@ -102,7 +106,7 @@ _TRIP_HISTORY_LABELS = {
 
 
 def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFrame:
-    """What is known about a trip before its basket is filled: ``basket_id`` + 48 float columns.
+    """What is known about a trip before its basket is filled: ``basket_id`` + TRIP_WIDTH = 48 float columns.
 
     ``samples`` holds the baskets of every split (columns of ``basket_samples`` plus ``is_train``);
     a customer's history comes from their *train* baskets strictly before this one (by date, hour,
@@ -173,7 +177,7 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
         ((weekday == 1) | (weekday == 7)).cast(pl.Float32).alias("weekend"),
     ]
     out = df.join(home_store, on="cust_code", how="left").select("basket_id", *history, *context)
-    assert out.width == 49, out.width
+    assert out.width == 1 + TRIP_WIDTH, out.width
     return out
 
 

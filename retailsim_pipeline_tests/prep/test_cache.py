@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.cache import CACHE_FORMAT, TensorCache
 
 
 def test_importing_the_reader_loads_neither_polars_nor_scipy():
@@ -64,3 +64,28 @@ def test_latest_must_name_an_existing_cache_key(tiny_prepped, tmp_path, content)
         TensorCache.latest(root)
     (root / "LATEST").write_text(good.path.name + "\n")
     assert TensorCache.latest(root).path == good.path
+
+
+def test_widths_are_recorded_and_match_the_arrays(cache):
+    w = cache.widths
+    assert w == {"product": 256, "price": 64, "customer": 192, "store": 96, "temporal": 64, "trip": 48,
+                 "context": 400}
+    a = cache.split("validation")
+    assert cache.product_embeddings.shape[1] == w["product"] and cache.customer_context.shape[1] == w["customer"]
+    assert cache.store_context.shape[1] == w["store"]
+    assert a.temporal.shape[1] == w["temporal"] and a.trip.shape[1] == w["trip"]
+
+
+def test_a_cache_of_another_format_is_refused(cache, tmp_path):
+    copy = tmp_path / cache.path.name
+    shutil.copytree(cache.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format"] = CACHE_FORMAT - 1
+    del manifest["widths"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"format {CACHE_FORMAT - 1}, this code reads format {CACHE_FORMAT}; "
+                                         "rebuild it"):
+        TensorCache.open(copy)
+    (tmp_path / "LATEST").write_text(copy.name)
+    with pytest.raises(ValueError, match="rebuild it"):
+        TensorCache.latest(tmp_path)

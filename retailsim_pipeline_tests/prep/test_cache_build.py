@@ -119,3 +119,16 @@ def test_a_cache_built_meanwhile_by_another_process_is_kept_not_deleted(tiny_pre
     assert final.stat().st_ino != inode and not tmp.exists()
     assert not list(root.glob(".old-*"))
     assert reader.product_embeddings.sum() == TensorCache.open(final).product_embeddings.sum()
+
+
+def test_the_widths_are_the_settings(tiny_prepped, tmp_path):
+    """Product, price, customer and store widths follow CacheConfig; the manifest records them."""
+    config = CacheConfig(product_dim=128, hierarchy_dim_per_level=8, price_dim=32, customer_history_dim=96,
+                         store_dim=80)
+    built = TensorCache.open(build_tensor_cache(tiny_prepped.samples, tmp_path / "cache", config).path)
+    assert built.widths == {"product": 128, "price": 32, "customer": 128, "store": 80, "temporal": 64,
+                            "trip": 48, "context": 128 + 64 + 80 + 48}
+    assert built.product_embeddings.shape[1] == 128 and built.customer_context.shape[1] == 128
+    assert built.store_context.shape[1] == 80
+    outcome = check_manifest(built)
+    assert outcome.passed, outcome.failures

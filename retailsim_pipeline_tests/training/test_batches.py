@@ -187,11 +187,11 @@ def test_price_and_context_match_a_per_sample_reference(cache, train):
         for row, i in enumerate(idx):
             lo, hi = int(a.offsets[i]), int(a.offsets[i + 1])
             tok = np.asarray(a.tokens[lo:hi])
-            expect = np.zeros((b.tokens.shape[1], 64), np.float32)
+            expect = np.zeros((b.tokens.shape[1], cache.widths["price"]), np.float32)
             for j in range(hi - lo):
                 if b.targets[row, j] == IGNORE_INDEX:
                     expect[j] = price_features(np.asarray([a.line_log_price_ratio[lo + j]]),
-                                               np.asarray([log_price[tok[j]]]))[0]
+                                               np.asarray([log_price[tok[j]]]), cache.widths["price"])[0]
             np.testing.assert_allclose(b.price[row].numpy(), expect, rtol=0, atol=1e-6)
             context = np.concatenate([
                 cache.customer_context[a.customer_index[i]], a.temporal[i].astype(np.float32),
