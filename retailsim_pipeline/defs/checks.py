@@ -44,8 +44,9 @@ def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckR
     )
 
 
-@dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: everything fitted comes from train weeks only, "
-                "and changing a basket's labels leaves its features unchanged.")
+@dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: every fitted table (vocabulary, embeddings, "
+                "prices, customer and store tables, customer history), refit from the train split alone, equals "
+                "the cached one; and changing a basket's labels leaves its features unchanged.")
 def no_leakage(context: dg.AssetCheckExecutionContext, retailsim_data: RetailSimData) -> dg.AssetCheckResult:
     outcome = check_leakage(_latest_cache(context), retailsim_data.paths().samples)
     return dg.AssetCheckResult(

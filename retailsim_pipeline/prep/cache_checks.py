@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from retailsim_pipeline.config import N_SPECIAL, CacheConfig
-from retailsim_pipeline.prep.cache import TensorCache
-from retailsim_pipeline.prep.features import trip_features
+from retailsim_pipeline.config import CacheConfig
+from retailsim_pipeline.prep.cache import FITTED_ARRAYS, TensorCache
+from retailsim_pipeline.prep.features import trip_features_all
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.samples import LABELS, SPLITS, read_manifest, scan_samples
+from retailsim_pipeline.prep.fitting import fit_train_tables
+from retailsim_pipeline.prep.samples import PRODUCTS_FILE, SPLITS, read_manifest, scan_samples
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 
 
@@ -79,93 +80,115 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
                                                   "stores": s})
 
 
+#: Largest absolute difference allowed between a cached float table and its refit. The refit runs the
+#: same seeded code on the same rows, so it is bit-identical on one machine; the margin only absorbs
+#: BLAS summation order on another (a table fitted on other rows moves by orders of magnitude more).
+FLOAT_TOLERANCE = 1e-5
+
+
 def check_leakage(cache: TensorCache, samples_dir: Path, *, n_probe: int = 200, seed: int = 0) -> CheckOutcome:
-    """Nothing in the cache was computed from validation/test weeks, and labels never leak into features.
+    """Nothing in the cache was computed from validation/test baskets, and labels never leak into features.
 
-    1. The tables were fitted on train weeks only, all before the first validation week.
-    2. The vocabulary is exactly the train products with their train line counts.
-    3. Every customer and store row belongs to someone seen in the train split.
-    4. Label perturbation: for ``n_probe`` random carded baskets (all splits, one per customer) the
-       labels are changed to another class and the trip context of their customers is recomputed from
-       scratch; the probed baskets' features must equal the cached ones, bit for bit.
+    1. Refit: every fitted table (vocabulary, product embeddings and log prices, customer and store
+       context with their indices, customer history) is fitted again from the train split of
+       ``samples_dir`` alone and must equal the cached one — integer tables and frames exactly, float
+       tables within :data:`FLOAT_TOLERANCE`. A table fitted on anything else fails, named, with the
+       size of the difference.
+    2. Label perturbation: for ``n_probe`` (≥ 1) random carded baskets (all splits, one per customer)
+       the labels are changed to another class and the trip context of their customers is recomputed
+       from scratch; the probed baskets' features must equal the cached ones, bit for bit. Samples
+       without a carded basket cannot be probed: that fails too, rather than passing on nothing.
     """
-    failures: list[str] = []
-    details: dict = {}
+    if n_probe < 1:
+        raise ValueError(f"n_probe = {n_probe}: the label-perturbation check needs at least one probed basket")
     samples_dir = Path(samples_dir)
-    sm = read_manifest(samples_dir)
-    fit_last = cache.manifest["fit"]["weeks"][1]
-    val_first = sm["splits"]["validation"][0]
-    details["fit_last_week"], details["validation_first_week"] = fit_last, val_first
-    if not fit_last < val_first:
-        failures.append(f"tables fitted up to week {fit_last}, not before validation week {val_first}")
-
-    train = scan_samples(samples_dir, "train")
-    counts = (train.select(pl.col("products").explode().cast(pl.String).alias("PROD_CODE"))
-              .group_by("PROD_CODE").len("expected").collect())
-    vocab = cache.vocabulary().filter(pl.col("token_id") >= N_SPECIAL)
-    cmp = vocab.join(counts, on="PROD_CODE", how="full", coalesce=True)
-    bad_vocab = cmp.filter(pl.col("train_count").cast(pl.Int64).fill_null(-1)
-                           != pl.col("expected").cast(pl.Int64).fill_null(-1))
-    details["vocab_mismatches"] = bad_vocab.height
-    if bad_vocab.height:
-        failures.append(f"{bad_vocab.height} vocabulary entries are not train products with train counts "
-                        f"(e.g. {bad_vocab.get_column('PROD_CODE').head(3).to_list()})")
-
-    train_ids = train.select(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String)).collect()
-    customers = cache.customers()
-    stores = cache.stores()
-    stray_c = customers.filter(~pl.col("cust_code").is_in(train_ids.get_column("cust_code").drop_nulls().implode()))
-    stray_s = stores.filter(~pl.col("store_code").is_in(train_ids.get_column("store_code").implode()))
-    if stray_c.height or stray_s.height:
-        failures.append(f"{stray_c.height} customer and {stray_s.height} store rows come from outside the train split")
-
+    version = read_manifest(samples_dir)["data_version"]
+    if version != cache.manifest["upstream"]["basket_samples"]:
+        return CheckOutcome(False, [f"{samples_dir} holds samples version {version}, the cache was built from "
+                                    f"{cache.manifest['upstream']['basket_samples']}: nothing to compare with"], {})
+    failures = refit_differences(cache, samples_dir)
+    details: dict = {"refit_tables": len(FITTED_ARRAYS) + 3, "refit_differences": len(failures)}
     frames = {s: scan_samples(samples_dir, s).collect() for s in SPLITS}
+    probe_failures, probe_details = _label_perturbation(cache, frames, n_probe, seed)
+    return CheckOutcome(not failures and not probe_failures, failures + probe_failures, details | probe_details)
+
+
+def refit_differences(cache: TensorCache, samples_dir: Path) -> list[str]:
+    """One line per fitted table of ``cache`` that differs from its refit on the train split of ``samples_dir``."""
+    train = scan_samples(samples_dir, "train").collect()
+    products = pl.read_parquet(samples_dir / PRODUCTS_FILE)
+    refit = fit_train_tables(train, products, CacheConfig(**cache.manifest["config"]))
+    out = []
+    for name in FITTED_ARRAYS:
+        cached, fresh = np.asarray(cache[name]), getattr(refit, name)
+        if cached.shape != fresh.shape:
+            out.append(f"{name}: shape {cached.shape}, refit on the train split {fresh.shape}")
+        elif np.issubdtype(fresh.dtype, np.integer):
+            if (bad := int((cached != fresh).sum())):
+                out.append(f"{name}: {bad:,} of {fresh.size:,} values differ from the refit on the train split")
+        else:
+            diff = np.abs(cached.astype(np.float64) - fresh.astype(np.float64))
+            if not diff.max(initial=0.0) <= FLOAT_TOLERANCE:  # NaN fails too
+                out.append(f"{name}: max |difference| {diff.max():.3g} ({int((diff > FLOAT_TOLERANCE).sum()):,} of "
+                           f"{fresh.size:,} values) from the refit on the train split")
+    for name, cached, fresh in (("vocabulary", cache.vocabulary(), refit.vocabulary),
+                                ("customers", cache.customers(), refit.customers),
+                                ("stores", cache.stores(), refit.stores)):
+        if cached.columns != fresh.columns or cached.height != fresh.height:
+            out.append(f"{name}: {cached.height} rows {cached.columns}, refit on the train split "
+                       f"{fresh.height} rows {fresh.columns}")
+        elif not cached.equals(fresh):
+            bad = cached.join(fresh, on=cached.columns, how="anti", nulls_equal=True)
+            out.append(f"{name}: {bad.height:,} of {cached.height:,} rows differ from the refit on the train split "
+                       f"(e.g. {bad.head(2).rows()})")
+    return out
+
+
+def _label_perturbation(cache: TensorCache, frames: dict[str, pl.DataFrame], n_probe: int,
+                        seed: int) -> tuple[list[str], dict]:
+    """Part 2 of :func:`check_leakage`: failures and details."""
     carded = pl.concat([f.select("basket_id", "cust_code").with_columns(pl.lit(s).alias("split"))
                         for s, f in frames.items()]).filter(pl.col("cust_code").is_not_null())
     # One basket per customer: a basket's labels may (and do) shape its customer's *later* baskets.
     probe = (carded.sample(fraction=1.0, shuffle=True, seed=seed).unique("cust_code", keep="first",
                                                                           maintain_order=True).head(n_probe))
-    probe_ids = probe.get_column("basket_id")
-    custs = probe.get_column("cust_code").unique()
-    subset = {s: f.filter(pl.col("cust_code").is_in(custs.implode())) for s, f in frames.items()}
-    home = customers.select("cust_code", "home_store")
+    details: dict = {"probed_baskets": int(probe.height)}
+    if probe.height == 0:
+        return ["no carded basket to probe: the label-perturbation check cannot run on these samples"], details
+    probe_ids = probe.get_column("basket_id").implode()
+    custs = probe.get_column("cust_code").unique().implode()
+    subset = {s: f.filter(pl.col("cust_code").is_in(custs)) for s, f in frames.items()}
+    home = cache.customers().select("cust_code", "home_store")
 
-    def recompute(perturb: bool) -> pl.DataFrame:
-        parts = []
-        for s, f in subset.items():
-            f = f.select("basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines",
-                         "spend", "cust_price_sensitivity", "cust_lifestage", *LABELS)
-            if perturb:
-                hit = pl.col("basket_id").is_in(probe_ids.implode())
-                f = f.with_columns(
-                    pl.when(hit).then(pl.col(lab).cast(pl.String).replace_strict(
-                        {c: codes[(i + 1) % len(codes)] for i, c in enumerate(codes)})).otherwise(
-                        pl.col(lab).cast(pl.String)).cast(f.schema[lab]).alias(lab)
-                    for lab, codes in ((c.lower(), LABEL_CODES[c]) for c in LABEL_COLUMNS)
-                )
-            parts.append(f.with_columns(pl.lit(s == "train").alias("is_train"), pl.col("cust_code").cast(pl.String),
-                                        pl.col("store_code").cast(pl.String)))
-        return trip_features(pl.concat(parts), home).filter(pl.col("basket_id").is_in(probe_ids.implode()))
+    def perturbed(f: pl.DataFrame) -> pl.DataFrame:
+        hit = pl.col("basket_id").is_in(probe_ids)
+        return f.with_columns(
+            pl.when(hit).then(pl.col(lab).cast(pl.String).replace_strict(
+                {c: codes[(i + 1) % len(codes)] for i, c in enumerate(codes)})).otherwise(
+                pl.col(lab).cast(pl.String)).cast(f.schema[lab]).alias(lab)
+            for lab, codes in ((c.lower(), LABEL_CODES[c]) for c in LABEL_COLUMNS)
+        )
 
-    cached_rows = []
+    cached_parts = []
     for s in SPLITS:
         a = cache.split(s)
         ids = np.asarray(a.basket_id)
+        order = np.argsort(ids)
         want = probe.filter(pl.col("split") == s).get_column("basket_id").to_numpy()
-        pos = np.searchsorted(ids, want, sorter=np.argsort(ids))
-        rows = np.argsort(ids)[pos]
-        cached_rows.append(pl.DataFrame({"basket_id": ids[rows], "__row": np.arange(len(rows))})
-                           .with_columns(pl.Series("__feat", np.asarray(a.trip[rows]).astype(np.float32))))
-    cached = pl.concat(cached_rows).sort("basket_id")
+        rows = order[np.searchsorted(ids, want, sorter=order)]
+        cached_parts.append((ids[rows], np.asarray(a.trip[rows]).astype(np.float32)))
+    cached_ids = np.concatenate([i for i, _ in cached_parts])
+    cached_feat = np.concatenate([f for _, f in cached_parts])[np.argsort(cached_ids)]
+    cached_ids = np.sort(cached_ids)
+    failures = []
     for perturb in (False, True):
-        fresh = recompute(perturb).sort("basket_id")
+        frames_in = {s: perturbed(f) if perturb else f for s, f in subset.items()}
+        fresh = trip_features_all(frames_in, home).filter(pl.col("basket_id").is_in(probe_ids)).sort("basket_id")
         fresh_np = fresh.drop("basket_id").to_numpy().astype(np.float16).astype(np.float32)
-        cached_np = np.stack(cached.get_column("__feat").to_list()) if cached.height else fresh_np
-        same = fresh.get_column("basket_id").equals(cached.get_column("basket_id")) and np.array_equal(
-            fresh_np, cached_np)
+        same = np.array_equal(fresh.get_column("basket_id").to_numpy(), cached_ids) and np.array_equal(
+            fresh_np, cached_feat)
         details["labels_perturbed" if perturb else "recomputed"] = bool(same)
         if not same:
             failures.append("trip features change when the basket's own labels change" if perturb
                             else "trip features recomputed from the samples differ from the cache")
-    details["probed_baskets"] = int(probe.height)
-    return CheckOutcome(not failures, failures, details)
+    return failures, details
