@@ -251,7 +251,7 @@ def child_raw_to_samples(spec: dict) -> dict:
 
 
 def child_samples_to_cache(spec: dict) -> dict:
-    from retailsim_pipeline.prep.cache import build_tensor_cache
+    from retailsim_pipeline.prep.cache_build import build_tensor_cache
 
     work = Path(spec["work_dir"])
     rss_after_imports = _vm_rss_mb()

@@ -182,6 +182,14 @@ class SplitConfig(BaseModel):
         return self
 
 
+#: Widths fixed by the feature definitions in ``prep/features.py`` (each column is a named feature:
+#: temporal = harmonics, one-hots and trend; trip = past label mix, recency, cold-start bucket, card,
+#: store, daypart). A different width needs a different definition, not a setting, so
+#: :class:`CacheConfig` accepts only these values for ``temporal_dim`` and ``trip_dim``.
+TEMPORAL_WIDTH = 64
+TRIP_WIDTH = 48
+
+
 class CacheConfig(BaseModel):
     """Dimensions and fitting choices of the tensor cache (DESIGN §4; dims from the seeds)."""
 
@@ -192,9 +200,10 @@ class CacheConfig(BaseModel):
     customer_history_dim: int = Field(160, description="Seed: customer context = history 160 + profile 32.")
     customer_profile_dim: int = 32
     store_dim: int = Field(96, description="Seed: store context 96.")
-    temporal_dim: int = Field(64, description="Seed: temporal context 64.")
-    trip_dim: int = Field(48, description="Seed: trip context 48.")
-    price_dim: int = Field(64, description="Seed: price features 64 per line, computed on the fly.")
+    temporal_dim: int = Field(TEMPORAL_WIDTH, description="Seed: temporal context 64 (fixed by its definition).")
+    trip_dim: int = Field(TRIP_WIDTH, description="Seed: trip context 48 (fixed by its definition).")
+    price_dim: int = Field(64, ge=4, description="Seed: price features 64 per line, computed on the fly; a "
+                                                  "multiple of 4 (sin and cos of ratio and price).")
     ppmi_smoothing: float = Field(
         0.75, description="Context-distribution smoothing of PPMI (Levy et al. 2015): tames rare products."
     )
@@ -202,9 +211,30 @@ class CacheConfig(BaseModel):
     history_items: int = Field(32, ge=1, description="Most bought train products kept per customer (the "
                                                     "model's per-customer memory).")
 
+    @model_validator(mode="after")
+    def _widths(self) -> "CacheConfig":
+        for name, fixed in (("temporal_dim", TEMPORAL_WIDTH), ("trip_dim", TRIP_WIDTH)):
+            if getattr(self, name) != fixed:
+                raise ValueError(f"{name} = {getattr(self, name)}: the {name[:-4]} features have exactly {fixed} "
+                                 f"columns, fixed by their definition in prep/features.py; leave it at {fixed}")
+        if self.price_dim % 4:
+            raise ValueError(f"price_dim = {self.price_dim}: must be a multiple of 4 (sin and cos of the price "
+                             "ratio and of the product's price, each at price_dim / 4 frequencies)")
+        return self
+
     @property
     def cooccurrence_dim(self) -> int:
         return self.product_dim - 4 * self.hierarchy_dim_per_level
+
+    @property
+    def customer_dim(self) -> int:
+        """Width of a customer_context row: history + profile."""
+        return self.customer_history_dim + self.customer_profile_dim
+
+    @property
+    def context_dim(self) -> int:
+        """Width of a sample's context vector: customer | temporal | store | trip."""
+        return self.customer_dim + self.temporal_dim + self.store_dim + self.trip_dim
 
 
 def config_hash(*models: BaseModel) -> str:

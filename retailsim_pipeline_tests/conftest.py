@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from retailsim_pipeline.config import DataPaths, generator_preset
-from retailsim_pipeline.prep.cache import build_tensor_cache
+from retailsim_pipeline.prep.cache_build import build_tensor_cache
 from retailsim_pipeline.prep.generator import generate
 from retailsim_pipeline.prep.ingest import ingest_weekly_file
 from retailsim_pipeline.prep.samples import build_basket_samples

@@ -6,7 +6,8 @@ import dagster as dg
 
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
-from retailsim_pipeline.prep.cache import TensorCache, check_leakage, check_manifest
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.cache_checks import check_leakage, check_manifest
 from retailsim_pipeline.prep.samples import SPLITS, scan_samples
 
 
@@ -43,8 +44,9 @@ def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckR
     )
 
 
-@dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: everything fitted comes from train weeks only, "
-                "and changing a basket's labels leaves its features unchanged.")
+@dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: every fitted table (vocabulary, embeddings, "
+                "prices, customer and store tables, customer history), refit from the train split alone, equals "
+                "the cached one; and changing a basket's labels leaves its features unchanged.")
 def no_leakage(context: dg.AssetCheckExecutionContext, retailsim_data: RetailSimData) -> dg.AssetCheckResult:
     outcome = check_leakage(_latest_cache(context), retailsim_data.paths().samples)
     return dg.AssetCheckResult(

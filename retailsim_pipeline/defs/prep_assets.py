@@ -7,7 +7,8 @@ from retailsim_pipeline.defs.ingest_assets import failed_weeks, raw_transactions
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
 from retailsim_pipeline.defs.resources import RetailSimData, writer_lock
 from retailsim_pipeline.defs.settings import CacheSettings, SplitSettings
-from retailsim_pipeline.prep.cache import CACHE_FORMAT, build_tensor_cache
+from retailsim_pipeline.prep.cache import CACHE_FORMAT
+from retailsim_pipeline.prep.cache_build import build_tensor_cache
 from retailsim_pipeline.prep.samples import SPLITS, build_basket_samples, read_samples
 
 SAMPLES_CODE_VERSION = "1"

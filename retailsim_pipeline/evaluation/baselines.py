@@ -26,6 +26,7 @@ import torch
 
 from retailsim_pipeline.config import N_SPECIAL
 from retailsim_pipeline.prep.cache import SplitArrays
+from retailsim_pipeline.prep.fitting import customer_product_counts
 
 
 class Scorer(Protocol):
@@ -86,13 +87,8 @@ class PersonalFrequencyScorer:
         self.customer_index = np.asarray(scored.customer_index, dtype=np.int64)  # [N_scored]
         train_customer = np.asarray(train.customer_index, dtype=np.int64)  # [N_train]
         n_customers = int(max(train_customer.max(initial=0), self.customer_index.max(initial=0))) + 1
-        line_customer = np.repeat(train_customer, np.diff(np.asarray(train.offsets, dtype=np.int64)))  # [L]
-        tokens = np.asarray(train.tokens, dtype=np.int64)
-        keep = (line_customer > 0) & (tokens >= N_SPECIAL)  # row 0 = no identity, no history
-        # [C, V] lines bought per customer and product (duplicates summed by the constructor)
-        self.history = sp.csr_matrix((np.ones(int(keep.sum())), (line_customer[keep], tokens[keep])),
-                                     shape=(n_customers, vocab_size))
-        self.history.sum_duplicates()
+        # [C, V] train lines bought per customer and product; row 0 = no identity, no history
+        self.history = customer_product_counts(train_customer, train.offsets, train.tokens, n_customers, vocab_size)
         self._fallback = _below_one(train_counts(train, vocab_size))  # [V] in [0, 1)
 
     def score(self, sample: np.ndarray, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> torch.Tensor:

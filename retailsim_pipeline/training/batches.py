@@ -23,9 +23,11 @@ Contract
   loss); a basket of length 1 is chosen with probability ``mask_prob`` like any position. Chosen
   positions: 80 % → MASK, 10 % → a random product token, 10 % → unchanged (BERT). ``mask_prob=0``
   chooses nothing at all (unmasked inputs, e.g. for embedding extraction).
-* **Price.** ``price_features(line_log_price_ratio, product_log_price[token])`` of the line, zero at
-  padding and at chosen positions: a line's price would give its product away.
-* **Context.** customer_context[customer] | temporal | store_context[store] | trip → [B, 400] float32.
+* **Price.** ``price_features(line_log_price_ratio, product_log_price[token], price width)`` of the
+  line, zero at padding and at chosen positions: a line's price would give its product away. The
+  width is the cache's (``cache.widths["price"]``, 64 by default).
+* **Context.** customer_context[customer] | temporal | store_context[store] | trip → [B, 400] float32
+  (``cache.widths["context"]``).
 
 Everything is gathered with vectorized numpy indexing — no Python loop over samples. The small
 per-sample arrays (offsets, lengths, customer/store index, labels) and the small tables (customer,
@@ -42,18 +44,19 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.config import BATCH_LENGTH_BOUNDS, MASK, N_SPECIAL, PAD
-from retailsim_pipeline.prep.cache import TensorCache, price_features
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.features import price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger(__name__)
 
-PRICE_DIM = 64  # Batch.price's last dimension
 #: Of the chosen positions: this share becomes MASK, the next share a random product, the rest unchanged.
 MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1
 
 
-def _price_tables(product_log_price: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What :func:`price_features` needs per batch, precomputed: ([V, 32] product half, [16] ratio frequencies).
+def _price_tables(product_log_price: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`price_features` needs per batch, precomputed: ([V, dim / 2] product half,
+    [dim / 4] ratio frequencies).
 
     ``price_features`` encodes the line's log price ratio in its first half and the product's log
     price in its second, each half depending on its own input only. The product half is a function
@@ -62,15 +65,15 @@ def _price_tables(product_log_price: np.ndarray) -> tuple[np.ndarray, np.ndarray
     frequencies are checked against ``price_features`` here, so a change of the encoding in the
     cache module fails loudly instead of silently diverging.
     """
-    q = PRICE_DIM // 4
+    q = dim // 4
     zeros = np.zeros(len(product_log_price), np.float32)
-    product_code = np.ascontiguousarray(price_features(zeros, product_log_price, PRICE_DIM)[:, 2 * q:])
+    product_code = np.ascontiguousarray(price_features(zeros, product_log_price, dim)[:, 2 * q:])
     freqs = (2.0 ** np.arange(q, dtype=np.float32)) * np.float32(np.pi / 4)
     probe = np.linspace(-3, 3, 257, dtype=np.float32)
     angle = probe[:, None] * freqs
     if not np.array_equal(np.concatenate([np.sin(angle), np.cos(angle)], axis=1),
-                          price_features(probe, np.zeros_like(probe), PRICE_DIM)[:, :2 * q]):
-        raise RuntimeError("prep.cache.price_features changed its ratio encoding; update "
+                          price_features(probe, np.zeros_like(probe), dim)[:, :2 * q]):
+        raise RuntimeError("prep.features.price_features changed its ratio encoding; update "
                            "training.batches._price_tables to match")
     return product_code, freqs
 
@@ -126,9 +129,9 @@ class BatchAssembler:
         self._store_context = np.ascontiguousarray(cache.store_context, dtype=np.float32)  # [S, 96]
         self._product_log_price = np.ascontiguousarray(cache.product_log_price, dtype=np.float32)  # [V]
         self.vocab_size = len(self._product_log_price)
-        self._product_price_code, self._ratio_freqs = _price_tables(self._product_log_price)
-        self.context_dim = (self._customer_context.shape[1] + self._temporal.shape[1]
-                            + self._store_context.shape[1] + self._trip.shape[1])
+        self.price_dim = cache.widths["price"]
+        self._product_price_code, self._ratio_freqs = _price_tables(self._product_log_price, self.price_dim)
+        self.context_dim = cache.widths["context"]
 
         n = len(self._lengths)
         if max_samples is not None and max_samples < n:
@@ -209,13 +212,14 @@ class BatchAssembler:
 
         # Price only where the product is visible: real and not chosen.
         keep = ~chosen
-        visible = np.empty((int(keep.sum()), PRICE_DIM), dtype=np.float32)  # [K, 64]
-        angle = self._log_ratio[line[keep]][:, None] * self._ratio_freqs  # [K, 16]
-        q = PRICE_DIM // 4
+        P = self.price_dim  # price feature width
+        visible = np.empty((int(keep.sum()), P), dtype=np.float32)  # [K, P]
+        angle = self._log_ratio[line[keep]][:, None] * self._ratio_freqs  # [K, P / 4]
+        q = P // 4
         np.sin(angle, out=visible[:, :q])
         np.cos(angle, out=visible[:, q:2 * q])
         np.take(self._product_price_code, original[keep], axis=0, out=visible[:, 2 * q:])
-        price = np.zeros((B * S, PRICE_DIM), dtype=np.float32)
+        price = np.zeros((B * S, P), dtype=np.float32)
         price[flat[keep]] = visible
 
         context = np.concatenate([
@@ -243,7 +247,7 @@ class BatchAssembler:
             tokens=torch.from_numpy(tokens.reshape(B, S)),
             targets=torch.from_numpy(targets.reshape(B, S)),
             attention_mask=torch.from_numpy(valid),
-            price=torch.from_numpy(price.reshape(B, S, PRICE_DIM)),
+            price=torch.from_numpy(price.reshape(B, S, P)),
             context=torch.from_numpy(context),
             labels=torch.from_numpy(self._labels[idx]),
             index=torch.from_numpy(idx.copy()),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retailsim_pipeline.config import TrainingConfig
+from retailsim_pipeline.config import ModelConfig, TrainingConfig
 from retailsim_pipeline.model.losses import WorldModelLoss
 from retailsim_pipeline.model.world_model import WorldModel, count_parameters, no_decay_parameter_names
 from retailsim_pipeline.config import N_SPECIAL
@@ -87,9 +87,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_config_for_cache(model: ModelConfig, cache: TensorCache) -> ModelConfig:
+    """``model`` with the sizes the cache dictates: ``n_products`` (vocabulary), ``product_dim``,
+    ``price_dim`` and ``context_dim`` (the manifest's ``widths``).
+
+    A field left at its default is set from the cache; a field set to another value that disagrees
+    with the cache is an error (defaults cannot be told from explicit values after a config's JSON
+    round trip through the training process, so "supplied" means "not the default").
+    """
+    dictated = {"n_products": int(cache.manifest["sizes"]["vocab"]), "product_dim": cache.widths["product"],
+                "price_dim": cache.widths["price"], "context_dim": cache.widths["context"]}
+    clashes = [f"{name} = {getattr(model, name)} but the cache has {value}" for name, value in dictated.items()
+               if getattr(model, name) != ModelConfig.model_fields[name].default and getattr(model, name) != value]
+    if clashes:
+        raise ValueError(f"the model config disagrees with the tensor cache {cache.path}: {'; '.join(clashes)}. "
+                         "Leave these fields unset (they are read from the cache) or rebuild the cache "
+                         "with a CacheConfig of those widths")
+    return model.model_copy(update=dictated)
+
+
 def build_model(config: TrainingConfig, cache: TensorCache) -> WorldModel:
-    """The world model sized to the cache's vocabulary, with its frozen product table."""
-    model_cfg = config.model.model_copy(update={"n_products": int(cache.product_embeddings.shape[0])})
+    """The world model sized to the cache (:func:`model_config_for_cache`), with its frozen product table."""
+    model_cfg = model_config_for_cache(config.model, cache)
     return WorldModel(model_cfg, product_embeddings=np.array(cache.product_embeddings))  # a writable copy
 
 

@@ -55,7 +55,7 @@ def _hold(module: str, name: str, at_call: int = 1) -> str:
 #: In the middle of a partition run (the 4th week's ingest), and with the cache's temporary folder
 #: complete but not yet renamed.
 HOLD = {"ingest": _hold("retailsim_pipeline.defs.ingest_assets", "ingest_weekly_file", at_call=4),
-        "cache": _hold("retailsim_pipeline.prep.cache", "_publish")}
+        "cache": _hold("retailsim_pipeline.prep.cache_build", "_publish")}
 
 
 def _start(paths, select: str, *args: str, code: str | None = None) -> subprocess.Popen:

@@ -111,10 +111,10 @@ def test_layers_depend_one_way():
      "evaluation imports training.trainer"),
     ("training/trainer.py", "import dagster_pipes", "imports dagster_pipes"),
     ("training/run.py", "import mlflow", "imports mlflow"),
-    ("evaluation/metrics.py", "from retailsim_pipeline.prep.cache import _publish",
+    ("evaluation/metrics.py", "from retailsim_pipeline.prep.cache_build import _publish",
      "imports the private name _publish"),
-    ("evaluation/metrics.py", "import retailsim_pipeline.prep.cache as cache_mod\nX = cache_mod._publish",
-     "reads the private name cache_mod._publish"),
+    ("evaluation/metrics.py", "import retailsim_pipeline.prep.cache_build as build_mod\nX = build_mod._publish",
+     "reads the private name build_mod._publish"),
 ])
 def test_a_planted_violation_is_caught(tmp_path, file, line, expected):
     copy = tmp_path / "retailsim_pipeline"

@@ -80,7 +80,7 @@ def test_the_cache_vocabulary_puts_the_special_tokens_at_their_ids():
     import polars as pl
 
     from retailsim_pipeline.config import SPECIAL_CODES
-    from retailsim_pipeline.prep.cache import build_vocabulary
+    from retailsim_pipeline.prep.fitting import build_vocabulary
 
     train = pl.LazyFrame({"products": [["B", "A"], ["A"]]})
     products = pl.DataFrame({"PROD_CODE": ["A", "B"], "first_week": [1, 1], "last_week": [2, 2]})

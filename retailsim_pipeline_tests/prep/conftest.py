@@ -15,3 +15,11 @@ def week_copy(real_week_file, tmp_path) -> Path:
     dest.parent.mkdir()
     shutil.copyfile(real_week_file, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_prepped):
+    """The session's tiny tensor cache, opened (read-only: copy it before changing anything)."""
+    from retailsim_pipeline.prep.cache import TensorCache
+
+    return TensorCache.latest(tiny_prepped.cache)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
-from retailsim_pipeline.prep.cache import TensorCache, price_features
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.features import price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -65,6 +66,19 @@ def test_pads_only_to_the_batchs_longest(cache, train):
     short, long_ = int(np.argmin(lengths)), int(np.argmax(lengths))
     b = train.assemble(np.array([short, long_]), mask_prob=0.15, mask_seed=(0,))
     assert b.tokens.shape == (2, lengths[long_])
+
+
+def test_unmasked_tokens_are_the_baskets_padded_with_pad(cache):
+    """Without masking a batch's tokens are each basket's CSR slice, then PAD (any order of rows)."""
+    val = BatchAssembler(cache, "validation", batch_size=8, shuffle=False)
+    a = cache.split("validation")
+    idx = np.array([0, 5, 3, len(a) - 1])
+    b = val.assemble(idx, mask_prob=0.0, mask_seed=(0,))
+    assert (b.targets == IGNORE_INDEX).all()
+    for row, i in enumerate(idx):
+        seq = np.asarray(a.tokens[a.offsets[i]:a.offsets[i + 1]])
+        tokens = b.tokens[row].numpy()
+        assert np.array_equal(tokens[: len(seq)], seq) and np.all(tokens[len(seq):] == PAD)
 
 
 def test_bucket_membership_and_every_sample_once(cache, train):
@@ -173,11 +187,11 @@ def test_price_and_context_match_a_per_sample_reference(cache, train):
         for row, i in enumerate(idx):
             lo, hi = int(a.offsets[i]), int(a.offsets[i + 1])
             tok = np.asarray(a.tokens[lo:hi])
-            expect = np.zeros((b.tokens.shape[1], 64), np.float32)
+            expect = np.zeros((b.tokens.shape[1], cache.widths["price"]), np.float32)
             for j in range(hi - lo):
                 if b.targets[row, j] == IGNORE_INDEX:
                     expect[j] = price_features(np.asarray([a.line_log_price_ratio[lo + j]]),
-                                               np.asarray([log_price[tok[j]]]))[0]
+                                               np.asarray([log_price[tok[j]]]), cache.widths["price"])[0]
             np.testing.assert_allclose(b.price[row].numpy(), expect, rtol=0, atol=1e-6)
             context = np.concatenate([
                 cache.customer_context[a.customer_index[i]], a.temporal[i].astype(np.float32),

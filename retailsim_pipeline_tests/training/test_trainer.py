@@ -7,17 +7,20 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import retailsim_pipeline.training.trainer as trainer_mod
-from retailsim_pipeline.config import TrainingConfig, training_preset
+from retailsim_pipeline.config import CacheConfig, TrainingConfig, training_preset
 from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.cache_build import build_tensor_cache
+from retailsim_pipeline.training.batches import BatchAssembler
 from retailsim_pipeline.training.checkpoint import LAST, load_checkpoint, save_checkpoint
 from retailsim_pipeline.training.run import apply_overrides
 from retailsim_pipeline.model.losses import PHASES
 from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_lr, phase_plan
-from retailsim_pipeline.training.trainer import Trainer, TrainingAborted
+from retailsim_pipeline.training.trainer import Trainer, TrainingAborted, build_model
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,24 @@ def _config(**overrides) -> TrainingConfig:
     base = training_preset("tiny").model_copy(update={"val_every": 1000, "log_every": 1000,
                                                         "checkpoint_every": 1000})
     return apply_overrides(base, overrides)
+
+
+def test_the_model_is_sized_from_the_cache(tiny_prepped, tmp_path):
+    """n_products, product_dim, price_dim and context_dim come from the cache; a contradiction is refused."""
+    narrow = TensorCache.open(build_tensor_cache(
+        tiny_prepped.samples, tmp_path / "cache",
+        CacheConfig(product_dim=128, hierarchy_dim_per_level=8, price_dim=32, store_dim=80)).path)
+    model = build_model(_config(), narrow)
+    assert (model.config.n_products, model.config.product_dim, model.config.price_dim, model.config.context_dim) \
+        == (narrow.product_embeddings.shape[0], 128, 32, 192 + 64 + 80 + 48)
+    batch = BatchAssembler(narrow, "train", batch_size=8, shuffle=False).assemble(
+        np.arange(8), mask_prob=0.15, mask_seed=(0,))
+    assert batch.price.shape[2] == 32 and batch.context.shape[1] == 384
+    assert torch.isfinite(model(**batch.model_inputs(), predict_mask=batch.predict_mask)["product_logits"]).all()
+    with pytest.raises(ValueError, match="price_dim = 48 but the cache has 32.*Leave these fields unset"):
+        build_model(_config(**{"model.price_dim": 48}), narrow)
+    same = _config(**{"model.product_dim": 128})  # explicit and agreeing: fine
+    assert build_model(same, narrow).config.product_dim == 128
 
 
 def test_the_schedule_follows_the_seed():

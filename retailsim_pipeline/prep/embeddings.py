@@ -1,0 +1,98 @@
+"""Product embeddings fitted on train baskets: PPMI of co-occurrence, randomized SVD, hierarchy codes.
+
+See :func:`build_product_embeddings` for the method. Seeded throughout: the same train baskets and
+config give the same table bit for bit (the leakage check rebuilds it and compares).
+"""
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, UNK, CacheConfig
+
+
+def _randomized_svd(m: sp.csr_matrix, k: int, seed: int, n_iter: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` left singular vectors and values of a sparse matrix (Halko et al. 2011), deterministic."""
+    rng = np.random.default_rng(seed)
+    n = m.shape[1]
+    k = min(k, min(m.shape))
+    q = m @ rng.standard_normal((n, k + 10))
+    q, _ = np.linalg.qr(q)
+    for _ in range(n_iter):
+        q, _ = np.linalg.qr(m.T @ q)
+        q, _ = np.linalg.qr(m @ q)
+    b = q.T @ m
+    u_b, s, _ = np.linalg.svd(np.asarray(b), full_matrices=False)
+    u = (q @ u_b)[:, :k]
+    s = s[:k]
+    # Fix each vector's sign (largest component positive) so the embedding is reproducible.
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    return u * signs, s
+
+
+def build_product_embeddings(
+    offsets: np.ndarray, tokens: np.ndarray, vocab: pl.DataFrame, config: CacheConfig
+) -> np.ndarray:
+    """Product embeddings [V, 256] float32 from train baskets.
+
+    Method (documented for the README):
+
+    1. Co-occurrence counts ``C = Xᵀ X`` of the basket × product incidence matrix of train baskets
+       (diagonal removed), i.e. how often two products share a basket.
+    2. Positive PMI with context-distribution smoothing α = 0.75 (Levy, Goldberg & Dagan 2015):
+       ``PPMI(i, j) = max(0, log P(i, j) / (P(i) P_α(j)))``.
+    3. Randomized truncated SVD of the PPMI matrix; a product's co-occurrence vector is
+       ``U_k √S_k``, L2-normalised (192 dims by default; rank at most a quarter of the products, the
+       rest zero, so small vocabularies are still compressed).
+    4. Hierarchy: for each of the 4 levels (CL, DEP, G, D) the mean co-occurrence vector of the
+       product's group, projected by a fixed random Gaussian matrix to 16 dims and normalised, so
+       rare products borrow strength from their class (64 dims).
+
+    PAD and MASK rows are zero (the model learns its own MASK embedding); UNK is the mean product.
+    """
+    v = vocab.height
+    k = config.cooccurrence_dim
+    n_baskets = len(offsets) - 1
+    rows = np.repeat(np.arange(n_baskets), np.diff(offsets))
+    real = tokens >= N_SPECIAL  # special tokens never co-occur
+    x = sp.csr_matrix((np.ones(int(real.sum()), np.float32), (rows[real], tokens[real])), shape=(n_baskets, v))
+    x.sum_duplicates()
+    x.data = np.minimum(x.data, 1.0)  # a product counted once per basket
+    c = (x.T @ x).tocsr().astype(np.float64)
+    c.setdiag(0)
+    c.eliminate_zeros()
+    total = c.sum()
+    emb = np.zeros((v, config.product_dim), dtype=np.float32)
+    if total > 0:
+        row_sum = np.asarray(c.sum(axis=1)).ravel()
+        ctx = row_sum**config.ppmi_smoothing
+        ctx = ctx / ctx.sum()
+        coo = c.tocoo()
+        pmi = np.log(coo.data / total) - np.log(row_sum[coo.row] / total) - np.log(ctx[coo.col])
+        keep = pmi > 0
+        ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=(v, v))
+        # The truncation is what makes products that share contexts similar: a near-full-rank SVD
+        # of a small vocabulary would reproduce the PPMI rows and keep every product orthogonal.
+        rank = min(k, max(16, (v - N_SPECIAL) // 4))
+        u, s = _randomized_svd(ppmi, rank, config.seed)
+        cooc = u * np.sqrt(s)
+        norms = np.linalg.norm(cooc, axis=1, keepdims=True)
+        cooc = np.divide(cooc, norms, out=np.zeros_like(cooc), where=norms > 0)
+        emb[:, : cooc.shape[1]] = cooc
+    rng = np.random.default_rng(config.seed + 1)
+    h = config.hierarchy_dim_per_level
+    for level, col in enumerate(("PROD_CODE_10", "PROD_CODE_20", "PROD_CODE_30", "PROD_CODE_40")):
+        groups = vocab.get_column(col).fill_null("<none>").to_numpy()
+        _, group_idx = np.unique(groups, return_inverse=True)
+        sums = np.zeros((group_idx.max() + 1, k), dtype=np.float64)
+        np.add.at(sums, group_idx[N_SPECIAL:], emb[N_SPECIAL:, :k])
+        proj = rng.standard_normal((k, h)) / np.sqrt(k)
+        code = sums[group_idx] @ proj
+        norms = np.linalg.norm(code, axis=1, keepdims=True)
+        code = np.divide(code, norms, out=np.zeros_like(code), where=norms > 0)
+        emb[:, k + level * h: k + (level + 1) * h] = code
+    emb[PAD] = 0.0
+    emb[MASK] = 0.0
+    emb[UNK] = emb[N_SPECIAL:].mean(axis=0) if v > N_SPECIAL else 0.0
+    return emb

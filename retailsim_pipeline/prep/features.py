@@ -1,0 +1,193 @@
+"""Feature functions of the tensor cache: pure functions of arrays and frames, nothing fitted.
+
+Shared by the cache builder (:mod:`~retailsim_pipeline.prep.cache_build`), the batch assembly
+(price features are computed per batch, not stored) and, later, the serving code; none reads a file
+or a fitted table beyond what it is handed.
+
+* :func:`price_features` — Fourier code of a line's price, [..., price_dim].
+* :func:`temporal_features` — when the basket happens, [N, 64].
+* :func:`trip_features` — what is known about the trip before its basket is filled, [N, 48]; its
+  history counts only *train* baskets strictly before the basket, so no basket's labels reach its own
+  features (:func:`~retailsim_pipeline.prep.cache_checks.check_leakage` perturbs labels to verify it).
+"""
+
+import numpy as np
+import polars as pl
+
+from retailsim_pipeline.config import TEMPORAL_WIDTH, TRIP_WIDTH
+from retailsim_pipeline.prep.samples import LABELS
+from retailsim_pipeline.prep.schema import (
+    FIRST_WEEK,
+    LABEL_CODES,
+    LIFESTAGE_CODES,
+    PRICE_SENSITIVITY_CODES,
+    STORE_FORMAT_CODES,
+    WEEKS_PER_YEAR,
+)
+
+def price_features(log_ratio: np.ndarray, log_price: np.ndarray, dim: int) -> np.ndarray:
+    """Fourier encoding of a line's price: [..., dim] float32 (``dim``: ``CacheConfig.price_dim``, the
+    cache manifest's ``widths["price"]``; a multiple of 4).
+
+    First half: the log of the unit price relative to the product's train median (promotions,
+    store price levels); second half: the product's log median price (budget vs premium). Each is
+    encoded as sin/cos at ``dim // 4`` geometric frequencies, so nearby prices get nearby codes.
+    """
+    if dim < 4 or dim % 4:
+        raise ValueError(f"price feature width {dim} is not a positive multiple of 4")
+    quarter = dim // 4
+    freqs_ratio = (2.0 ** np.arange(quarter, dtype=np.float32)) * np.float32(np.pi / 4)  # ratio in ~[-2, 2]
+    freqs_price = (2.0 ** np.arange(quarter, dtype=np.float32)) * np.float32(np.pi / 16)  # log £ in ~[-3, 4]
+    r = np.asarray(log_ratio, dtype=np.float32)[..., None] * freqs_ratio
+    p = np.asarray(log_price, dtype=np.float32)[..., None] * freqs_price
+    return np.concatenate([np.sin(r), np.cos(r), np.sin(p), np.cos(p)], axis=-1).astype(np.float32)
+
+
+def temporal_features(
+    week_idx: np.ndarray, day_of_year: np.ndarray, month: np.ndarray, weekday: np.ndarray, hour: np.ndarray,
+    trend_scale: float,
+) -> np.ndarray:
+    """When the basket happens: [N, TEMPORAL_WIDTH = 64] float32.
+
+    day of year sin/cos k = 1..4 (8) · fiscal week of year sin/cos k = 1..3 (6) · weekday one-hot (7)
+    + sin/cos (2) · weekend flag (1) · hour one-hot (24) + sin/cos (2) · month one-hot (12) ·
+    trend = weeks since 200607 / ``trend_scale`` and its square (2).
+    """
+    n = len(week_idx)
+    out = np.zeros((n, TEMPORAL_WIDTH), dtype=np.float32)
+    doy = 2 * np.pi * np.asarray(day_of_year, np.float32) / 365.25
+    woy = 2 * np.pi * ((np.asarray(week_idx) + 6) % 52).astype(np.float32) / 52
+    col = 0
+    for k in range(1, 5):
+        out[:, col], out[:, col + 1] = np.sin(k * doy), np.cos(k * doy)
+        col += 2
+    for k in range(1, 4):
+        out[:, col], out[:, col + 1] = np.sin(k * woy), np.cos(k * woy)
+        col += 2
+    wd = np.asarray(weekday, np.int64)
+    out[np.arange(n), col + wd - 1] = 1.0
+    col += 7
+    ang = 2 * np.pi * (wd - 1) / 7
+    out[:, col], out[:, col + 1] = np.sin(ang), np.cos(ang)
+    out[:, col + 2] = (wd == 1) | (wd == 7)
+    col += 3
+    hr = np.asarray(hour, np.int64)
+    out[np.arange(n), col + hr] = 1.0
+    col += 24
+    ang = 2 * np.pi * hr / 24
+    out[:, col], out[:, col + 1] = np.sin(ang), np.cos(ang)
+    col += 2
+    out[np.arange(n), col + np.asarray(month, np.int64) - 1] = 1.0
+    col += 12
+    trend = np.asarray(week_idx, np.float32) / max(trend_scale, 1.0)
+    out[:, col], out[:, col + 1] = trend, trend**2
+    assert col + 2 == TEMPORAL_WIDTH, col + 2
+    return out
+
+
+
+def week_index_expr(week: pl.Expr) -> pl.Expr:
+    """Vectorized :func:`schema.week_index`: weeks since 200607."""
+    w = week.cast(pl.Int64)
+    return (w // 100 - FIRST_WEEK // 100) * WEEKS_PER_YEAR + w % 100 - FIRST_WEEK % 100
+
+
+def one_hot_exprs(col: str, codes: tuple[str, ...], prefix: str) -> list[pl.Expr]:
+    """One float column per code; works on Enum columns (compared without building strings) and String."""
+    return [(pl.col(col) == c).fill_null(False).cast(pl.Float32).alias(f"{prefix}_{c}") for c in codes]
+
+
+_TRIP_HISTORY_LABELS = {
+    "basket_type": LABEL_CODES["BASKET_TYPE"],
+    "basket_dominant_mission": LABEL_CODES["BASKET_DOMINANT_MISSION"],
+    "basket_size": LABEL_CODES["BASKET_SIZE"],
+    "basket_price_sensitivity": LABEL_CODES["BASKET_PRICE_SENSITIVITY"],
+}
+
+
+def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFrame:
+    """What is known about a trip before its basket is filled: ``basket_id`` + TRIP_WIDTH = 48 float columns.
+
+    ``samples`` holds the baskets of every split (columns of ``basket_samples`` plus ``is_train``);
+    a customer's history comes from their *train* baskets strictly before this one (by date, hour,
+    basket id), never from the basket itself, so its own labels cannot leak in.
+
+    past mix of basket_type (4), dominant mission (5), size (3), price sensitivity (4) · log1p days
+    since the last train trip, has-previous flag, log1p past trips (3) · cold-start bucket one-hot:
+    anonymous, 0, 1–2, 3–9, 10+ trips (5) · carded flag + price-sensitivity (4) and lifestage (7)
+    one-hots of the card (12) · store format one-hot (4) + at-home-store flag (1) · hour bucket:
+    < 11, 11–14, 14–17, ≥ 17 (4) · weekend flag (1) · past mean lines and spend per trip, log1p (2).
+    """
+    carded = pl.col("cust_code").is_not_null()
+    train = pl.col("is_train").cast(pl.Float32)
+    hist_cols, indicator_cols = [], []
+    df = samples.sort("cust_code", "date", "hour", "basket_id", nulls_last=True).with_columns(
+        (pl.col("spend").list.sum()).alias("__spend"),
+    )
+    exprs = []
+    for label, codes in _TRIP_HISTORY_LABELS.items():
+        for code in codes:
+            name = f"__ind_{label}_{code}"
+            exprs.append(((pl.col(label) == code).fill_null(False).cast(pl.Float32) * train).alias(name))
+            indicator_cols.append(name)
+    exprs += [train.alias("__ind_trips"), (pl.col("n_lines").cast(pl.Float32) * train).alias("__ind_lines"),
+              (pl.col("__spend").cast(pl.Float32) * train).alias("__ind_spend")]
+    df = df.with_columns(exprs)
+    # Exclusive cumulative sums per customer: history strictly before this basket.
+    past = [(pl.col(c).cum_sum().over("cust_code") - pl.col(c)).alias(c.replace("__ind_", "__past_"))
+            for c in [*indicator_cols, "__ind_trips", "__ind_lines", "__ind_spend"]]
+    df = df.with_columns(past).with_columns(
+        pl.when(pl.col("is_train")).then(pl.col("date")).otherwise(None).shift(1).forward_fill()
+        .over("cust_code").alias("__last_train_date")
+    )
+    n_past = pl.col("__past_trips")
+    safe = pl.max_horizontal(n_past, pl.lit(1.0))
+    for label, codes in _TRIP_HISTORY_LABELS.items():
+        for code in codes:
+            hist_cols.append((pl.col(f"__past_{label}_{code}") / safe).alias(f"past_{label}_{code}"))
+    days = (pl.col("date") - pl.col("__last_train_date")).dt.total_days().cast(pl.Float32)
+    hour = pl.col("hour")
+    weekday = pl.col("weekday")
+    # Anonymous baskets share the null key, so their cumulative sums are meaningless: zero them.
+    history = [
+        *hist_cols,
+        pl.when(days.is_not_null()).then(days.log1p()).otherwise(0.0).alias("log_days_since_last"),
+        days.is_not_null().cast(pl.Float32).alias("has_previous"),
+        n_past.log1p().alias("log_past_trips"),
+        (pl.col("__past_lines") / safe).log1p().alias("past_mean_lines"),
+        (pl.col("__past_spend") / safe).log1p().alias("past_mean_spend"),
+    ]
+    history = [pl.when(carded).then(f).otherwise(0.0).cast(pl.Float32).alias(f.meta.output_name())
+               for f in history]
+    context = [
+        (~carded).cast(pl.Float32).alias("bucket_anonymous"),
+        (carded & (n_past == 0)).cast(pl.Float32).alias("bucket_0"),
+        (carded & n_past.is_between(1, 2)).cast(pl.Float32).alias("bucket_1_2"),
+        (carded & n_past.is_between(3, 9)).cast(pl.Float32).alias("bucket_3_9"),
+        (carded & (n_past >= 10)).cast(pl.Float32).alias("bucket_10p"),
+        carded.cast(pl.Float32).alias("carded"),
+        *one_hot_exprs("cust_price_sensitivity", PRICE_SENSITIVITY_CODES, "card_ps"),
+        *one_hot_exprs("cust_lifestage", LIFESTAGE_CODES, "card_ls"),
+        *one_hot_exprs("store_format", STORE_FORMAT_CODES, "store_format"),
+        (pl.col("store_code") == pl.col("home_store")).fill_null(False).cast(pl.Float32).alias("at_home_store"),
+        (hour < 11).cast(pl.Float32).alias("hour_morning"),
+        hour.is_between(11, 13).cast(pl.Float32).alias("hour_lunch"),
+        hour.is_between(14, 16).cast(pl.Float32).alias("hour_afternoon"),
+        (hour >= 17).cast(pl.Float32).alias("hour_evening"),
+        ((weekday == 1) | (weekday == 7)).cast(pl.Float32).alias("weekend"),
+    ]
+    out = df.join(home_store, on="cust_code", how="left").select("basket_id", *history, *context)
+    assert out.width == 1 + TRIP_WIDTH, out.width
+    return out
+
+
+def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl.DataFrame:
+    """:func:`trip_features` of every basket of every split (history from the train split only)."""
+    everything = pl.concat(
+        [f.select("basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines",
+                  "spend", "cust_price_sensitivity", "cust_lifestage", *LABELS)
+         .with_columns(pl.lit(name == "train").alias("is_train"), pl.col("cust_code").cast(pl.String),
+                       pl.col("store_code").cast(pl.String))
+         for name, f in frames.items()]
+    )
+    return trip_features(everything, home)

@@ -1,0 +1,334 @@
+"""The tables of the tensor cache fitted on the train split only (DESIGN §3).
+
+:func:`fit_train_tables` is the one entry point: it takes the train baskets and the product
+dimension and returns every fitted table (:class:`FittedTables`). The builder calls it once; the
+leakage check calls it again on the train split re-read from disk and compares, so anything the
+builder fitted on other data shows up as a difference.
+
+* vocabulary — PAD, MASK, UNK, then train products by descending train line count (ties by code);
+* product embeddings — :mod:`~retailsim_pipeline.prep.embeddings`;
+* product log price — log of the product's median train unit price (the price normaliser);
+* store context [S, store_dim] and customer context [C, history + profile] — standardised train
+  statistics and mean product embeddings; row 0 = not seen in train (or anonymous);
+* customer history — each customer's most bought train products and their line counts.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, SPECIAL_CODES, UNK, CacheConfig
+from retailsim_pipeline.prep.embeddings import build_product_embeddings
+from retailsim_pipeline.prep.features import one_hot_exprs, week_index_expr
+from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES, STORE_FORMAT_CODES, week_index
+
+_HOUR_BINS = (0, 10, 12, 14, 16, 18, 24)  # 6 bins: early, late morning, lunch, afternoon, after work, evening
+
+
+def build_vocabulary(train: pl.LazyFrame, products: pl.DataFrame) -> pl.DataFrame:
+    """PAD/MASK/UNK then train products by descending train line count (ties by code)."""
+    counts = (
+        train.select(pl.col("products").explode().cast(pl.String).alias("PROD_CODE"))
+        .group_by("PROD_CODE").len("train_count")
+        .sort(["train_count", "PROD_CODE"], descending=[True, False])
+        .collect()
+    )
+    hierarchy = products.with_columns(pl.col(c).cast(pl.String) for c in products.columns if c.startswith("PROD"))
+    hierarchy = hierarchy.sort("first_week").unique("PROD_CODE", keep="first").drop("first_week", "last_week")
+    vocab = counts.with_row_index("token_id", offset=N_SPECIAL).with_columns(pl.col("token_id").cast(pl.Int32))
+    specials = pl.DataFrame(
+        {"token_id": [PAD, MASK, UNK], "PROD_CODE": list(SPECIAL_CODES), "train_count": [0, 0, 0]},
+        schema={"token_id": pl.Int32, "PROD_CODE": pl.String, "train_count": pl.UInt32},
+    )
+    return pl.concat([specials, vocab.with_columns(pl.col("train_count").cast(pl.UInt32))]).join(
+        hierarchy, on="PROD_CODE", how="left", maintain_order="left"
+    )
+
+
+def basket_csr(frame: pl.DataFrame, vocab: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays of a split: offsets [N+1], tokens [L], unit prices [L], quantities [L]."""
+    lengths = frame.get_column("products").list.len().to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    lines = frame.select(
+        pl.col("products").explode().cast(pl.String).alias("PROD_CODE"),
+        pl.col("spend").explode().alias("spend"),
+        pl.col("quantity").explode().alias("quantity"),
+    )
+    mapping = vocab.filter(pl.col("token_id") >= N_SPECIAL).select("PROD_CODE", "token_id")
+    lines = lines.join(mapping, on="PROD_CODE", how="left", maintain_order="left")
+    tokens = lines.get_column("token_id").fill_null(UNK).to_numpy().astype(np.int32)
+    q = lines.get_column("quantity").to_numpy()
+    unit = lines.get_column("spend").to_numpy() / np.maximum(q, 1)
+    return offsets, tokens, unit.astype(np.float64), q.astype(np.int16)
+
+
+def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
+    """Evaluate unnamed statistic expressions into a float64 matrix (one column each)."""
+    return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
+
+
+def customer_product_counts(
+    customer_index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_customers: int, vocab_size: int
+) -> sp.csr_matrix:
+    """How many lines of product p customer c bought in the baskets given: [C, V] float32 CSR.
+
+    ``customer_index`` [N] is each basket's customer row (0 = anonymous or unknown), ``offsets`` [N + 1]
+    and ``tokens`` [L] the baskets' CSR. Row 0 and the special tokens stay empty: an anonymous line
+    belongs to nobody's history. The one definition of "customer × product counts": the customer
+    context, the customer history and the personal-frequency baseline all read it.
+    """
+    line_customer = np.repeat(np.asarray(customer_index, dtype=np.int64), np.diff(np.asarray(offsets)))  # [L]
+    tokens = np.asarray(tokens, dtype=np.int64)
+    keep = (line_customer > 0) & (tokens >= N_SPECIAL)
+    return _count_matrix(line_customer[keep], tokens[keep], (n_customers, vocab_size))
+
+
+def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """[shape] float32 CSR counting each (row, col) pair (the constructor sums duplicates)."""
+    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+    counts.sum_duplicates()
+    return counts
+
+
+def build_customer_history(counts: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each customer's ``k`` most bought train products, from :func:`customer_product_counts` [C, V]:
+    tokens [C, k] int32 (PAD-filled) and line counts [C, k] float32, most bought first (ties: smaller
+    token). Row 0 (anonymous/unknown) is empty.
+
+    The model reads them as a per-customer memory (what this shopper re-buys). For a *train* basket
+    the batch assembler subtracts the basket's own lines, so a masked product is never "known" from
+    the very basket it was hidden in.
+    """
+    n_customers = counts.shape[0]
+    coo = counts.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    r, c, v = coo.row[order], coo.col[order], coo.data[order]
+    start = np.searchsorted(r, np.arange(n_customers))
+    rank = np.arange(len(r)) - start[r]
+    keep = rank < k
+    hist_tokens = np.zeros((n_customers, k), dtype=np.int32)
+    hist_counts = np.zeros((n_customers, k), dtype=np.float32)
+    hist_tokens[r[keep], rank[keep]] = c[keep]
+    hist_counts[r[keep], rank[keep]] = v[keep]
+    return hist_tokens, hist_counts
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
+def _hour_bin_exprs(prefix: str) -> list[pl.Expr]:
+    return [pl.col("hour").is_between(lo, hi - 1).cast(pl.Float32).mean().alias(f"{prefix}_h{lo}")
+            for lo, hi in zip(_HOUR_BINS[:-1], _HOUR_BINS[1:])]
+
+
+def _weekday_exprs(prefix: str) -> list[pl.Expr]:
+    return [(pl.col("weekday") == d).cast(pl.Float32).mean().alias(f"{prefix}_wd{d}") for d in range(1, 8)]
+
+
+def _mean_embedding(counts: sp.csr_matrix, emb: np.ndarray) -> np.ndarray:
+    """Mean embedding of each row's lines, from its [n_rows, V] line counts: [n_rows, emb.shape[1]]
+    (zero where a row has no lines)."""
+    n_lines = np.asarray(counts.sum(axis=1)).ravel()
+    return (counts @ emb) / np.maximum(n_lines, 1)[:, None]
+
+
+def home_stores(train: pl.DataFrame) -> pl.DataFrame:
+    """Each carded customer's most frequent train store (ties: the smallest code): cust_code, home_store."""
+    return (
+        train.filter(pl.col("cust_code").is_not_null())
+        .group_by(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String)).len()
+        .sort(["cust_code", "len", "store_code"], descending=[False, True, False])
+        .unique("cust_code", keep="first").rename({"store_code": "home_store"}).select("cust_code", "home_store")
+    )
+
+
+def build_customer_context(
+    train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, stores: pl.DataFrame,
+    config: CacheConfig,
+) -> tuple[np.ndarray, pl.DataFrame, sp.csr_matrix]:
+    """Customer context [C, 192] float32 (row 0 = anonymous/unknown), its index (cust_code, row,
+    home_store) and the customers' train line counts per product (:func:`customer_product_counts`).
+
+    History (160): mean product embedding of the customer's train lines, first 128 dims · 32
+    behaviour statistics (standardised over customers): log trips, log lines, log mean lines and
+    spend per trip, weekday (7) and hour (6) mix, home-store share, log distinct stores, distinct
+    products / lines, log active weeks, trips per active week, log weeks since last train trip,
+    mean log price ratio, zero padding. Profile (32): card price sensitivity (LA, MM, UM, XX, none),
+    lifestage (7 + none), home-store format (4), known flag, zero padding. No label enters it.
+    """
+    carded = train.with_row_index("__row").filter(pl.col("cust_code").is_not_null())
+    last_week = int(train.get_column("week").max())
+    per_cust = (
+        carded.with_columns(pl.col("spend").list.sum().alias("__spend"), pl.col("cust_code").cast(pl.String))
+        .group_by("cust_code")
+        .agg(
+            pl.len().alias("trips"),
+            pl.col("n_lines").sum().alias("lines"),
+            pl.col("__spend").mean().alias("mean_spend"),
+            *_weekday_exprs("c"),
+            *_hour_bin_exprs("c"),
+            pl.col("store_code").n_unique().alias("n_stores"),
+            pl.col("week").n_unique().alias("active_weeks"),
+            pl.col("week").max().alias("last_week"),
+            pl.col("products").explode().n_unique().alias("distinct_products"),
+            pl.col("cust_price_sensitivity").cast(pl.String).last().alias("ps"),
+            pl.col("cust_lifestage").cast(pl.String).last().alias("ls"),
+        )
+        .sort("cust_code")
+        .with_row_index("row", offset=1)
+        .join(home_stores(train), on="cust_code", how="left", maintain_order="left")
+    )
+    n = per_cust.height + 1
+    home_share = (
+        carded.with_columns(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String))
+        .join(per_cust.select("cust_code", "home_store"), on="cust_code")
+        .group_by("cust_code").agg((pl.col("store_code") == pl.col("home_store")).mean().alias("home_share"))
+    )
+    per_cust = per_cust.join(home_share, on="cust_code", how="left", maintain_order="left")
+    weeks_since = week_index(last_week) - week_index_expr(pl.col("last_week"))
+    stats = _numbered(per_cust,
+        pl.col("trips").log1p(), pl.col("lines").log1p(), (pl.col("lines") / pl.col("trips")).log1p(),
+        pl.col("mean_spend").log1p(),
+        *[pl.col(f"c_wd{d}") for d in range(1, 8)],
+        *[pl.col(f"c_h{lo}") for lo in _HOUR_BINS[:-1]],
+        pl.col("home_share"), pl.col("n_stores").log1p(),
+        (pl.col("distinct_products") / pl.col("lines")),
+        pl.col("active_weeks").log1p(), (pl.col("trips") / pl.col("active_weeks")),
+        weeks_since.cast(pl.Float64).log1p(),
+    )
+    cust_row_of_sample = customer_rows(train, per_cust)
+    hist_dim = config.customer_history_dim
+    emb_part = min(128, hist_dim - 32)
+    counts = customer_product_counts(cust_row_of_sample, offsets, tokens, n, emb.shape[0])  # [C, V]
+    mean_emb = _mean_embedding(counts, emb[:, :emb_part])
+    ctx = np.zeros((n, hist_dim + config.customer_profile_dim), dtype=np.float32)
+    ctx[1:, :emb_part] = mean_emb[1:]
+    ctx[1:, emb_part: emb_part + stats.shape[1]] = _standardise(stats)
+    profile = per_cust.select(
+        *one_hot_exprs("ps", PRICE_SENSITIVITY_CODES, "ps"), pl.col("ps").is_null().cast(pl.Float32),
+        *one_hot_exprs("ls", LIFESTAGE_CODES, "ls"), pl.col("ls").is_null().cast(pl.Float32),
+    ).to_numpy()
+    home_format = (
+        per_cust.select("home_store").join(stores.select("store_code", "store_format"), left_on="home_store",
+                                           right_on="store_code", how="left", maintain_order="left")
+        .select(*one_hot_exprs("store_format", STORE_FORMAT_CODES, "hf")).to_numpy()
+    )
+    p0 = hist_dim
+    ctx[1:, p0: p0 + profile.shape[1]] = profile
+    ctx[1:, p0 + profile.shape[1]: p0 + profile.shape[1] + 4] = home_format
+    ctx[1:, p0 + profile.shape[1] + 4] = 1.0  # known customer
+    ctx[0, p0 + profile.shape[1] + 5] = 1.0  # the anonymous/unknown row has its own flag
+    index = per_cust.select("cust_code", pl.col("row").cast(pl.Int32), "home_store")
+    return ctx, index, counts
+
+
+def build_store_context(
+    train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, config: CacheConfig
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """Store context [S, 96] float32 (row 0 = store not seen in train) and its index.
+
+    Format one-hot (4) · region one-hot over the train regions sorted, folded into 16 · 18
+    standardised statistics: log baskets per week, log mean lines and spend, anonymous share,
+    weekday (7) and hour (6) mix, log distinct products, log distinct customers · mean product
+    embedding of the store's lines, first 56 dims · zero padding to 96.
+    """
+    per_store = (
+        train.with_columns(pl.col("spend").list.sum().alias("__spend"), pl.col("store_code").cast(pl.String),
+                           pl.col("store_region").cast(pl.String))
+        .group_by("store_code")
+        .agg(
+            pl.col("store_format").cast(pl.String).first(),
+            pl.col("store_region").first(),
+            (pl.len() / pl.col("week").n_unique()).alias("baskets_per_week"),
+            pl.col("n_lines").mean().alias("mean_lines"),
+            pl.col("__spend").mean().alias("mean_spend"),
+            pl.col("cust_code").is_null().mean().alias("anonymous_share"),
+            *_weekday_exprs("s"),
+            *_hour_bin_exprs("s"),
+            pl.col("products").explode().n_unique().alias("distinct_products"),
+            pl.col("cust_code").n_unique().alias("distinct_customers"),
+        )
+        .sort("store_code")
+        .with_row_index("row", offset=1)
+    )
+    n = per_store.height + 1
+    ctx = np.zeros((n, config.store_dim), dtype=np.float32)
+    ctx[1:, :4] = per_store.select(*one_hot_exprs("store_format", STORE_FORMAT_CODES, "f")).to_numpy()
+    regions = sorted(per_store.get_column("store_region").unique().to_list())
+    region_idx = per_store.get_column("store_region").replace_strict(
+        {r: i % 16 for i, r in enumerate(regions)}, return_dtype=pl.Int64).to_numpy()
+    ctx[np.arange(1, n), 4 + region_idx] = 1.0
+    stats = _numbered(per_store,
+        pl.col("baskets_per_week").log1p(), pl.col("mean_lines").log1p(), pl.col("mean_spend").log1p(),
+        pl.col("anonymous_share"), *[pl.col(f"s_wd{d}") for d in range(1, 8)],
+        *[pl.col(f"s_h{lo}") for lo in _HOUR_BINS[:-1]],
+        pl.col("distinct_products").log1p(), pl.col("distinct_customers").log1p(),
+    )
+    ctx[1:, 20: 20 + stats.shape[1]] = _standardise(stats)
+    store_row = (
+        train.select(pl.col("store_code").cast(pl.String))
+        .join(per_store.select("store_code", "row"), on="store_code", how="left", maintain_order="left")
+        .get_column("row").to_numpy().astype(np.int64)
+    )
+    e0 = 20 + stats.shape[1]
+    width = min(56, config.store_dim - e0)
+    store_counts = _count_matrix(np.repeat(store_row, np.diff(offsets)), tokens, (n, emb.shape[0]))  # [S, V]
+    ctx[:, e0: e0 + width] = _mean_embedding(store_counts, emb[:, :width])
+    ctx[0, e0: e0 + width] = 0.0
+    index = per_store.select("store_code", pl.col("row").cast(pl.Int32), "store_format")
+    return ctx, index
+
+
+
+def customer_rows(frame: pl.DataFrame, customers: pl.DataFrame) -> np.ndarray:
+    """Row of ``customer_context`` for every sample of ``frame`` (0 = anonymous or unknown): [N] int64."""
+    return (frame.select(pl.col("cust_code").cast(pl.String))
+            .join(customers.select("cust_code", "row"), on="cust_code", how="left", maintain_order="left")
+            .get_column("row").fill_null(0).to_numpy().astype(np.int64))
+
+
+def build_product_log_price(tokens: np.ndarray, unit_price: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Log of each token's median train unit price: [V] float32 (tokens without a line, UNK among them:
+    the median over all lines). Unit prices below £0.001 count as £0.001."""
+    log_unit = np.log(np.maximum(unit_price, 1e-3))
+    med = pl.DataFrame({"t": tokens, "p": log_unit}).group_by("t").agg(pl.col("p").median())
+    out = np.full(vocab_size, float(np.median(log_unit)) if len(log_unit) else 0.0, np.float32)
+    out[med.get_column("t").to_numpy()] = med.get_column("p").to_numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class FittedTables:
+    """Every table of the cache fitted on the train split (shapes: V products, C customers, S stores)."""
+
+    vocabulary: pl.DataFrame  # V rows: token_id, PROD_CODE, train_count, hierarchy
+    product_embeddings: np.ndarray  # [V, product_dim] float32
+    product_log_price: np.ndarray  # [V] float32
+    customer_context: np.ndarray  # [C, customer_history_dim + customer_profile_dim] float32
+    customers: pl.DataFrame  # C - 1 rows: cust_code, row, home_store
+    customer_history_tokens: np.ndarray  # [C, history_items] int32
+    customer_history_counts: np.ndarray  # [C, history_items] float32
+    store_context: np.ndarray  # [S, store_dim] float32
+    stores: pl.DataFrame  # S - 1 rows: store_code, row, store_format
+    #: The train split under the vocabulary (offsets, tokens, unit prices, quantities): not a table,
+    #: handed back so the builder does not compute it twice.
+    train_csr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def fit_train_tables(train: pl.DataFrame, products: pl.DataFrame, config: CacheConfig) -> FittedTables:
+    """Fit every table on ``train`` (the train split's basket samples) and ``products`` (hierarchy)."""
+    vocab = build_vocabulary(train.lazy(), products)
+    csr = basket_csr(train, vocab)
+    offsets, tokens, unit_price, _ = csr
+    emb = build_product_embeddings(offsets, tokens, vocab, config)
+    product_log_price = build_product_log_price(tokens, unit_price, vocab.height)
+    store_ctx, stores = build_store_context(train, offsets, tokens, emb, config)
+    cust_ctx, customers, counts = build_customer_context(train, offsets, tokens, emb, stores, config)
+    hist_tokens, hist_counts = build_customer_history(counts, config.history_items)
+    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, hist_tokens, hist_counts,
+                        store_ctx, stores, csr)
