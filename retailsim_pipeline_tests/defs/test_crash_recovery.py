@@ -137,7 +137,7 @@ def _training_children(paths) -> list[int]:
 def _mlflow_runs(paths) -> list[dict]:
     from retailsim_pipeline import tracking
 
-    client = tracking._client(tracking.default_tracking_uri(paths))
+    client = tracking.mlflow_client(tracking.default_tracking_uri(paths))
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     if experiment is None:
         return []

@@ -1,0 +1,79 @@
+"""MLflow tracking and the model registry: the only package in the project that imports mlflow.
+
+- :mod:`~retailsim_pipeline.tracking.runs`: the store (tracking URI, client), the experiment, one run
+  per training with its metrics (:class:`MlflowLogger`), system metrics, orphaned runs, and the
+  evaluation's record on the training run.
+- :mod:`~retailsim_pipeline.tracking.serving`: the world model as an MLflow pyfunc (its contract:
+  artifacts, input, output), logged by :func:`log_world_model`.
+- :mod:`~retailsim_pipeline.tracking.registry`: registered versions, aliases, loading a model back.
+
+Callers use the names re-exported here (``tracking.register_world_model(...)``).
+:class:`WorldModelPyfunc` stays importable from here as well: models logged before this package was
+split pickled it as ``retailsim_pipeline.tracking.WorldModelPyfunc``.
+"""
+
+from retailsim_pipeline.tracking.registry import (
+    REGISTERED_MODEL,
+    RegisteredVersion,
+    get_alias_version,
+    load_world_model,
+    model_artifact_location,
+    register_world_model,
+    registered_model_uri,
+    set_alias,
+)
+from retailsim_pipeline.tracking.runs import (
+    EXPERIMENT,
+    HOST_TAG,
+    PID_TAG,
+    MetricsLogger,
+    MlflowLogger,
+    close_orphaned_runs,
+    default_tracking_uri,
+    flatten_params,
+    get_or_create_experiment,
+    global_tracking_uri,
+    log_evaluation,
+    metric_history,
+    metric_name,
+    mlflow_client,
+)
+from retailsim_pipeline.tracking.serving import (
+    DEFAULT_TOP_K,
+    WorldModelPyfunc,
+    encode_baskets,
+    log_world_model,
+    read_world_model,
+    top_k_codes,
+)
+
+__all__ = [
+    "DEFAULT_TOP_K",
+    "EXPERIMENT",
+    "HOST_TAG",
+    "PID_TAG",
+    "REGISTERED_MODEL",
+    "MetricsLogger",
+    "MlflowLogger",
+    "RegisteredVersion",
+    "WorldModelPyfunc",
+    "close_orphaned_runs",
+    "default_tracking_uri",
+    "encode_baskets",
+    "flatten_params",
+    "get_alias_version",
+    "get_or_create_experiment",
+    "global_tracking_uri",
+    "load_world_model",
+    "log_evaluation",
+    "log_world_model",
+    "metric_history",
+    "metric_name",
+    "mlflow_client",
+    "model_artifact_location",
+    "read_world_model",
+    "register_world_model",
+    "registered_model_uri",
+    "set_alias",
+    "top_k_codes",
+]

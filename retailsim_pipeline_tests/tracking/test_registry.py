@@ -1,0 +1,74 @@
+"""The registry on a real sqlite store: versions, aliases, serving by alias, loading a model back."""
+
+import shutil
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from retailsim_pipeline import tracking
+from retailsim_pipeline.config import SPECIAL_CODES
+from retailsim_pipeline.model.world_model import WorldModel
+from retailsim_pipeline.tracking import (
+    REGISTERED_MODEL,
+    get_alias_version,
+    load_world_model,
+    register_world_model,
+    set_alias,
+)
+from retailsim_pipeline_tests.tracking.world_models import VOCABULARY
+
+FULL_VOCABULARY = [*SPECIAL_CODES, *VOCABULARY]
+
+
+def test_versions_and_aliases(tracking_uri, logged_models):
+    uris = logged_models.uris
+    # v1 challenger, then v2 takes the alias.
+    v1 = register_world_model(uris[0], tags={"cache_version": "v1"}, tracking_uri=tracking_uri)
+    assert v1.version == "1" and v1.tags["cache_version"] == "v1" and v1.aliases == ("challenger",)
+    assert v1.run_id == logged_models.run_id and v1.uri == "models:/retailsim-world-model/1"
+    assert get_alias_version("challenger", tracking_uri=tracking_uri) == "1"
+    assert get_alias_version("champion", tracking_uri=tracking_uri) is None
+    v2 = register_world_model(uris[1], tracking_uri=tracking_uri)
+    assert v2.version == "2" and v2.model_id == uris[1].removeprefix("models:/")
+    assert get_alias_version("challenger", tracking_uri=tracking_uri) == "2"
+    set_alias("1", "champion", tracking_uri=tracking_uri)
+    assert get_alias_version("champion") == "1"  # env default store
+    assert get_alias_version("challenger", name="no-such-model") is None
+    assert tracking.registered_model_uri(v2.version) == "models:/retailsim-world-model/2"
+
+    # Serving by alias: the alias really moved to v2's model.
+    baskets = pd.DataFrame({"products": [VOCABULARY[:3], [VOCABULARY[5]], []]})
+    served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@challenger")
+    top = [list(t) for t in served.predict(baskets)["top_k"]]
+    models = logged_models.models
+    assert top == tracking.top_k_codes(models[1], FULL_VOCABULARY, baskets)
+    assert top != tracking.top_k_codes(models[0], FULL_VOCABULARY, baskets)
+
+
+def test_load_world_model_from_the_explicit_store(tracking_uri, logged_models, empty_store, tmp_path, monkeypatch):
+    models, uris = logged_models.models, logged_models.uris
+    register_world_model(uris[0], alias="champion", tracking_uri=tracking_uri)
+    v2 = register_world_model(uris[1], tracking_uri=tracking_uri)
+    # The explicit store wins over the environment's (pointed at another, empty store here).
+    shutil.copy(empty_store, tmp_path / "other.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert get_alias_version("champion") is None
+    module, vocabulary = load_world_model(f"models:/{REGISTERED_MODEL}@champion", tracking_uri=tracking_uri)
+    assert isinstance(module, WorldModel) and not module.training
+    assert vocabulary == FULL_VOCABULARY
+    for key, value in models[0].state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
+    for uri in (uris[1], v2.uri):
+        module, _ = load_world_model(uri, tracking_uri=tracking_uri)
+        torch.testing.assert_close(module.state_dict()["product_table"], models[1].state_dict()["product_table"])
+
+
+def test_model_artifact_location(tracking_uri, logged_models):
+    logged = tracking.mlflow_client(tracking_uri).get_logged_model(logged_models.uris[0].removeprefix("models:/"))
+    assert tracking.model_artifact_location(logged_models.uris[0], tracking_uri=tracking_uri) \
+        == logged.artifact_location
+    assert tracking.model_artifact_location("file:///some/folder") == "file:///some/folder"  # not models:/
+    with pytest.raises(ValueError, match="expected models:/m-<id>"):
+        tracking.model_artifact_location("models:/just-a-name", tracking_uri=tracking_uri)
