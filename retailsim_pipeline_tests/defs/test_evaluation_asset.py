@@ -10,7 +10,7 @@ from retailsim_pipeline import tracking
 from retailsim_pipeline.definitions import defs
 from retailsim_pipeline.evaluation.promotion import decide_promotion
 from retailsim_pipeline.defs.runner import materialize_selection
-from retailsim_pipeline.evaluation.report import validate_metrics
+from retailsim_pipeline.evaluation.schema import validate_metrics
 
 RULE = dict(metric="recall@10", margin=0.01)
 
