@@ -29,6 +29,8 @@ Cell = str | int | float | None
 
 @dataclass(frozen=True)
 class Table:
+    """One table of the report: the first column labels the rows, the others hold values."""
+
     title: str
     columns: tuple[str, ...]
     rows: tuple[tuple[Cell, ...], ...]
@@ -37,6 +39,8 @@ class Table:
 
 @dataclass(frozen=True)
 class Section:
+    """One part of the report: a heading, sentences, tables, and (HTML only) plots."""
+
     key: str
     heading: str
     paragraphs: tuple[str, ...] = ()
