@@ -80,42 +80,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import datetime as dt
-
     from retailsim_pipeline import tracking
     from retailsim_pipeline.config import EvaluationConfig
     from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
     from retailsim_pipeline.evaluation.oracle import OracleScorer
-    from retailsim_pipeline.evaluation.promotion import beats_baselines, decide_promotion
+    from retailsim_pipeline.evaluation.promotion import metrics_document
     from retailsim_pipeline.evaluation.report import print_tables, write_report
     from retailsim_pipeline.prep.cache import TensorCache
 
     paths = DataPaths(data_root())
     uri = tracking.default_tracking_uri(paths)
+    # The evaluation_report asset's defaults (masking seed and rate, promotion metric and margin), on --split.
+    config = EvaluationConfig(split=args.split)
     cache = TensorCache.open(Path(args.cache)) if args.cache else TensorCache.latest(paths.cache)
     model, _ = tracking.load_world_model(args.model_uri, tracking_uri=uri)
-    oracle = OracleScorer(cache, args.split, paths.ground_truth) if (paths.ground_truth / "world.npz").exists() \
+    oracle = OracleScorer(cache, config.split, paths.ground_truth) if (paths.ground_truth / "world.npz").exists() \
         else None
-    result = evaluate(cache, cache.samples_dir, model, split=args.split, oracle=oracle)
+    result = evaluate(cache, cache.samples_dir, model, split=config.split, seed=config.seed,
+                      mask_rate=config.mask_rate, oracle=oracle)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
-    policy = EvaluationConfig()  # the same metric and margin as the evaluation_report asset's defaults
     champion = None
     if champion_version is not None:
         champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version), tracking_uri=uri)
-        champion = rescore_model(result["_setup"], champion_model)[policy.promotion_metric]
+        champion = rescore_model(result["_setup"], champion_model)[config.promotion_metric]
     label = args.model_uri.replace("models:/", "").replace("/", "-").replace("@", "-")
-    promotion = decide_promotion(
-        challenger_version=label, challenger=result["model"][policy.promotion_metric],
-        champion_version=champion_version, champion=champion, metric=policy.promotion_metric,
-        margin=policy.promotion_margin, beats_baselines=beats_baselines(result))
-    promotion["reason"] += " (retailsim evaluate reports only; aliases are changed by the evaluation_report asset)"
-    doc = {"schema": "retailsim.evaluation/1",
-           "meta": {"split": args.split, "model_name": tracking.REGISTERED_MODEL, "model_version": label,
-                    "model_uri": args.model_uri, "mlflow_run_id": "", "cache_key": cache.manifest["key"],
-                    "n_baskets": result["n_baskets"], "n_positions": result["n_positions"],
-                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "eval_seed": policy.seed},
-           "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
-           "buckets": result["buckets"], "promotion": promotion}
+    doc = metrics_document(
+        result, config=config, challenger_version=label, champion_version=champion_version, champion=champion,
+        model_name=tracking.REGISTERED_MODEL, model_uri=args.model_uri, mlflow_run_id=None,
+        cache_key=cache.manifest["key"],
+        reason_note="retailsim evaluate reports only; aliases are changed by the evaluation_report asset")
     print_tables(doc)
     out = Path(args.out) if args.out else paths.root / "reports" / f"cli-{label}"
     written = write_report(doc, out)

@@ -1,7 +1,6 @@
 """Group ``evaluation``: the report that scores the trained model against baselines and the oracle,
 and decides champion/challenger in the MLflow registry."""
 
-import datetime as dt
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +10,7 @@ from retailsim_pipeline.config import EvaluationConfig
 from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.evaluation.evaluate import evaluate, rescore_model
 from retailsim_pipeline.evaluation.oracle import OracleScorer
-from retailsim_pipeline.evaluation.promotion import beats_baselines, decide_promotion
+from retailsim_pipeline.evaluation.promotion import metrics_document
 from retailsim_pipeline.evaluation.report import write_report
 from retailsim_pipeline.prep.cache import TensorCache
 
@@ -67,29 +66,20 @@ def evaluation_report(
     result = evaluate(cache, samples_dir, model, split=config.split, seed=config.seed, mask_rate=config.mask_rate,
                       oracle=oracle, device=config.device)
     metric = config.promotion_metric
-    beats = beats_baselines(result)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion_value = None
     if champion_version is not None and champion_version != version:
         champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version),
                                                       tracking_uri=uri)
         champion_value = rescore_model(result["_setup"], champion_model, device=config.device)[metric]
-    promotion = decide_promotion(challenger_version=version, challenger=result["model"][metric],
-                                 champion_version=champion_version, champion=champion_value, beats_baselines=beats,
-                                 metric=metric, margin=config.promotion_margin)
+    run_id = trained_world_model["mlflow_run_id"]
+    doc = metrics_document(result, config=config, challenger_version=version, champion_version=champion_version,
+                           champion=champion_value, model_name=tracking.REGISTERED_MODEL,
+                           model_uri=trained_world_model["registered_model_uri"], mlflow_run_id=run_id,
+                           cache_key=cache.manifest["key"])
+    promotion = doc["promotion"]
     if promotion["decision"] == "champion":
         tracking.set_alias(version, "champion", tracking_uri=uri)
-    run_id = trained_world_model["mlflow_run_id"]
-    doc = {
-        "schema": "retailsim.evaluation/1",
-        "meta": {"split": config.split, "model_name": tracking.REGISTERED_MODEL, "model_version": version,
-                 "model_uri": trained_world_model["registered_model_uri"], "mlflow_run_id": run_id,
-                 "cache_key": cache.manifest["key"], "n_baskets": result["n_baskets"],
-                 "n_positions": result["n_positions"], "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-                 "eval_seed": config.seed},
-        "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
-        "buckets": result["buckets"], "promotion": promotion,
-    }
     history = tracking.metric_history(run_id, tracking_uri=uri)
     reports = paths.root / "reports"
     written = write_report(doc, reports / version, history=history, latest_dir=reports / "latest")
@@ -111,7 +101,7 @@ def evaluation_report(
             "champion_recall@10": float(champion_value) if champion_value is not None else float("nan"),
         },
         check_results=[dg.AssetCheckResult(
-            check_name=CHECK, passed=bool(beats), severity=dg.AssetCheckSeverity.ERROR,
+            check_name=CHECK, passed=promotion["passed_baseline_check"], severity=dg.AssetCheckSeverity.ERROR,
             metadata={"model_recall@10": float(result["model"]["recall@10"]),
                       "cooccurrence_recall@10": float(result["baselines"]["cooccurrence"]["recall@10"])})],
     )

@@ -4,6 +4,10 @@ baselines scored on the same positions as the world model. Never imports dagster
 ``positions``  which lines of a split are hidden and scored; the matching model batch
 ``metrics``    target ranks → precision/recall@K, accuracy, MRR, NDCG@10; classification metrics
 ``baselines``  popularity, personal frequency and item co-occurrence scorers
+``cold_start`` the cold-start bucket edges, labels and bucketing
+``schema``     ``metrics.json`` as pydantic models; ``validate_metrics``
+``promotion``  the champion/challenger rule and the ``metrics.json`` document
+``report``     markdown, HTML and terminal renderings (tables: ``report_tables``, plots: ``plots``), files
 """
 
 from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer

@@ -4,13 +4,14 @@
    the model), so every model and every baseline answers the same questions.
 2. Each scorer ranks the whole vocabulary for each hidden line, excluding the basket's visible
    products and the special tokens; ranks become Recall/Precision@K, MRR, NDCG@10.
-3. Every metric is also reported per cold-start bucket (the customer's trips in the train split:
-   anonymous, 0, 1–2, 3–9, 10+), per basket-length bucket, and for repeat items (the customer bought
+3. Every metric is also reported per cold-start bucket (the customer's trips in the train split,
+   ``evaluation/buckets.py``), per basket-length bucket, and for repeat items (the customer bought
    the product in the train split) vs explore items.
 4. The model's auxiliary heads are scored too (accuracy, macro-F1, confusion matrices).
 
-Returns the ``model``/``baselines``/``oracle``/``buckets`` parts of ``metrics.json`` (see
-``evaluation/report.py``); promotion and metadata are added by the caller.
+Returns the ``model``/``baselines``/``oracle``/``buckets`` parts of ``metrics.json`` (the contract:
+``evaluation/schema.py``); :func:`~retailsim_pipeline.evaluation.promotion.metrics_document` adds the
+promotion and the metadata.
 """
 
 import logging
@@ -22,15 +23,9 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from retailsim_pipeline.config import (
-    AUX_CLASSES,
-    AUX_HEADS,
-    EVALUATION_LENGTH_EDGES,
-    EvaluationConfig,
-    SplitConfig,
-    length_bucket_labels,
-)
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
 from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
+from retailsim_pipeline.evaluation.buckets import BUCKET_GROUPS, bucket_cold_start, bucket_length, bucket_repeat
 from retailsim_pipeline.evaluation.metrics import (
     Ranks,
     classification_metrics,
@@ -45,7 +40,6 @@ from retailsim_pipeline.training.batches import BatchAssembler
 
 log = logging.getLogger(__name__)
 
-COLD_START_ORDER = ["anonymous", "0", "1-2", "3-9", "10+"]
 AUX_LABELS = {
     "basket_size": [*LABEL_CODES["BASKET_SIZE"], "unknown"],
     "price_sensitivity": list(LABEL_CODES["BASKET_PRICE_SENSITIVITY"]),
@@ -66,25 +60,6 @@ class EvalSetup:
     visible_offsets: np.ndarray
     visible_tokens: np.ndarray
     groups: dict[str, np.ndarray]
-
-
-def _bucket_cold_start(trips: np.ndarray, carded: np.ndarray) -> np.ndarray:
-    out = np.full(len(trips), "10+", dtype=object)
-    out[trips <= 9] = "3-9"
-    out[trips <= 2] = "1-2"
-    out[trips == 0] = "0"
-    out[~carded] = "anonymous"
-    return out
-
-
-#: :data:`~retailsim_pipeline.config.EVALUATION_LENGTH_EDGES`'s labels; the last bucket ends at the length
-#: baskets are truncated to (``SplitConfig.max_basket_len``).
-LENGTH_ORDER = length_bucket_labels(EVALUATION_LENGTH_EDGES, top=SplitConfig().max_basket_len)
-
-
-def _bucket_length(n: np.ndarray) -> np.ndarray:
-    index = np.searchsorted(np.asarray(EVALUATION_LENGTH_EDGES), n, side="right") - 1
-    return np.asarray(LENGTH_ORDER, dtype=object)[np.clip(index, 0, len(LENGTH_ORDER) - 1)]
 
 
 def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = EvaluationConfig().seed,
@@ -111,10 +86,10 @@ def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed:
                             shape=(cache.customer_context.shape[0], vocab))
     cust_row = np.asarray(arrays.customer_index, dtype=np.int64)[positions.sample]
     bought = np.asarray(history[cust_row, positions.target]).ravel() > 0
-    repeat = np.where((cust_row > 0) & bought, "repeat", "explore").astype(object)
+    repeat = bucket_repeat((cust_row > 0) & bought)
     groups = {
-        "cold_start": _bucket_cold_start(trips[positions.sample], carded[positions.sample]),
-        "basket_length": _bucket_length(lengths[positions.sample]),
+        "cold_start": bucket_cold_start(trips[positions.sample], carded[positions.sample]),
+        "basket_length": bucket_length(lengths[positions.sample]),
         "repeat_vs_explore": repeat,
     }
     return EvalSetup(cache, split, positions, v_off, v_tok, groups)
@@ -169,8 +144,7 @@ def rank_model(setup: EvalSetup, model: torch.nn.Module, *, batch_size: int = 51
 
 
 def _grouped(setup: EvalSetup, ranks_by_scorer: dict[str, Ranks | None]) -> dict:
-    orders = {"cold_start": COLD_START_ORDER, "basket_length": LENGTH_ORDER,
-              "repeat_vs_explore": ["repeat", "explore"]}
+    orders = BUCKET_GROUPS
     buckets: dict = {}
     for group, order in orders.items():
         per_scorer = {name: (grouped_ranking_metrics(r, setup.groups[group], order) if r is not None else None)

@@ -1,7 +1,12 @@
-"""The champion/challenger policy: one home, called by the ``evaluation_report`` asset (which moves
-the aliases) and by ``retailsim evaluate`` (which only reports)."""
+"""The champion/challenger policy and the ``metrics.json`` document that records it: one home, called
+by the ``evaluation_report`` asset (which moves the aliases) and by ``retailsim evaluate`` (which only
+reports)."""
 
 from collections.abc import Mapping
+from datetime import datetime, timezone
+
+from retailsim_pipeline.config import EvaluationConfig
+from retailsim_pipeline.evaluation.schema import SCHEMA
 
 #: The baseline a model must beat before it can be promoted, and on which metric.
 GATE_BASELINE, GATE_METRIC = "cooccurrence", "recall@10"
@@ -9,7 +14,7 @@ GATE_BASELINE, GATE_METRIC = "cooccurrence", "recall@10"
 
 def beats_baselines(result: Mapping) -> bool:
     """Whether the evaluated model beats :data:`GATE_BASELINE` on :data:`GATE_METRIC` (same positions)."""
-    return result["model"][GATE_METRIC] > result["baselines"][GATE_BASELINE][GATE_METRIC]
+    return bool(result["model"][GATE_METRIC] > result["baselines"][GATE_BASELINE][GATE_METRIC])
 
 
 def decide_promotion(*, challenger_version: str, challenger: float, champion_version: str | None,
@@ -27,3 +32,32 @@ def decide_promotion(*, challenger_version: str, challenger: float, champion_ver
     return {"metric": metric, "margin": margin, "challenger_version": challenger_version, "challenger": challenger,
             "champion_version": champion_version if champion_version != challenger_version else None,
             "champion": champion, "passed_baseline_check": beats_baselines, "decision": decision, "reason": reason}
+
+
+def metrics_document(result: Mapping, *, config: EvaluationConfig, challenger_version: str,
+                     champion_version: str | None, champion: float | None, model_name: str, model_uri: str | None,
+                     mlflow_run_id: str | None, cache_key: str, reason_note: str = "",
+                     created: datetime | None = None) -> dict:
+    """The whole ``metrics.json`` document (``evaluation/schema.py``) for one evaluation: ``result`` from
+    :func:`~retailsim_pipeline.evaluation.evaluate.evaluate` (run on ``config.split`` with ``config.seed``),
+    the champion's version and its ``config.promotion_metric`` on the same positions (both ``None`` when
+    there is no champion), and the decision of :func:`decide_promotion` under ``config``'s metric and
+    margin. ``reason_note`` is appended to the reason in parentheses. NaN metrics of empty buckets are
+    left as they are (``write_report`` writes them as null)."""
+    metric = config.promotion_metric
+    promotion = decide_promotion(challenger_version=challenger_version, challenger=result["model"][metric],
+                                 champion_version=champion_version, champion=champion,
+                                 beats_baselines=beats_baselines(result), metric=metric,
+                                 margin=config.promotion_margin)
+    if reason_note:
+        promotion["reason"] += f" ({reason_note})"
+    created = created or datetime.now(timezone.utc)
+    return {
+        "schema": SCHEMA,
+        "meta": {"split": config.split, "model_name": model_name, "model_version": challenger_version,
+                 "model_uri": model_uri, "mlflow_run_id": mlflow_run_id, "cache_key": cache_key,
+                 "n_baskets": result["n_baskets"], "n_positions": result["n_positions"],
+                 "created": created.isoformat(), "eval_seed": config.seed},
+        "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
+        "buckets": result["buckets"], "promotion": promotion,
+    }

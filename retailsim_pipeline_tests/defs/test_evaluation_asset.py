@@ -1,16 +1,23 @@
 """evaluation_report end to end on tiny (real training through Pipes, real MLflow), and the promotion rule."""
 
+import copy
 import json
+from collections import Counter
 
 import dagster as dg
 import mlflow
+import numpy as np
+import polars as pl
 import pytest
 
 from retailsim_pipeline import tracking
+from retailsim_pipeline.config import EvaluationConfig
 from retailsim_pipeline.definitions import defs
+from retailsim_pipeline.evaluation.positions import eval_positions
 from retailsim_pipeline.evaluation.promotion import decide_promotion
 from retailsim_pipeline.defs.runner import materialize_selection
-from retailsim_pipeline.evaluation.report import validate_metrics
+from retailsim_pipeline.evaluation.schema import validate_metrics
+from retailsim_pipeline.prep.cache import TensorCache
 
 RULE = dict(metric="recall@10", margin=0.01)
 
@@ -36,6 +43,31 @@ def test_promotion_both_ways_against_a_champion():
     assert worse_but_failing["decision"] == "challenger"  # a model failing the check is never promoted
 
 
+def assert_counts_match_the_inputs(doc: dict, cache: TensorCache, config: EvaluationConfig) -> None:
+    """The report's counts against values computed here from the inputs alone (the cache's split, the
+    samples, the config's masking), not read back from the report: positions, baskets, and the cold-start
+    bucket of every position by the customer's train-split trips (thresholds written out by hand)."""
+    positions = eval_positions(cache.split(config.split), seed=config.seed, mask_prob=config.mask_rate,
+                               split=config.split)
+    assert doc["meta"]["n_positions"] == doc["model"]["n"] == len(positions.target) > 0
+    assert doc["meta"]["n_baskets"] == len(np.unique(positions.sample))
+    assert doc["meta"]["cache_key"] == cache.manifest["key"]
+    customers = pl.read_parquet(cache.samples_dir / f"{config.split}.parquet", columns=["cust_code"])
+    customers = customers.get_column("cust_code").to_list()
+    train = pl.read_parquet(cache.samples_dir / "train.parquet", columns=["cust_code"]).get_column("cust_code")
+    trips = Counter(code for code in train.to_list() if code is not None)
+
+    def bucket(code) -> str:
+        if code is None:
+            return "anonymous"
+        n = trips[code]
+        return "0" if n == 0 else "1-2" if n <= 2 else "3-9" if n <= 9 else "10+"
+
+    expected = Counter(bucket(customers[i]) for i in positions.sample.tolist())
+    reported = {name: entry["model"]["n"] for name, entry in doc["buckets"]["cold_start"].items()}
+    assert reported == {name: expected[name] for name in ("anonymous", "0", "1-2", "3-9", "10+")}
+
+
 @pytest.fixture
 def instance(tmp_path):
     (tmp_path / "dagster").mkdir()
@@ -58,7 +90,11 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     doc = json.loads((folder / "metrics.json").read_text())
     validate_metrics(doc)
     assert doc["oracle"] is not None and doc["oracle"]["recall@10"] >= doc["baselines"]["popularity"]["recall@10"]
-    assert set(doc["buckets"]["cold_start"]) <= {"anonymous", "0", "1-2", "3-9", "10+"}
+    assert_counts_match_the_inputs(doc, TensorCache.latest(tiny_copy.cache), EvaluationConfig())
+    planted = copy.deepcopy(doc)
+    planted["baselines"]["cooccurrence"]["n"] += 1  # a wrong number in the real document is caught
+    with pytest.raises(ValueError, match=r"baselines\.cooccurrence\.n: is "):
+        validate_metrics(planted)
     assert (folder / "report.html").read_text().count("data:image/png;base64,") >= 3
     assert json.loads((tiny_copy.root / "reports" / "latest" / "metrics.json").read_text()) == doc
     # The check and the registry agree with the decision.
@@ -81,5 +117,6 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     assert cli_main(["evaluate", "models:/retailsim-world-model@challenger", "--out", str(out)]) == 0
     cli_doc = json.loads((out / "metrics.json").read_text())
     validate_metrics(cli_doc)
+    assert_counts_match_the_inputs(cli_doc, TensorCache.latest(tiny_copy.cache), EvaluationConfig())
     assert cli_doc["model"]["recall@10"] == pytest.approx(doc["model"]["recall@10"])  # same positions, same model
     assert tracking.get_alias_version("champion", tracking_uri=uri) == champion_before
