@@ -1,24 +1,30 @@
 """Group ``ingest``: the weekly LGSR files, validated into typed parquet (one partition per file)."""
 
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import dagster as dg
 import polars as pl
+from tqdm import tqdm
 
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
 from retailsim_pipeline.defs.resources import RetailSimData, writer_lock
 from retailsim_pipeline.defs.settings import IngestSettings
-from retailsim_pipeline.prep.ingest import ingest_weekly_file
+from retailsim_pipeline.prep.ingest import LgsrFormatError, ingest_weekly_file
 from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.schema import TRANSACTION_SCHEMA, raw_file_of_week
+from retailsim_pipeline.prep.schema import TRANSACTION_SCHEMA, RawFileError, raw_file_of_week
 
 #: One dynamic partition per weekly file; the key is its shop week, e.g. ``200607``.
 weekly_files = dg.DynamicPartitionsDefinition(name="weekly_files")
 
 # 2: .csv.gz weeks, coded segment values, quoted empties, basket-consistency rule, lossy-copy refusal.
-INGEST_CODE_VERSION = "2"
+# 3: one run ingests a range of weeks, each week its own materialization.
+INGEST_CODE_VERSION = "3"
 QUARANTINE_CHECK = "quarantine_rate_below_threshold"
+#: Dagster's own tags on a materialization: what its staleness (and the UI's badges) compare.
+DATA_VERSION_TAG, CODE_VERSION_TAG = "dagster/data_version", "dagster/code_version"
 
 
 @dataclass(frozen=True)
@@ -72,89 +78,123 @@ def failed_weeks(instance: dg.DagsterInstance, weeks: list[str] | None = None) -
     return out
 
 
-@dg.asset(
-    partitions_def=weekly_files,
-    group_name="ingest",
-    kinds={"polars", "parquet"},
-    code_version=INGEST_CODE_VERSION,
-    owners=["team:retailsim"],
-    metadata={"dagster/column_schema": column_schema(TRANSACTION_SCHEMA)},
-    check_specs=[
-        dg.AssetCheckSpec(
-            QUARANTINE_CHECK,
-            asset="raw_transactions",
-            blocking=True,
-            description="Blocking: the share of the file's rows quarantined stays under "
-                        "IngestSettings.max_quarantine_rate, and the file holds at least one valid row.",
-        )
-    ],
-)
-def raw_transactions(
-    context: dg.AssetExecutionContext, config: IngestSettings, retailsim_data: RetailSimData
-) -> dg.MaterializeResult:
-    """One weekly LGSR transaction file (`raw/transactions_YYYYWW.csv` or `.csv.gz`), validated against
-    the data contract and written as typed parquet (`transactions/transactions_YYYYWW.parquet`).
-
-    Rows that break the contract (unparsable number, missing field, quantity ≤ 0, unknown code,
-    malformed id, impossible date, a BASKET_ID shared by different stores/dates/customers) go to
-    `quarantine/transactions_YYYYWW.parquet` with file, line, column, reason and value. A file that is
-    not in this format, or a lossy copy (ids rounded by a spreadsheet), fails the run with an error
-    that names the file, and writes nothing. The blocking check fails when more than
-    `max_quarantine_rate` of the rows were quarantined (or none is valid): nothing downstream runs.
-    The data version is the file's content hash (of the file as stored, compressed or not).
-    """
-    paths = retailsim_data.paths()
-    week = int(context.partition_key)
-    source = raw_file_of_week(paths.raw, week)
-    stat = source.stat()
-    sha = file_sha256(source)
-    with writer_lock(context, retailsim_data):  # one writer per data folder
-        result = ingest_weekly_file(source, paths.transactions, paths.quarantine, limits=config)
+def _week_metadata(result, source, sha: str, stat, config: IngestSettings, passed: bool, top) -> dict:
     preview = pl.read_parquet(result.output, n_rows=5)
     reasons = counts_table(result.reasons, "reason") if result.reasons else "none"
-    passed = result.quarantine_rate <= config.max_quarantine_rate and result.rows > 0
-    top = list(result.reasons.items())[:3]
-    context.log.info(f"{source.name}: {result.rows:,} rows accepted, {result.quarantined:,} quarantined")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": result.rows,
-            "rows": result.rows,
-            "baskets": result.baskets,
-            "customers": result.customers,
-            "quarantined": result.quarantined,
-            "quarantine_rate": float(result.quarantine_rate),
-            "quarantine_threshold": float(config.max_quarantine_rate),
-            "quarantine_check_passed": passed,
-            "top_reasons": json.dumps(top),
-            "quarantine_reasons": dg.MetadataValue.md(reasons),
-            "lines": result.lines,
-            "segment_codes": result.segment_codes or "none",
-            "preview": dg.MetadataValue.md(markdown_table(preview)),
-            "path": dg.MetadataValue.path(str(result.output)),
-            "quarantine_path": dg.MetadataValue.path(str(result.quarantine)),
-            "source": dg.MetadataValue.path(str(source)),
-            "source_sha256": sha,
-            "source_size": stat.st_size,
-            "source_mtime_ns": str(stat.st_mtime_ns),
-        },
-        data_version=dg.DataVersion(sha[:16]),
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=QUARANTINE_CHECK,
-                passed=passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "quarantine_rate": float(result.quarantine_rate),
-                    "threshold": config.max_quarantine_rate,
-                    "quarantined": result.quarantined,
-                },
-                description=None if passed else (
-                    f"{source.name}: {result.quarantined:,} of {result.lines:,} rows quarantined "
-                    f"({result.quarantine_rate:.2%} > {config.max_quarantine_rate:.2%}"
-                    f"{'; no valid row' if result.rows == 0 else ''}); top reasons: "
-                    + ("; ".join(f"{r}: {n:,}" for r, n in top) or "none (the file holds no data line)")
-                    + f"; see {result.quarantine}"
-                ),
+    return {
+        "dagster/row_count": result.rows,
+        "rows": result.rows,
+        "baskets": result.baskets,
+        "customers": result.customers,
+        "quarantined": result.quarantined,
+        "quarantine_rate": float(result.quarantine_rate),
+        "quarantine_threshold": float(config.max_quarantine_rate),
+        "quarantine_check_passed": passed,
+        "top_reasons": json.dumps(top),
+        "quarantine_reasons": dg.MetadataValue.md(reasons),
+        "lines": result.lines,
+        "segment_codes": result.segment_codes or "none",
+        "preview": dg.MetadataValue.md(markdown_table(preview)),
+        "path": dg.MetadataValue.path(str(result.output)),
+        "quarantine_path": dg.MetadataValue.path(str(result.quarantine)),
+        "source": dg.MetadataValue.path(str(source)),
+        "source_sha256": sha,
+        "source_size": stat.st_size,
+        "source_mtime_ns": str(stat.st_mtime_ns),
+    }
+
+
+def _week_problem(source, result, config: IngestSettings, top) -> str:
+    return (f"{source.name}: {result.quarantined:,} of {result.lines:,} rows quarantined "
+            f"({result.quarantine_rate:.2%} > {config.max_quarantine_rate:.2%}"
+            f"{'; no valid row' if result.rows == 0 else ''}); top reasons: "
+            + ("; ".join(f"{r}: {n:,}" for r, n in top) or "none (the file holds no data line)")
+            + f"; see {result.quarantine}")
+
+
+# ``backfill_policy`` is beta in Dagster 1.13 (a warning at every import); it is what makes a UI backfill of
+# many weeks one run.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)
+
+    @dg.asset(
+        partitions_def=weekly_files,
+        # A backfill of many weeks is one run (its partition range), not one run per week.
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        # Each week's materialization is reported with its own metadata (below), not by one output for the range.
+        output_required=False,
+        group_name="ingest",
+        kinds={"polars", "parquet"},
+        code_version=INGEST_CODE_VERSION,
+        owners=["team:retailsim"],
+        metadata={"dagster/column_schema": column_schema(TRANSACTION_SCHEMA)},
+        check_specs=[
+            dg.AssetCheckSpec(
+                QUARANTINE_CHECK,
+                asset="raw_transactions",
+                blocking=True,
+                description="Blocking: in every week of the run, the share of the file's rows quarantined stays "
+                            "under IngestSettings.max_quarantine_rate, and the file holds at least one valid row.",
             )
         ],
     )
+    def raw_transactions(
+        context: dg.AssetExecutionContext, config: IngestSettings, retailsim_data: RetailSimData
+    ) -> Iterator:
+        """Weekly LGSR transaction files (`raw/transactions_YYYYWW.csv` or `.csv.gz`), each validated against
+        the data contract and written as typed parquet (`transactions/transactions_YYYYWW.parquet`).
+
+        One run ingests one week or a range of weeks (a backfill, `retailsim run`): each week is reported as its
+        own materialization with its own metadata (rows, quarantine share and reasons, source hash) and its data
+        version, the file's content hash (of the file as stored, compressed or not).
+
+        Rows that break the contract (unparsable number, missing field, quantity ≤ 0, unknown code,
+        malformed id, impossible date, a BASKET_ID shared by different stores/dates/customers) go to
+        `quarantine/transactions_YYYYWW.parquet` with file, line, column, reason and value. A file that is
+        not in this format, or a lossy copy (ids rounded by a spreadsheet), writes nothing for its week and
+        fails the run with an error that names the file; the other weeks of the run are still ingested. The
+        blocking check fails when, in any week, more than `max_quarantine_rate` of the rows were quarantined
+        (or none is valid), naming those weeks: nothing downstream runs.
+        """
+        paths = retailsim_data.paths()
+        weeks = context.partition_keys
+        problems: list[str] = []
+        errors: list[tuple[str, Exception]] = []
+        checked, worst, quarantined = 0, 0.0, 0
+        with writer_lock(context, retailsim_data):  # one writer per data folder
+            for key in tqdm(weeks, desc="raw_transactions", unit="week", disable=not config.progress or len(weeks) < 2):
+                try:
+                    source = raw_file_of_week(paths.raw, int(key))
+                    stat = source.stat()
+                    sha = file_sha256(source)
+                    result = ingest_weekly_file(source, paths.transactions, paths.quarantine, limits=config)
+                except (LgsrFormatError, RawFileError, OSError) as exc:  # LossyCopyError is an LgsrFormatError
+                    context.log.error(f"week {key}: {exc}")
+                    errors.append((key, exc))
+                    continue
+                passed = result.quarantine_rate <= config.max_quarantine_rate and result.rows > 0
+                top = list(result.reasons.items())[:3]
+                checked, quarantined = checked + 1, quarantined + result.quarantined
+                worst = max(worst, float(result.quarantine_rate) if result.rows else 1.0)
+                if not passed:
+                    problems.append(_week_problem(source, result, config, top))
+                context.log.info(f"{source.name}: {result.rows:,} rows accepted, {result.quarantined:,} quarantined")
+                yield dg.AssetMaterialization(
+                    asset_key=context.asset_key, partition=key,
+                    metadata=_week_metadata(result, source, sha, stat, config, passed, top),
+                    tags={DATA_VERSION_TAG: sha[:16], CODE_VERSION_TAG: INGEST_CODE_VERSION},
+                )
+        yield dg.AssetCheckResult(
+            check_name=QUARANTINE_CHECK,
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            # quarantine_rate: the worst week's share (1.0 for a week without a valid row).
+            metadata={"quarantine_rate": worst, "threshold": float(config.max_quarantine_rate),
+                      "quarantined": quarantined, "weeks_checked": checked, "weeks_failed": len(problems)},
+            description="; ".join(problems) or None,
+        )
+        if len(errors) == 1:
+            raise errors[0][1]
+        if errors:
+            raise dg.Failure(description=f"{len(errors)} week(s) could not be ingested: "
+                             + " | ".join(f"week {k}: {e}" for k, e in errors))

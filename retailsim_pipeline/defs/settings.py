@@ -1,15 +1,20 @@
 """Launchpad config: the plain config classes of ``retailsim_pipeline.config``, made Dagster ``Config``.
 
-Each class adds nothing: the fields, defaults and validation live once, in ``config.py``.
+The fields, defaults and validation live once, in ``config.py``; a class here adds only what concerns
+the Dagster run itself (e.g. a progress bar).
 """
 
 import dagster as dg
+from pydantic import Field
 
 from retailsim_pipeline.config import CacheConfig, IngestConfig, SplitConfig
 
 
 class IngestSettings(IngestConfig, dg.Config):
     """Validation of the weekly files (``raw_transactions``)."""
+
+    progress: bool = Field(False, description="A progress bar over the run's weeks on the terminal "
+                                             "(`retailsim run` turns it on).")
 
 
 class SplitSettings(SplitConfig, dg.Config):

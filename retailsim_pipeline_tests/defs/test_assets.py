@@ -10,7 +10,7 @@ from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions, weekly_files
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
 from retailsim_pipeline.defs.resources import RetailSimData
-from retailsim_pipeline.defs.runner import materialize_selection
+from retailsim_pipeline.defs.runner import dagster_stale, materialize_selection
 from retailsim_pipeline.definitions import defs
 from retailsim_pipeline.defs.settings import SplitSettings
 from retailsim_pipeline.prep.cache import TensorCache
@@ -182,17 +182,38 @@ def test_runner_materializes_missing_then_only_what_changed(tiny_copy, instance)
     assert report.assets_materialized == ["basket_samples", "tensor_cache"]
     assert {"tensor_cache:no_leakage", "basket_samples:splits_disjoint_and_ordered"} <= set(report.checks_passed)
 
+    # The declared jobs ran, the weekly partitions as one multi-partition run: the Runs page reads as what happened.
+    assert [instance.get_run_by_id(r).job_name for r in report.run_ids] == ["ingest_job", "retrain_job"]
+    ingest_run = instance.get_run_by_id(report.run_ids[0])
+    assert (ingest_run.tags["dagster/asset_partition_range_start"],
+            ingest_run.tags["dagster/asset_partition_range_end"]) == (weeks[0], weeks[-1])
+    for week in (weeks[0], weeks[-1]):  # each week its own materialization, with its own metadata
+        mat = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=raw_transactions.key, asset_partitions=[week]), limit=1).records[0].asset_materialization
+        assert mat.metadata["source"].value.endswith(f"transactions_{week}.csv")
+        assert mat.tags["dagster/data_version"] == mat.metadata["source_sha256"].value[:16]
+    graph = defs.resolve_asset_graph()
+    downstream = [basket_samples.key, tensor_cache.key]
+    assert dagster_stale(instance, defs, graph, downstream) == set()  # Dagster's badges: all fresh
+
     again = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
     assert again.success and not again.partitions_materialized and not again.assets_materialized
-    assert again.partitions_current == len(weeks)
+    assert again.partitions_current == len(weeks) and not again.run_ids
 
-    # A corrected file (new content) is re-ingested, and everything downstream follows.
+    # A corrected file (new content) is re-ingested; Dagster itself then calls the samples stale (the UI's
+    # badge), and the runner materializes them and what depends on them.
     source = tiny_copy.raw / f"transactions_{weeks[2]}.csv"
     lines = source.read_text().splitlines()
     source.write_text("\n".join(lines[:-5]) + "\n")
+    week_only = materialize_selection("key:raw_transactions", tiny_copy, instance=instance, defs=defs,
+                                      progress=False)
+    assert week_only.partitions_materialized == [weeks[2]] and not week_only.assets_materialized
+    assert instance.get_run_by_id(week_only.run_ids[0]).tags["dagster/partition"] == weeks[2]
+    assert dagster_stale(instance, defs, graph, downstream) == {basket_samples.key}  # its parent changed
     third = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
-    assert third.partitions_materialized == [weeks[2]]
+    assert not third.partitions_materialized
     assert third.assets_materialized == ["basket_samples", "tensor_cache"]
+    assert dagster_stale(instance, defs, graph, downstream) == set()
 
     # Selecting one asset leaves the rest alone.
     fourth = materialize_selection("key:tensor_cache", tiny_copy, instance=instance, defs=defs, progress=False)
