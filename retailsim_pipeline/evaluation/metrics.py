@@ -119,6 +119,17 @@ def _hits(g: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
     return np.clip((k - g) / (t + 1.0), 0.0, 1.0)
 
 
+def position_recall(ranks: Ranks, k: int) -> np.ndarray:
+    """[n] float64 per-position recall@K: hit@K = P(rank ≤ K) under random tie-breaking, in [0, 1].
+
+    Its mean over positions is ``ranking_metrics(ranks)[f"recall@{k}"]`` (the same arithmetic), so it
+    is what a per-position comparison such as :func:`~retailsim_pipeline.evaluation.significance.
+    paired_bootstrap` should resample. Fractional wherever the target sits in a tie block that
+    straddles the cut-off.
+    """
+    return _hits(ranks.n_greater.astype(np.float64), ranks.n_ties.astype(np.float64), k)
+
+
 def ranking_metrics(ranks: Ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """accuracy, precision@K, recall@K, mrr, ndcg@10 and n (positions); NaN metrics when n = 0."""
     n = len(ranks)
@@ -129,7 +140,7 @@ def ranking_metrics(ranks: Ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, f
     t = ranks.n_ties.astype(np.float64)
     c = ranks.n_candidates.astype(np.float64)
     out: dict[str, float] = {"accuracy": float(_hits(g, t, 1).mean())}
-    hits = {k: _hits(g, t, k) for k in ks}
+    hits = {k: position_recall(ranks, k) for k in ks}
     for k in ks:
         out[f"precision@{k}"] = float((hits[k] / np.minimum(k, c)).mean())
     for k in ks:

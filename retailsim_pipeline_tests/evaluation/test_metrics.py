@@ -11,6 +11,7 @@ from retailsim_pipeline.evaluation.metrics import (
     Ranks,
     classification_metrics,
     grouped_ranking_metrics,
+    position_recall,
     ranking_metrics,
     target_ranks,
 )
@@ -155,6 +156,24 @@ def test_concat_and_grouped():
 def test_target_must_be_a_product():
     with pytest.raises(ValueError, match="product tokens"):
         target_ranks(torch.zeros(1, 6), np.array([2]), np.array([0, 0]), np.zeros(0))
+
+
+def test_position_recall_averages_to_ranking_metrics_recall():
+    rng = np.random.default_rng(11)
+    n = 5_000
+    n_candidates = rng.integers(1, 60, size=n)
+    n_greater = rng.integers(0, n_candidates)  # < n_candidates
+    n_ties = rng.integers(0, n_candidates - n_greater)  # target + greater + ties ≤ candidates
+    assert (n_ties > 0).mean() > 0.5  # many tie blocks, some straddling each cut-off
+    ranks = Ranks(n_greater, n_ties, n_candidates)
+    m = ranking_metrics(ranks, ks=(1, 5, 10, 20))
+    for k in (1, 5, 10, 20):
+        per_position = position_recall(ranks, k)
+        assert per_position.shape == (n,) and per_position.dtype == np.float64
+        assert ((per_position >= 0) & (per_position <= 1)).all()
+        assert per_position.mean() == pytest.approx(m[f"recall@{k}"], rel=1e-12, abs=1e-15)
+    assert 0 < ((position_recall(ranks, 10) > 0) & (position_recall(ranks, 10) < 1)).sum()  # fractional hits
+    assert position_recall(ranks, 1).mean() == pytest.approx(m["accuracy"], rel=1e-12)
 
 
 def test_classification_hand_example():
