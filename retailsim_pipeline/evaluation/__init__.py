@@ -3,6 +3,7 @@ baselines scored on the same positions as the world model. Never imports dagster
 
 ``positions``  which lines of a split are hidden and scored; the matching model batch
 ``metrics``    target ranks → precision/recall@K, accuracy, MRR, NDCG@10; classification metrics
+``significance`` paired bootstrap over baskets: is one scorer significantly better than another
 ``baselines``  popularity, personal frequency and item co-occurrence scorers
 ``cold_start`` the cold-start bucket edges, labels and bucketing
 ``schema``     ``metrics.json`` as pydantic models; ``validate_metrics``
@@ -15,13 +16,15 @@ from retailsim_pipeline.evaluation.metrics import (
     Ranks,
     classification_metrics,
     grouped_ranking_metrics,
+    position_recall,
     ranking_metrics,
     target_ranks,
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
+from retailsim_pipeline.evaluation.significance import BootstrapResult, paired_bootstrap
 
 __all__ = [
-    "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
-    "classification_metrics", "eval_positions", "grouped_ranking_metrics", "masked_batch", "ranking_metrics",
-    "target_ranks", "visible_tokens",
+    "BootstrapResult", "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
+    "classification_metrics", "eval_positions", "grouped_ranking_metrics", "masked_batch", "paired_bootstrap",
+    "position_recall", "ranking_metrics", "target_ranks", "visible_tokens",
 ]
