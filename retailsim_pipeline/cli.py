@@ -97,7 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     oracle = OracleScorer(cache, config.split, paths.ground_truth) if (paths.ground_truth / "world.npz").exists() \
         else None
     result = evaluate(cache, cache.samples_dir, model, split=config.split, seed=config.seed,
-                      mask_rate=config.mask_rate, oracle=oracle)
+                      mask_rate=config.mask_rate, oracle=oracle, bootstrap_resamples=config.bootstrap_resamples,
+                      bootstrap_confidence=config.bootstrap_confidence)
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion = None
     if champion_version is not None:

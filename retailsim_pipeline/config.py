@@ -396,4 +396,8 @@ class EvaluationConfig(BaseModel):
                              "seed's BERT masking rate, so evaluation asks what training asks).")
     promotion_metric: str = Field("recall@10", description="Metric compared with the current champion.")
     promotion_margin: float = Field(0.0, ge=0.0, description="The challenger must beat the champion by more.")
+    bootstrap_resamples: int = Field(1000, ge=1000, description="Resamples of the paired bootstrap over baskets "
+                                     "behind the baseline gate (1,000: the usual floor for a 95 % percentile interval).")
+    bootstrap_confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the gate's interval: the "
+                                        "model passes when the whole interval of model − strongest baseline is > 0.")
     device: str = Field("cpu", description="Device to score on.")

@@ -24,7 +24,6 @@ import scipy.sparse as sp
 import torch
 
 from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
-from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
 from retailsim_pipeline.evaluation.buckets import BUCKET_GROUPS, bucket_cold_start, bucket_length, bucket_repeat
 from retailsim_pipeline.evaluation.metrics import (
     Ranks,
@@ -167,18 +166,23 @@ def evaluate(
     mask_rate: float = EvaluationConfig().mask_rate,
     oracle=None,
     device: str = "cpu",
+    choice: dict | None = None,
+    bootstrap_resamples: int = EvaluationConfig().bootstrap_resamples,
+    bootstrap_confidence: float = EvaluationConfig().bootstrap_confidence,
 ) -> dict:
-    """``{"model", "baselines", "oracle", "buckets", "n_positions", "n_baskets"}`` for one model."""
+    """``{"model", "baselines", "oracle", "buckets", "baseline_choice", "significance", "n_positions",
+    "n_baskets"}`` for one model.
+
+    ``choice`` is :func:`~retailsim_pipeline.evaluation.gate.choose_baselines`' document (the tuned baselines'
+    settings and the strongest baseline, from the validation split); computed here when not given."""
+    from retailsim_pipeline.evaluation.gate import baseline_scorers, choose_baselines, compare_with_baselines
+
+    if choice is None:
+        choice = choose_baselines(cache, samples_dir, seed=seed, mask_rate=mask_rate)
     setup = prepare(cache, samples_dir, split=split, seed=seed, mask_rate=mask_rate)
-    train = cache.split("train")
-    arrays = cache.split(split)
-    vocab = cache.product_embeddings.shape[0]
     model_ranks, aux = rank_model(setup, model, device=device)
-    baseline_ranks = {
-        "popularity": rank_baseline(setup, PopularityScorer(train, vocab)),
-        "personal_frequency": rank_baseline(setup, PersonalFrequencyScorer(train, arrays, vocab)),
-        "cooccurrence": rank_baseline(setup, CooccurrenceScorer(train, vocab)),
-    }
+    baseline_ranks = {name: rank_baseline(setup, scorer)
+                      for name, scorer in baseline_scorers(cache, split, choice["params"]).items()}
     oracle_ranks = rank_baseline(setup, oracle) if oracle is not None else None
     model_metrics = ranking_metrics(model_ranks)
     model_metrics["aux"] = {
@@ -190,6 +194,10 @@ def evaluate(
         "baselines": {k: ranking_metrics(r) for k, r in baseline_ranks.items()},
         "oracle": ranking_metrics(oracle_ranks) if oracle_ranks is not None else None,
         "buckets": _grouped(setup, {"model": model_ranks, **baseline_ranks, "oracle": oracle_ranks}),
+        "baseline_choice": choice,
+        "significance": compare_with_baselines(model_ranks, baseline_ranks, setup.positions.sample,
+                                               n_resamples=bootstrap_resamples, confidence=bootstrap_confidence,
+                                               seed=seed),
         "n_positions": int(len(setup.positions.target)),
         "n_baskets": int(len(np.unique(setup.positions.sample))),
         "_ranks": {"model": model_ranks},

@@ -17,6 +17,8 @@ _COLORS = {
     "popularity": "#7f7f7f",
     "personal_frequency": "#2ca02c",
     "cooccurrence": "#ff7f0e",
+    "blend": "#d62728",
+    "tifu_knn": "#8c564b",
     "oracle": "#9467bd",
 }
 

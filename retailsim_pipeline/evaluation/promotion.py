@@ -6,23 +6,32 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from retailsim_pipeline.config import EvaluationConfig
-from retailsim_pipeline.evaluation.schema import SCHEMA
-
-#: The baseline a model must beat before it can be promoted, and on which metric.
-GATE_BASELINE, GATE_METRIC = "cooccurrence", "recall@10"
-
+from retailsim_pipeline.evaluation.schema import GATE_METRIC, SCHEMA, SCORER_NAMES
 
 def beats_baselines(result: Mapping) -> bool:
-    """Whether the evaluated model beats :data:`GATE_BASELINE` on :data:`GATE_METRIC` (same positions)."""
-    return bool(result["model"][GATE_METRIC] > result["baselines"][GATE_BASELINE][GATE_METRIC])
+    """The gate: the model beats the strongest baseline (chosen on validation) on the gate metric, the
+    whole paired-bootstrap interval of model − baseline above zero (``evaluation/gate.py``)."""
+    return bool(result["significance"][result["baseline_choice"]["strongest"]]["significant"])
+
+
+def gate_text(result: Mapping) -> str:
+    """The gate's comparison in words, e.g. ``recall@10 vs blend (strongest on validation): +0.0123
+    [+0.0081, +0.0167] 95 %``."""
+    name = result["baseline_choice"]["strongest"]
+    c = result["significance"][name]
+    return (f"{GATE_METRIC} vs {SCORER_NAMES[name]} (strongest on validation): {c['difference']:+.4f} "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] {c['confidence']:.0%}")
 
 
 def decide_promotion(*, challenger_version: str, challenger: float, champion_version: str | None,
-                     champion: float | None, beats_baselines: bool, metric: str, margin: float) -> dict:
-    """Champion/challenger rule: a model that fails the baseline check is never promoted; the first
-    passing model becomes champion; later ones only when ``metric`` beats the champion's by > margin."""
+                     champion: float | None, beats_baselines: bool, metric: str, margin: float,
+                     gate: str = "") -> dict:
+    """Champion/challenger rule: a model that fails the baseline gate is never promoted; the first
+    passing model becomes champion; later ones only when ``metric`` beats the champion's by > margin.
+    ``gate`` (:func:`gate_text`) is quoted in the reason when the gate fails."""
     if not beats_baselines:
-        decision, reason = "challenger", f"does not beat item co-occurrence on {GATE_METRIC}"
+        decision, reason = "challenger", ("does not beat the strongest baseline significantly"
+                                          + (f": {gate}" if gate else ""))
     elif champion_version is None or champion_version == challenger_version:
         decision, reason = "champion", "first model to pass the baseline check"
     elif champion is not None and challenger > champion + margin:
@@ -48,7 +57,7 @@ def metrics_document(result: Mapping, *, config: EvaluationConfig, challenger_ve
     promotion = decide_promotion(challenger_version=challenger_version, challenger=result["model"][metric],
                                  champion_version=champion_version, champion=champion,
                                  beats_baselines=beats_baselines(result), metric=metric,
-                                 margin=config.promotion_margin)
+                                 margin=config.promotion_margin, gate=gate_text(result))
     if reason_note:
         promotion["reason"] += f" ({reason_note})"
     created = created or datetime.now(timezone.utc)
@@ -59,5 +68,6 @@ def metrics_document(result: Mapping, *, config: EvaluationConfig, challenger_ve
                  "n_baskets": result["n_baskets"], "n_positions": result["n_positions"],
                  "created": created.isoformat(), "eval_seed": config.seed},
         "model": result["model"], "baselines": result["baselines"], "oracle": result["oracle"],
-        "buckets": result["buckets"], "promotion": promotion,
+        "buckets": result["buckets"], "baseline_choice": result["baseline_choice"],
+        "significance": result["significance"], "promotion": promotion,
     }

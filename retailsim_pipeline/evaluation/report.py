@@ -40,6 +40,7 @@ from retailsim_pipeline.evaluation.report_tables import (
     ranking_table,
     report_sections,
     report_title,
+    significance_table,
 )
 from retailsim_pipeline.evaluation.schema import json_ready, validate_metrics
 from retailsim_pipeline.training.curves import plot_training_curves
@@ -314,4 +315,5 @@ def print_tables(doc: Mapping, console: Console | None = None) -> None:
     console.print(_rich_table(ranking_table(doc), title=ranking_title))
     bucket_title = f"{BUCKET_TITLES['cold_start']}: {BUCKET_METRIC}"
     console.print(_rich_table(bucket_table(doc, "cold_start"), title=bucket_title, short_headers=True))
+    console.print(_rich_table(significance_table(doc)))
     console.print(Text(promotion_text(doc)))

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from retailsim_pipeline.config import AUX_HEADS
-from retailsim_pipeline.evaluation.schema import BASELINES, BUCKETS, SCORER_NAMES, SCORERS
+from retailsim_pipeline.evaluation.schema import BASELINES, BUCKETS, GATE_METRIC, SCORER_NAMES, SCORERS
 
 # Rows of the main ranking table (a readable subset of RANKING_METRICS; metrics.json holds them all).
 TABLE_METRICS = ("accuracy", "recall@1", "recall@5", "recall@10", "recall@20", "precision@10", "mrr", "ndcg@10")
@@ -178,6 +178,28 @@ def bucket_table(doc: Mapping, group: str) -> Table:
     return Table(f"{BUCKET_METRIC} per bucket {_BEST_NOTE}", tuple(columns), tuple(rows), frozenset(bold))
 
 
+def significance_table(doc: Mapping) -> Table:
+    """model − each baseline on the gate metric with its paired-bootstrap interval; the strongest baseline
+    (chosen on validation) marked, its row bold when the whole interval is above zero."""
+    choice, significance = doc["baseline_choice"], doc["significance"]
+    rows, bold = [], set()
+    for r, name in enumerate(BASELINES):
+        c = significance[name]
+        strongest = name == choice["strongest"]
+        label = SCORER_NAMES[name] + (" (strongest on validation)" if strongest else "")
+        params = ", ".join(f"{k} {v:g}" for k, v in choice["params"].get(name, {}).items()) or "—"
+        rows.append((label, choice["validation"][name], doc["baselines"][name][GATE_METRIC],
+                     f"{c['difference']:+.4f}", f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                     "yes" if c["significant"] else "no", params))
+        if strongest and c["significant"]:
+            bold.add((r, 3))
+    first = significance[BASELINES[0]]
+    columns = ("baseline", f"validation {GATE_METRIC}", f"test {GATE_METRIC}", "model − baseline",
+               f"{first['confidence']:.0%} interval", "significant", "settings (chosen on validation)")
+    return Table(f"The gate: model − baseline on {GATE_METRIC}, paired bootstrap over {first['n_baskets']:,} "
+                 f"baskets ({first['n_resamples']:,} resamples)", columns, tuple(rows), frozenset(bold))
+
+
 def _aux_tables(doc: Mapping) -> list[Table]:
     aux = doc["model"]["aux"]
     summary = Table(
@@ -204,6 +226,7 @@ def report_sections(doc: Mapping) -> list[Section]:
     return [
         Section("meta", "Run", paragraphs=_meta_lines(doc)),
         Section("ranking", "Model vs baselines", tables=(ranking_table(doc),), figures=("recall_at_k",)),
+        Section("gate", "Against the strongest baseline", tables=(significance_table(doc),)),
         *(
             Section(group, BUCKET_TITLES[group], tables=(bucket_table(doc, group),))
             for group in BUCKETS

@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from retailsim_pipeline.config import AUX_HEADS
 from retailsim_pipeline.evaluation.buckets import BUCKET_GROUPS
 
-SCHEMA = "retailsim.evaluation/1"
+SCHEMA = "retailsim.evaluation/2"  # 2: blend and TIFU-KNN baselines, their validation choice, paired bootstrap
 
 # Ranking metrics every scorer reports on the same masked positions; "n" is the number of positions.
 RECALL_KS = (1, 5, 10, 20)
@@ -48,7 +48,9 @@ RANKING_METRICS = (
     "mrr", "ndcg@10",
 )  # fmt: skip
 RANKING_KEYS = (*RANKING_METRICS, "n")
-BASELINES = ("popularity", "personal_frequency", "cooccurrence")
+BASELINES = ("popularity", "personal_frequency", "cooccurrence", "blend", "tifu_knn")
+#: The metric on which the strongest baseline is chosen (validation) and the gate compares (test).
+GATE_METRIC = "recall@10"
 SCORERS = ("model", *BASELINES, "oracle")
 #: How people call each scorer (report tables, plots, schema descriptions).
 SCORER_NAMES = {
@@ -56,6 +58,8 @@ SCORER_NAMES = {
     "popularity": "popularity",
     "personal_frequency": "personal frequency",
     "cooccurrence": "co-occurrence",
+    "blend": "blend",
+    "tifu_knn": "TIFU-KNN",
     "oracle": "oracle",
 }
 #: The bucket groups and their labels (defined in :mod:`retailsim_pipeline.evaluation.buckets`).
@@ -311,7 +315,8 @@ class Promotion(_Strict):
     champion_version: TextOrNull = Field(description="The current champion; null when there is none yet.")
     champion: Fraction | None = Field(description="The champion's metric on the same positions; null with "
                                       "champion_version.")
-    passed_baseline_check: Bool = Field(description="Whether the model beats the gate baseline.")
+    passed_baseline_check: Bool = Field(description="Whether the model beats the strongest baseline significantly "
+                                        "(significance.<strongest>.significant).")
     decision: Annotated[Literal[DECISIONS], _one_of(DECISIONS)] = Field(description="What the model becomes.")
     reason: Text = Field(description="Why, in words.")
 
@@ -330,6 +335,54 @@ def _keyed(model: BaseModel) -> dict[str, Any]:
     return {f.alias or name: getattr(model, name) for name, f in type(model).model_fields.items()}
 
 
+Parameter = Annotated[int | float, WrapValidator(_check_finite)]
+
+
+ValidationScores = _fixed_keys("ValidationScores", "baseline", "Each baseline's validation metric (tuned ones at "
+                               "their chosen settings).", {b: (Fraction, SCORER_NAMES[b]) for b in BASELINES})
+
+
+class BaselineChoice(_Strict):
+    """The baselines' settings and the strongest of them, all chosen on the validation split (never test)."""
+
+    split: Annotated[Literal["validation"], _one_of(("validation",))] = Field(
+        description="Where the weights were picked and the baselines ranked: always validation.")
+    metric: Annotated[Literal[GATE_METRIC], _one_of((GATE_METRIC,))] = Field(description="The ranking metric.")
+    n_positions: Count = Field(description="Masked validation positions each candidate was scored on.")
+    validation: ValidationScores = Field(description="Each baseline's metric on the validation positions.")
+    params: dict[str, dict[str, Parameter]] = Field(
+        description="The chosen settings of each tuned baseline (blend weights, TIFU-KNN decay/k/alpha).")
+    strongest: Annotated[Literal[BASELINES], _one_of(BASELINES)] = Field(
+        description="The baseline with the best validation metric: the one the gate compares with.")
+
+
+class Comparison(_Strict):
+    """Model − baseline on the test positions, with a paired bootstrap over baskets (``significance.py``)."""
+
+    difference: Annotated[float, WrapValidator(_check_finite)] = Field(
+        description="model − baseline, the metric's mean over the same positions.")
+    ci_low: Annotated[float, WrapValidator(_check_finite)] = Field(description="Lower end of the interval.")
+    ci_high: Annotated[float, WrapValidator(_check_finite)] = Field(description="Upper end of the interval.")
+    confidence: Fraction = Field(description="Coverage of the percentile interval (0.95).")
+    n_resamples: Count = Field(description="Bootstrap resamples of the baskets (≥ 1,000).")
+    seed: Int = Field(description="Seed of the resampling.")
+    n_baskets: Count = Field(description="Baskets resampled.")
+    n_positions: Count = Field(description="Positions compared (the model's n).")
+    significant: Bool = Field(description="ci_low > 0: the model is better beyond the interval.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Comparison":
+        if not self.ci_low <= self.ci_high:
+            raise _problem(f"ci_low {self.ci_low} > ci_high {self.ci_high}", at=".ci_low")
+        if self.significant != (self.ci_low > 0):
+            raise _problem(f"is {self.significant} but ci_low is {self.ci_low}", at=".significant")
+        return self
+
+
+Significance = _fixed_keys("Significance", "baseline", f"model − each baseline on {GATE_METRIC}, paired bootstrap "
+                           "over baskets.", {b: (Comparison, SCORER_NAMES[b]) for b in BASELINES})
+
+
 class MetricsDocument(_Strict):
     """``metrics.json``: the model, the baselines and the oracle scored on the same masked positions,
     per bucket, and the promotion decision."""
@@ -341,6 +394,8 @@ class MetricsDocument(_Strict):
     baselines: Baselines = Field(description="One entry per baseline.")
     oracle: RankingMetrics | None = Field(description="The generator's ground truth as a scorer; null on real data.")
     buckets: Buckets
+    baseline_choice: BaselineChoice
+    significance: Significance = Field(description=f"model − each baseline on {GATE_METRIC} (test positions).")
     promotion: Promotion
 
     @model_validator(mode="after")
@@ -369,6 +424,18 @@ class MetricsDocument(_Strict):
                     if metrics is not None and metrics.n != entry["model"].n:
                         raise _problem(f"is {metrics.n:,} but {p}.model.n is {entry['model'].n:,}: every scorer "
                                        "answers the same positions", at=f"{p}.{scorer}.n")
+        for name, comparison in _keyed(self.significance).items():
+            if comparison.n_positions != n:
+                raise _problem(f"is {comparison.n_positions:,} but model.n is {n:,}", at=f"significance.{name}.n_positions")
+            expected = self.model.metric(GATE_METRIC) - _keyed(self.baselines)[name].metric(GATE_METRIC)
+            if not math.isclose(comparison.difference, expected, rel_tol=1e-6, abs_tol=1e-9):
+                raise _problem(f"is {comparison.difference!r} but model − baseline {GATE_METRIC} is {expected!r}",
+                               at=f"significance.{name}.difference")
+        strongest = _keyed(self.significance)[self.baseline_choice.strongest]
+        if self.promotion.passed_baseline_check != strongest.significant:
+            raise _problem(f"is {self.promotion.passed_baseline_check} but significance."
+                           f"{self.baseline_choice.strongest}.significant is {strongest.significant}",
+                           at="promotion.passed_baseline_check")
         promotion = self.promotion
         model_value = self.model.metric(promotion.metric)
         if model_value is None or not math.isclose(promotion.challenger, model_value, rel_tol=1e-9, abs_tol=1e-12):

@@ -25,9 +25,17 @@ def aux_head(labels: list[str], confusion: list[list[int]]) -> dict:
             "confusion": confusion, "labels": labels, "n": n}  # fmt: skip
 
 
+def comparison(difference: float, half_width: float = 0.006) -> dict:
+    """A paired-bootstrap result around ``difference`` (``significance.BootstrapResult.to_dict``)."""
+    low, high = difference - half_width, difference + half_width
+    return {"difference": difference, "ci_low": low, "ci_high": high, "confidence": 0.95, "n_resamples": 1000,
+            "seed": 1234, "n_baskets": 16000, "n_positions": 25000, "significant": low > 0}
+
+
 @pytest.fixture
 def doc() -> dict:
-    recall = {"model": 0.213, "popularity": 0.12, "personal_frequency": 0.165, "cooccurrence": 0.184, "oracle": 0.335}
+    recall = {"model": 0.213, "popularity": 0.12, "personal_frequency": 0.165, "cooccurrence": 0.184,
+              "blend": 0.196, "tifu_knn": 0.191, "oracle": 0.335}
 
     def bucket(n: int, shift: float, *, oracle: bool = True) -> dict:
         entry = {name: ranking(round(recall[name] * shift, 4), n) for name in ("model", *BASELINES)}
@@ -65,6 +73,14 @@ def doc() -> dict:
                               "20-50": bucket(6000, 1.1)},
             "repeat_vs_explore": {"repeat": bucket(11000, 1.6), "explore": bucket(14000, 0.5)},
         },  # fmt: skip
+        "baseline_choice": {
+            "split": "validation", "metric": "recall@10", "n_positions": 24000,
+            "validation": {"popularity": 0.118, "personal_frequency": 0.17, "cooccurrence": 0.18, "blend": 0.2,
+                           "tifu_knn": 0.195},
+            "params": {"blend": {"w_cooc": 0.03, "w_pop": 0.0}, "tifu_knn": {"decay": 0.9, "k": 300, "alpha": 0.9}},
+            "strongest": "blend",
+        },  # fmt: skip
+        "significance": {name: comparison(round(recall["model"] - recall[name], 10)) for name in BASELINES},
         "promotion": {
             "metric": "recall@10", "margin": 0.0, "challenger_version": "3", "challenger": 0.213,
             "champion_version": "2", "champion": 0.191, "passed_baseline_check": True, "decision": "champion",
