@@ -47,11 +47,12 @@ def _below_one(counts: np.ndarray) -> np.ndarray:
     return counts / (counts.max(initial=0.0) + 1.0)
 
 
-def _visible_matrix(visible_offsets: np.ndarray, visible_tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """[n, V] 0/1 CSR: which products are visible for each position (a set: duplicates count once;
-    special tokens dropped)."""
-    offsets = np.asarray(visible_offsets, dtype=np.int64)
-    tokens = np.asarray(visible_tokens, dtype=np.int64)
+def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[n, V] 0/1 float64 CSR of a token CSR ``(offsets [n + 1], tokens)``: which products each row
+    holds (a set: duplicates count once; special tokens dropped). Rows are a position's visible items
+    or a split's baskets."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     keep = tokens >= N_SPECIAL
     m = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], tokens[keep])),
@@ -112,7 +113,7 @@ class CooccurrenceScorer:
         if normalize not in ("cosine", "count"):
             raise ValueError(f"normalize must be 'cosine' or 'count', got {normalize!r}")
         self.vocab_size, self.normalize = vocab_size, normalize
-        x = _visible_matrix(train.offsets, train.tokens, vocab_size)  # [N_train, V] 0/1
+        x = product_sets(train.offsets, train.tokens, vocab_size)  # [N_train, V] 0/1
         c = (x.T @ x).tocsr().astype(np.float64)  # [V, V]
         baskets_with = c.diagonal().copy()  # [V] c_i
         c.setdiag(0.0)
@@ -124,7 +125,12 @@ class CooccurrenceScorer:
         smallest = c.data.min(initial=np.inf) if c.nnz else 1.0
         self._tie_breaker = _below_one(train_counts(train, vocab_size)) * (0.5 * smallest)  # [V]
 
+    def similarity_sums(self, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> np.ndarray:
+        """[n, V] float64: Σ over each position's visible products i of sim(i, ·); 0 where nothing is
+        visible. The primary key of :meth:`score`, without the tie-breaker (other scorers blend it)."""
+        visible = product_sets(visible_offsets, visible_tokens, self.vocab_size)  # [n, V]
+        return np.asarray(visible @ self.similarity)  # [n, V] dense
+
     def score(self, sample: np.ndarray, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> torch.Tensor:
-        visible = _visible_matrix(visible_offsets, visible_tokens, self.vocab_size)  # [n, V]
-        summed = visible @ self.similarity  # [n, V] dense
+        summed = self.similarity_sums(visible_offsets, visible_tokens)  # [n, V]
         return torch.from_numpy((summed + self._tie_breaker).astype(np.float32))
