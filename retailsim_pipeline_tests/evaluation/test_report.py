@@ -58,28 +58,30 @@ def test_gap_closed():
 
 
 def test_headline(doc):
-    assert headline(doc) == "Recall@10 0.213: beats co-occurrence 0.184 / closes 43 % of the popularity→oracle gap"
+    assert headline(doc) == "Recall@10 0.213: beats blend 0.196 / closes 43 % of the popularity→oracle gap"
     doc["model"]["recall@10"] = 0.15
     doc["oracle"] = None
-    assert headline(doc) == "Recall@10 0.150: trails co-occurrence 0.184"
+    assert headline(doc) == "Recall@10 0.150: trails blend 0.196"
 
 
 def test_markdown_has_the_tables_and_the_decision(doc):
     md = render_markdown(doc)
     assert md.startswith("# Evaluation of retailsim-world-model version 3 (test split)\n")
-    assert "**Recall@10 0.213: beats co-occurrence 0.184 / closes 43 % of the popularity→oracle gap**" in md
+    assert "**Recall@10 0.213: beats blend 0.196 / closes 43 % of the popularity→oracle gap**" in md
     # ranking table: every scorer a column, every reported metric a row; the best non-oracle value bold
-    assert "| metric | model | popularity | personal frequency | co-occurrence | oracle |" in md
-    assert "| recall@10 | **0.2130** | 0.1200 | 0.1650 | 0.1840 | 0.3350 |" in md
+    assert "| metric | model | popularity | personal frequency | co-occurrence | blend | TIFU-KNN | oracle |" in md
+    assert "| recall@10 | **0.2130** | 0.1200 | 0.1650 | 0.1840 | 0.1960 | 0.1910 | 0.3350 |" in md
+    # the gate: every baseline with its validation and test figures, the difference and its interval
+    assert "| blend (strongest on validation) | 0.2000 | 0.1960 | **+0.0170** | [+0.0110, +0.0230] | yes | w_cooc 0.03, w_pop 0 |" in md
     for metric in ("accuracy", "recall@1", "recall@5", "recall@20", "precision@10", "mrr", "ndcg@10"):
         assert re.search(rf"^\| {re.escape(metric)} \|", md, re.M), metric
-    assert "| n | 25,000 | 25,000 | 25,000 | 25,000 | 25,000 |" in md
+    assert "| n | 25,000 | 25,000 | 25,000 | 25,000 | 25,000 | 25,000 | 25,000 |" in md
     # bucket tables: every bucket a row with its n and the gap closed
-    assert "| bucket | n | model | popularity | personal frequency | co-occurrence | oracle | gap closed |" in md
+    assert "| bucket | n | model | popularity | personal frequency | co-occurrence | blend | TIFU-KNN | oracle | gap closed |" in md
     for group, names in BUCKETS.items():
         for name in names:
             assert re.search(rf"^\| {re.escape(name)} \| [\d,]+ \|", md, re.M), (group, name)
-    assert "| 3-9 | 8,600 | **0.2130** | 0.1200 | 0.1650 | 0.1840 | 0.3350 | 43 % |" in md
+    assert "| 3-9 | 8,600 | **0.2130** | 0.1200 | 0.1650 | 0.1840 | 0.1960 | 0.1910 | 0.3350 | 43 % |" in md
     # auxiliary heads and their confusion matrices
     assert "| head | accuracy | macro-F1 | n |" in md
     assert "| actual \\\\ predicted | S | M | L | unknown |" in md
@@ -99,10 +101,10 @@ def test_markdown_without_oracle_or_champion(doc):
             entry["oracle"] = None
     doc["promotion"] |= {"champion_version": None, "champion": None, "decision": "champion"}
     md = render_markdown(doc)
-    assert "| metric | model | popularity | personal frequency | co-occurrence |\n" in md
+    assert "| metric | model | popularity | personal frequency | co-occurrence | blend | TIFU-KNN |\n" in md
     assert "gap closed" not in md
     assert "there is no champion yet" in md
-    assert headline(doc) == "Recall@10 0.213: beats co-occurrence 0.184"
+    assert headline(doc) == "Recall@10 0.213: beats blend 0.196"
     assert len(_decoded_pngs(_walk(render_html(doc)))) == 3
 
 
@@ -178,10 +180,10 @@ def test_html_is_self_contained_with_four_plots(doc, history):
     assert "http" not in _without_data_uris(page)
     assert {"html", "head", "style", "body", "table"} <= set(walker.tags)
     text = " ".join(walker.text)
-    assert "Recall@10 0.213: beats co-occurrence 0.184 / closes 43 % of the popularity→oracle gap" in text
+    assert "Recall@10 0.213: beats blend 0.196 / closes 43 % of the popularity→oracle gap" in text
     assert "Version 3 is promoted to champion." in text
     assert "0.1910" in text
-    assert walker.tags.count("table") == 1 + 3 + 1 + 4  # ranking, 3 bucket groups, aux summary, 4 confusions
+    assert walker.tags.count("table") == 1 + 1 + 3 + 1 + 4  # ranking, gate, 3 bucket groups, aux summary, 4 confusions
 
 
 def test_html_without_history_has_three_plots(doc):

@@ -48,7 +48,7 @@ def _broken(doc, edit):
     "edit, message",
     [
         (lambda d: d.pop("promotion"), "document: missing key 'promotion'"),
-        (lambda d: d.__setitem__("schema", "retailsim.evaluation/0"), "schema: expected 'retailsim.evaluation/1'"),
+        (lambda d: d.__setitem__("schema", "retailsim.evaluation/0"), "schema: expected 'retailsim.evaluation/2'"),
         (lambda d: d["model"].pop("recall@20"), "model: missing key 'recall@20'"),
         (lambda d: d["baselines"]["popularity"].pop("mrr"), "baselines.popularity: missing key 'mrr'"),
         (lambda d: d["model"].__setitem__("recall@10", "0.21"), "model.recall@10: expected a number in [0, 1], got '0.21' (str)"),
@@ -58,7 +58,7 @@ def _broken(doc, edit):
         (lambda d: d["model"].__setitem__("n", 25000.0), "model.n: expected a non-negative integer, got 25000.0 (float)"),
         (lambda d: d["model"].__setitem__("n", True), "model.n: expected a non-negative integer, got True (bool)"),
         (lambda d: d["baselines"].__setitem__("bm25", d["baselines"]["popularity"]),
-         "baselines: unknown scorer 'bm25' (expected popularity, personal_frequency, cooccurrence)"),
+         "baselines: unknown scorer 'bm25' (expected popularity, personal_frequency, cooccurrence, blend, tifu_knn)"),
         (lambda d: d["buckets"]["cold_start"]["3-9"].__setitem__("random", d["model"]),
          "buckets.cold_start.3-9: unknown scorer 'random'"),
         (lambda d: d["buckets"]["basket_length"]["5-9"].pop("cooccurrence"),
