@@ -11,13 +11,15 @@ import polars as pl
 import pytest
 
 from retailsim_pipeline import tracking
-from retailsim_pipeline.config import EvaluationConfig
+from retailsim_pipeline.config import EvaluationConfig, training_preset
 from retailsim_pipeline.definitions import defs
 from retailsim_pipeline.evaluation.positions import eval_positions
 from retailsim_pipeline.evaluation.promotion import decide_promotion
+from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.runner import materialize_selection
-from retailsim_pipeline.evaluation.schema import validate_metrics
+from retailsim_pipeline.evaluation.schema import BASELINES, validate_metrics
 from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.training.trainer import build_model
 
 RULE = dict(metric="recall@10", margin=0.01)
 
@@ -28,7 +30,7 @@ def test_first_model_becomes_champion_only_if_it_passes_the_check():
     assert first["decision"] == "champion" and first["champion_version"] is None
     failing = decide_promotion(challenger_version="1", challenger=0.3, champion_version=None, champion=None,
                                beats_baselines=False, **RULE)
-    assert failing["decision"] == "challenger" and "co-occurrence" in failing["reason"]
+    assert failing["decision"] == "challenger" and "strongest baseline" in failing["reason"]
 
 
 def test_promotion_both_ways_against_a_champion():
@@ -101,7 +103,10 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     (check,) = [e for e in instance.get_latest_materialization_event(dg.AssetKey("evaluation_report"))
                 .asset_materialization.metadata.items() if e[0] == "decision"]
     uri = f"sqlite:///{tiny_copy.mlflow / 'mlflow.db'}"
-    beats = doc["model"]["recall@10"] > doc["baselines"]["cooccurrence"]["recall@10"]
+    strongest = doc["baseline_choice"]["strongest"]
+    assert strongest == max(BASELINES, key=lambda b: (doc["baseline_choice"]["validation"][b], -BASELINES.index(b)))
+    assert doc["significance"][strongest]["n_resamples"] >= 1000
+    beats = doc["significance"][strongest]["ci_low"] > 0
     assert doc["promotion"]["passed_baseline_check"] == beats
     assert (tracking.get_alias_version("champion", tracking_uri=uri) == version) == beats
     assert check[1].value == ("champion" if beats else "challenger")
@@ -120,3 +125,27 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     assert_counts_match_the_inputs(cli_doc, TensorCache.latest(tiny_copy.cache), EvaluationConfig())
     assert cli_doc["model"]["recall@10"] == pytest.approx(doc["model"]["recall@10"])  # same positions, same model
     assert tracking.get_alias_version("champion", tracking_uri=uri) == champion_before
+
+    # A registered model worse than the simple baselines (untrained) fails the gate and is never promoted.
+    cache = TensorCache.latest(tiny_copy.cache)
+    untrained = build_model(training_preset("tiny"), cache)
+    with tracking.MlflowLogger(tracking_uri=uri, run_name="untrained", system_metrics=False) as logger:
+        logged = tracking.log_world_model(logger, untrained.config, untrained.state_dict(),
+                                          cache.vocabulary().get_column("PROD_CODE").to_list())
+        run_id = logger.run_id
+    registered = tracking.register_world_model(logged, tracking_uri=uri)
+    stored = tiny_copy.dagster / "values" / "trained_world_model" / "__all__.json"
+    upstream = json.loads(stored.read_text())
+    stored.write_text(json.dumps({**upstream, "model_version": registered.version,
+                                  "registered_model_uri": registered.uri, "mlflow_run_id": run_id}))
+    champion_before = tracking.get_alias_version("champion", tracking_uri=uri)
+    result = dg.materialize([*defs.assets], selection=["evaluation_report"], instance=instance,
+                            resources={**defs.resources, "retailsim_data": RetailSimData(data_dir=str(tiny_copy.root))},
+                            raise_on_error=False)
+    assert result.success  # the check is not blocking: the report is written, the version stays challenger
+    (gate,) = result.get_asset_check_evaluations()
+    assert not gate.passed and gate.metadata["ci_low"].value <= 0, gate.metadata
+    bad = json.loads((tiny_copy.root / "reports" / registered.version / "metrics.json").read_text())
+    assert bad["promotion"]["decision"] == "challenger" and not bad["promotion"]["passed_baseline_check"]
+    assert bad["promotion"]["reason"].startswith("does not beat the strongest baseline significantly")
+    assert tracking.get_alias_version("champion", tracking_uri=uri) == champion_before != registered.version
