@@ -4,6 +4,8 @@ baselines scored on the same positions as the world model. Never imports dagster
 ``positions``  which lines of a split are hidden and scored; the matching model batch
 ``metrics``    target ranks → precision/recall@K, accuracy, MRR, NDCG@10; classification metrics
 ``baselines``  popularity, personal frequency and item co-occurrence scorers
+``strong_baselines``  the blend of those three and TIFU-KNN (decayed personal vectors + nearest customers)
+``tuning``     the strong baselines' parameters chosen on the validation split
 ``cold_start`` the cold-start bucket edges, labels and bucketing
 ``schema``     ``metrics.json`` as pydantic models; ``validate_metrics``
 ``promotion``  the champion/challenger rule and the ``metrics.json`` document
@@ -19,9 +21,10 @@ from retailsim_pipeline.evaluation.metrics import (
     target_ranks,
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
+from retailsim_pipeline.evaluation.strong_baselines import BlendScorer, TifuKnnScorer
 
 __all__ = [
-    "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
+    "BlendScorer", "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
     "classification_metrics", "eval_positions", "grouped_ranking_metrics", "masked_batch", "ranking_metrics",
-    "target_ranks", "visible_tokens",
+    "TifuKnnScorer", "target_ranks", "visible_tokens",
 ]
