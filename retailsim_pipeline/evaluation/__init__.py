@@ -5,7 +5,10 @@ baselines scored on the same positions as the world model. Never imports dagster
 ``metrics``    target ranks → precision/recall@K, accuracy, MRR, NDCG@10; classification metrics
 ``significance`` paired bootstrap over baskets: is one scorer significantly better than another
 ``baselines``  popularity, personal frequency and item co-occurrence scorers
-``cold_start`` the cold-start bucket edges, labels and bucketing
+``strong_baselines``  the blend of those three and TIFU-KNN (decayed personal vectors + nearest customers)
+``tuning``     the strong baselines' parameters chosen on the validation split
+``buckets``    the bucket groups (cold start, basket length, repeat/explore): edges, labels, bucketing
+``gate``       the strongest baseline (chosen on validation) and model − each baseline with its interval
 ``schema``     ``metrics.json`` as pydantic models; ``validate_metrics``
 ``promotion``  the champion/challenger rule and the ``metrics.json`` document
 ``report``     markdown, HTML and terminal renderings (tables: ``report_tables``, plots: ``plots``), files
@@ -22,9 +25,11 @@ from retailsim_pipeline.evaluation.metrics import (
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.evaluation.significance import BootstrapResult, paired_bootstrap
+from retailsim_pipeline.evaluation.strong_baselines import BlendScorer, TifuKnnScorer
 
 __all__ = [
-    "BootstrapResult", "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer", "PopularityScorer", "Ranks",
-    "classification_metrics", "eval_positions", "grouped_ranking_metrics", "masked_batch", "paired_bootstrap",
-    "position_recall", "ranking_metrics", "target_ranks", "visible_tokens",
+    "BlendScorer", "BootstrapResult", "CooccurrenceScorer", "EvalPositions", "PersonalFrequencyScorer",
+    "PopularityScorer", "Ranks", "TifuKnnScorer", "classification_metrics", "eval_positions",
+    "grouped_ranking_metrics", "masked_batch", "paired_bootstrap", "position_recall", "ranking_metrics",
+    "target_ranks", "visible_tokens",
 ]
