@@ -11,6 +11,7 @@ from retailsim_pipeline.evaluation.metrics import Ranks, ranking_metrics, target
 from retailsim_pipeline.evaluation.positions import eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.config import MASK, N_SPECIAL, UNK
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
+from retailsim_pipeline_tests.evaluation.micro import micro_split
 from retailsim_pipeline.model.batch import IGNORE_INDEX
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -21,23 +22,9 @@ from retailsim_pipeline.training.batches import BatchAssembler
 V = N_SPECIAL + 4  # products 3, 4, 5, 6
 
 
-def _split(baskets: list[list[int]], customers: list[int]) -> SplitArrays:
-    """A SplitArrays with the given baskets and customers; the other arrays are zeros of the right length."""
-    lengths = np.array([len(b) for b in baskets], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.array([t for b in baskets for t in b], dtype=np.int32)
-    n, n_lines = len(baskets), len(tokens)
-    return SplitArrays(
-        offsets=offsets, tokens=tokens, line_log_price_ratio=np.zeros(n_lines, np.float32),
-        line_quantity=np.ones(n_lines, np.int16), customer_index=np.array(customers, dtype=np.int32),
-        store_index=np.zeros(n, np.int32), temporal=np.zeros((n, 64), np.float16),
-        trip=np.zeros((n, 48), np.float16), labels=np.zeros((n, 4), np.int8),
-        basket_id=np.arange(n, dtype=np.int64), week=np.zeros(n, np.int32), n_lines=lengths.astype(np.int32))
-
-
 # Train: popularity 3: 3 lines, 4: 3, 5: 1, 6: 1; customer 1 bought 3 ×2, 4, 5; customer 2 bought 3, 4, 6;
 # the anonymous basket [4] (row 0) belongs to nobody.
-MICRO_TRAIN = _split([[3, 4], [3, 5], [3, 4, 6], [4]], customers=[1, 1, 2, 0])
+MICRO_TRAIN = micro_split([[3, 4], [3, 5], [3, 4, 6], [4]], customers=[1, 1, 2, 0])
 
 
 def _visible(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +41,7 @@ def test_popularity_micro():
 
 def test_personal_frequency_micro():
     # Scored split: customers 1, anonymous, 2, and 3 (not seen in train → no history).
-    scored = _split([[5], [5], [5], [5]], customers=[1, 0, 2, 3])
+    scored = micro_split([[5], [5], [5], [5]], customers=[1, 0, 2, 3])
     scores = PersonalFrequencyScorer(MICRO_TRAIN, scored, V).score(np.array([0, 1, 2, 3]), *_visible([[]] * 4))
     pop = np.array([0, 0, 0, 3, 3, 1, 1]) / 4  # popularity / (max + 1)
     expected = np.array([
@@ -91,7 +78,7 @@ def test_cooccurrence_micro_cosine_and_count():
 
 
 def test_positions_micro_rules():
-    arrays = _split([[3], [3, 4], [3, UNK], [UNK, UNK], [4, 5, 6, 3, 4]], customers=[0] * 5)
+    arrays = micro_split([[3], [3, 4], [3, UNK], [UNK, UNK], [4, 5, 6, 3, 4]], customers=[0] * 5)
     pos = eval_positions(arrays, seed=0, mask_prob=0.0)
     # mask_prob 0: exactly one forced line in each basket of length ≥ 2 with a scorable line.
     assert pos.sample.tolist() == [1, 2, 4]

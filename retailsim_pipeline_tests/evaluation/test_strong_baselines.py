@@ -21,7 +21,8 @@ from retailsim_pipeline.evaluation.strong_baselines import (
     neighbour_mix,
 )
 from retailsim_pipeline.evaluation.tuning import BLEND_GRID, STRONG_BASELINES, TIFU_GRID, tune_on_validation
-from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline_tests.evaluation.micro import micro_split
 
 # --------------------------------------------------------------------------------------------
 # Micro cases
@@ -29,21 +30,6 @@ from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
 
 V = N_SPECIAL + 4  # products 3, 4, 5, 6
 P3, P4, P5, P6 = range(N_SPECIAL, N_SPECIAL + 4)
-
-
-def _split(baskets: list[list[int]], customers: list[int], weeks: list[int] | None = None) -> SplitArrays:
-    """A SplitArrays with the given baskets, customers and weeks; the other arrays are zeros."""
-    lengths = np.array([len(b) for b in baskets], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.array([t for b in baskets for t in b], dtype=np.int32)
-    n, n_lines = len(baskets), len(tokens)
-    return SplitArrays(
-        offsets=offsets, tokens=tokens, line_log_price_ratio=np.zeros(n_lines, np.float32),
-        line_quantity=np.ones(n_lines, np.int16), customer_index=np.array(customers, dtype=np.int32),
-        store_index=np.zeros(n, np.int32), temporal=np.zeros((n, 64), np.float16),
-        trip=np.zeros((n, 48), np.float16), labels=np.zeros((n, 4), np.int8),
-        basket_id=np.arange(n, dtype=np.int64), week=np.array(weeks or [0] * n, dtype=np.int32),
-        n_lines=lengths.astype(np.int32))
 
 
 def _visible(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,9 +44,9 @@ def _order(scores: torch.Tensor) -> np.ndarray:
 
 # Train: popularity 3: 3 lines, 4: 3, 5: 1, 6: 1; customer 1 bought 3 ×2, 4, 5; customer 2 bought 3, 4, 6;
 # the anonymous basket [4] (row 0) belongs to nobody.
-MICRO_TRAIN = _split([[P3, P4], [P3, P5], [P3, P4, P6], [P4]], customers=[1, 1, 2, 0])
+MICRO_TRAIN = micro_split([[P3, P4], [P3, P5], [P3, P4, P6], [P4]], customers=[1, 1, 2, 0])
 # Scored: customers 1, anonymous, 2, and 3 (not seen in train → no history).
-MICRO_SCORED = _split([[P5]] * 4, customers=[1, 0, 2, 3])
+MICRO_SCORED = micro_split([[P5]] * 4, customers=[1, 0, 2, 3])
 
 
 def test_blend_with_zero_weights_orders_like_personal_frequency():
@@ -111,9 +97,9 @@ def test_tifu_decay_ranks_the_latest_basket_first():
     # Customer 1's baskets with rows out of week order on purpose: oldest week 1 [3, 4] (row 1), week 2
     # [4] (row 3), then week 3 by row: [4] (row 0) and the latest, [4, 5] (row 2). Product 3 is only in
     # the oldest basket, 5 only in the latest.
-    train = _split([[P4], [P3, P4], [P4, P5], [P4], [P6], [P6], [P6]],
+    train = micro_split([[P4], [P3, P4], [P4, P5], [P4], [P6], [P6], [P6]],
                    customers=[1, 1, 1, 1, 0, 0, 0], weeks=[3, 1, 3, 2, 1, 1, 1])
-    scored = _split([[P5]], customers=[1])
+    scored = micro_split([[P5]], customers=[1])
     vectors = decayed_customer_vectors(train, 2, V, decay=0.5).toarray()
     total = 0.125 + 0.25 + 0.5 + 1.0  # oldest → newest
     np.testing.assert_allclose(vectors[1], [0, 0, 0, 0.125 / total, 1.0, 1.0 / total, 0])
@@ -130,8 +116,8 @@ def test_tifu_decay_ranks_the_latest_basket_first():
 def test_tifu_neighbours_bring_their_products_only_with_alpha_below_one():
     # Customers 1 and 2 share 3 and 4; 2 also buys 6. Customer 3 buys only 5 (no overlap with 1).
     # Anonymous baskets make 5 more popular than 6.
-    train = _split([[P3, P4], [P3, P4, P6], [P5], [P5], [P5]], customers=[1, 2, 3, 0, 0])
-    scored = _split([[P3]], customers=[1])
+    train = micro_split([[P3, P4], [P3, P4, P6], [P5], [P5], [P5]], customers=[1, 2, 3, 0, 0])
+    scored = micro_split([[P3]], customers=[1])
     visible = _visible([[]])
     knn = TifuKnnScorer(train, scored, V, decay=0.9, k=2, alpha=0.6)
     # customer 1's only neighbour of positive similarity is 2 (itself excluded, 3 orthogonal)
