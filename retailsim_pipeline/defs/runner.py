@@ -184,7 +184,7 @@ def materialize_selection(
         return report
 
     to_run: list[dg.AssetKey] = []
-    stale_in_dagster = dagster_stale(instance, defs, graph, [k for k in selected if graph.get(k).partitions_def is None])
+    stale_in_dagster = dagster_stale(instance, graph, [k for k in selected if graph.get(k).partitions_def is None])
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
         if key not in selected or node.partitions_def is not None or not node.is_materializable:
@@ -269,7 +269,7 @@ def _partition_tags(weeks: list[str]) -> dict[str, str]:
     return {"dagster/asset_partition_range_start": weeks[0], "dagster/asset_partition_range_end": weeks[-1]}
 
 
-def dagster_stale(instance: dg.DagsterInstance, defs: dg.Definitions, graph, keys: list[dg.AssetKey]) -> set:
+def dagster_stale(instance: dg.DagsterInstance, graph, keys: list[dg.AssetKey]) -> set:
     """The keys Dagster itself reports STALE or MISSING (the UI's badges). Dagster's resolver is not public
     API; if it cannot be built or answer, the runner's own rule alone decides (and says so in the log)."""
     try:

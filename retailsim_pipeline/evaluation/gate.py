@@ -32,16 +32,21 @@ _EVAL = EvaluationConfig()
 GATE_K = int(GATE_METRIC.split("@")[1])
 
 
+def _simple_scorers(cache: TensorCache, split: str) -> dict:
+    """The untuned baselines fitted on train, to score ``split``."""
+    train, scored = cache.split("train"), cache.split(split)
+    vocab = cache.product_embeddings.shape[0]
+    return {"popularity": PopularityScorer(train, vocab),
+            "personal_frequency": PersonalFrequencyScorer(train, scored, vocab),
+            "cooccurrence": CooccurrenceScorer(train, vocab)}
+
+
 def baseline_scorers(cache: TensorCache, split: str, params: Mapping[str, Mapping]) -> dict:
     """Every baseline of ``BASELINES`` fitted on train, to score ``split``; ``params`` per tuned baseline."""
     train, scored = cache.split("train"), cache.split(split)
     vocab = cache.product_embeddings.shape[0]
-    scorers = {
-        "popularity": PopularityScorer(train, vocab),
-        "personal_frequency": PersonalFrequencyScorer(train, scored, vocab),
-        "cooccurrence": CooccurrenceScorer(train, vocab),
-        **{name: cls(train, scored, vocab, **params[name]) for name, cls in STRONG_BASELINES.items()},
-    }
+    scorers = {**_simple_scorers(cache, split),
+               **{name: cls(train, scored, vocab, **params[name]) for name, cls in STRONG_BASELINES.items()}}
     assert tuple(scorers) == BASELINES
     return scorers
 
@@ -52,12 +57,11 @@ def choose_baselines(cache: TensorCache, samples_dir: Path, *, seed: int = _EVAL
     tuned = tune_on_validation(cache, samples_dir, seed=seed, mask_rate=mask_rate)
     params = {name: dict(t["params"]) for name, t in tuned.items()}
     setup = prepare(cache, samples_dir, split="validation", seed=seed, mask_rate=mask_rate)
-    validation = {}
-    for name, scorer in baseline_scorers(cache, "validation", params).items():
-        if name in tuned:
-            validation[name] = float(tuned[name][f"validation_{GATE_METRIC}"])
-        else:
-            validation[name] = float(ranking_metrics(rank_baseline(setup, scorer))[GATE_METRIC])
+    # The tuned baselines were scored there by the tuning; only the untuned ones are scored here.
+    validation = {name: float(ranking_metrics(rank_baseline(setup, scorer))[GATE_METRIC])
+                  for name, scorer in _simple_scorers(cache, "validation").items()}
+    validation |= {name: float(t[f"validation_{GATE_METRIC}"]) for name, t in tuned.items()}
+    validation = {name: validation[name] for name in BASELINES}
     strongest = max(BASELINES, key=lambda b: (validation[b], -BASELINES.index(b)))
     log.info("validation %s: %s; strongest: %s", GATE_METRIC,
              ", ".join(f"{b} {v:.4f}" for b, v in validation.items()), strongest)
@@ -73,8 +77,3 @@ def compare_with_baselines(model: Ranks, baselines: Mapping[str, Ranks], basket:
     return {name: paired_bootstrap(model_hits, position_recall(ranks, GATE_K), basket, n_resamples=n_resamples,
                                    seed=seed, confidence=confidence).to_dict()
             for name, ranks in baselines.items()}
-
-
-def passes_gate(result: Mapping) -> bool:
-    """Whether the model beats the strongest baseline: the whole interval of model − it lies above zero."""
-    return bool(result["significance"][result["baseline_choice"]["strongest"]]["significant"])

@@ -14,13 +14,14 @@ from pathlib import Path
 from retailsim_pipeline.config import EvaluationConfig
 from retailsim_pipeline.evaluation.evaluate import EvalSetup, prepare, rank_baseline
 from retailsim_pipeline.evaluation.metrics import ranking_metrics
+from retailsim_pipeline.evaluation.schema import GATE_METRIC
 from retailsim_pipeline.evaluation.strong_baselines import BlendScorer, TifuKnnScorer
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
 
 log = logging.getLogger(__name__)
 
 _EVAL = EvaluationConfig()  # the defaults: one source for the seed and the mask rate
-TUNED_METRIC = "recall@10"
+TUNED_METRIC = GATE_METRIC  # the metric the gate compares on
 
 #: Own share is a distribution per customer (top items ≈ 0.05–0.3) while the co-occurrence and
 #: popularity terms have max 1: weights of a few hundredths reorder and extend the customer's own

@@ -194,7 +194,7 @@ def test_runner_materializes_missing_then_only_what_changed(tiny_copy, instance)
         assert mat.tags["dagster/data_version"] == mat.metadata["source_sha256"].value[:16]
     graph = defs.resolve_asset_graph()
     downstream = [basket_samples.key, tensor_cache.key]
-    assert dagster_stale(instance, defs, graph, downstream) == set()  # Dagster's badges: all fresh
+    assert dagster_stale(instance, graph, downstream) == set()  # Dagster's badges: all fresh
 
     again = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
     assert again.success and not again.partitions_materialized and not again.assets_materialized
@@ -209,11 +209,11 @@ def test_runner_materializes_missing_then_only_what_changed(tiny_copy, instance)
                                       progress=False)
     assert week_only.partitions_materialized == [weeks[2]] and not week_only.assets_materialized
     assert instance.get_run_by_id(week_only.run_ids[0]).tags["dagster/partition"] == weeks[2]
-    assert dagster_stale(instance, defs, graph, downstream) == {basket_samples.key}  # its parent changed
+    assert dagster_stale(instance, graph, downstream) == {basket_samples.key}  # its parent changed
     third = materialize_selection(DATA_STAGES, tiny_copy, instance=instance, defs=defs, progress=False)
     assert not third.partitions_materialized
     assert third.assets_materialized == ["basket_samples", "tensor_cache"]
-    assert dagster_stale(instance, defs, graph, downstream) == set()
+    assert dagster_stale(instance, graph, downstream) == set()
 
     # Selecting one asset leaves the rest alone.
     fourth = materialize_selection("key:tensor_cache", tiny_copy, instance=instance, defs=defs, progress=False)
