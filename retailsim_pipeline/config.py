@@ -197,7 +197,8 @@ class CacheConfig(BaseModel):
     hierarchy_dim_per_level: int = Field(
         16, description="Part of the product embedding that encodes each of the 4 hierarchy levels."
     )
-    customer_history_dim: int = Field(160, description="Seed: customer context = history 160 + profile 32.")
+    customer_history_dim: int = Field(160, description="Seed: customer context = history 160 + profile 32; the "
+                                                       "history is the point-in-time memory's mean embedding.")
     customer_profile_dim: int = 32
     store_dim: int = Field(96, description="Seed: store context 96.")
     temporal_dim: int = Field(TEMPORAL_WIDTH, description="Seed: temporal context 64 (fixed by its definition).")
@@ -208,8 +209,9 @@ class CacheConfig(BaseModel):
         0.75, description="Context-distribution smoothing of PPMI (Levy et al. 2015): tames rare products."
     )
     seed: int = Field(0, description="Seed of the randomized SVD and the hierarchy codes.")
-    history_items: int = Field(32, ge=1, description="Most bought train products kept per customer (the "
-                                                    "model's per-customer memory).")
+    history_items: int = Field(32, ge=1, description="Slots of the point-in-time memory: the customer's most "
+                                                    "bought products before each basket (justified on the "
+                                                    "real data in the README).")
 
     @model_validator(mode="after")
     def _widths(self) -> "CacheConfig":
@@ -217,6 +219,10 @@ class CacheConfig(BaseModel):
             if getattr(self, name) != fixed:
                 raise ValueError(f"{name} = {getattr(self, name)}: the {name[:-4]} features have exactly {fixed} "
                                  f"columns, fixed by their definition in prep/features.py; leave it at {fixed}")
+        if self.customer_history_dim > self.product_dim:
+            raise ValueError(f"customer_history_dim = {self.customer_history_dim}: the history vector is the mean of "
+                             f"the first customer_history_dim columns of the product embeddings, which has only "
+                             f"product_dim = {self.product_dim}")
         if self.price_dim % 4:
             raise ValueError(f"price_dim = {self.price_dim}: must be a multiple of 4 (sin and cos of the price "
                              "ratio and of the product's price, each at price_dim / 4 frequencies)")
@@ -228,7 +234,7 @@ class CacheConfig(BaseModel):
 
     @property
     def customer_dim(self) -> int:
-        """Width of a customer_context row: history + profile."""
+        """Width of a sample's customer vector: history (the memory's mean embedding) + profile."""
         return self.customer_history_dim + self.customer_profile_dim
 
     @property

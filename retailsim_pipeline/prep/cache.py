@@ -18,10 +18,9 @@ manifest.json                                             shapes, dtypes, sha256
 vocabulary.parquet                    V rows              token_id, PROD_CODE, train_count, hierarchy
 product_embeddings.npy                [V, 256] float32    see :func:`~retailsim_pipeline.prep.embeddings.build_product_embeddings`
 product_log_price.npy                 [V] float32         log of the product's median train unit price
-customer_context.npy                  [C, 192] float32    history 160 + profile 32; row 0 = anonymous
-                                                          or unknown (not seen in train) customer
-customer_history_tokens.npy,          [C, 32] int32/f32   each customer's most bought train products
-customer_history_counts.npy                               and their line counts (a per-customer memory)
+customer_context.npy                  [C, 32] float32     the customer's profile (card, home-store
+                                                          format); row 0 = anonymous or unknown (not
+                                                          seen in train) customer
 customers.parquet                     C - 1 rows          cust_code → row
 store_context.npy                     [S, 96] float32     row 0 = store not seen in train
 stores.parquet                        S - 1 rows          store_code → row
@@ -30,6 +29,11 @@ stores.parquet                        S - 1 rows          store_code → row
 <split>/line_log_price_ratio.npy      [L] float32         log(unit price / product's train median)
 <split>/line_quantity.npy             [L] int16           QUANTITY of the line
 <split>/customer_index.npy            [N] int32           row of customer_context
+<split>/customer_key.npy              [N] int32           the customer over every split (0 = anonymous)
+<split>/past_baskets.npy              [N] int32           the customer's baskets before this one
+<split>/history_tokens.npy,           [N, 32] int32,      the customer's most bought products before
+<split>/history_counts.npy            [N, 32] uint16      this basket, and their line counts
+                                                          (:mod:`~.history`: the point-in-time memory)
 <split>/store_index.npy               [N] int32           row of store_context
 <split>/temporal.npy                  [N, 64] float16     :func:`~.features.temporal_features`
 <split>/trip.npy                      [N, 48] float16     :func:`~.features.trip_features`
@@ -43,10 +47,12 @@ train frequency (ties by code). Price features [lines, 64] are computed on the f
 log price ratio and the product's log price by :func:`~.features.price_features` (storing them would cost
 128 bytes a line).
 
-Leakage rules (DESIGN §3): everything fitted — vocabulary, product embeddings, median prices,
-customer and store tables, the standardisation of their statistics — uses train baskets only, and a
-basket's own labels never enter its features: the trip context's "past mission mix" counts only
-train baskets strictly before it. :func:`~.cache_checks.check_leakage` verifies both on a built cache.
+Leakage rules (DESIGN §3, issue 11): everything *fitted* — vocabulary, product embeddings, median
+prices, customer profile and store tables, the standardisation of their statistics — uses train
+baskets only; a basket's *history* features (the memory, its history vector, the trip context's past
+trips, days since the last one, past missions) use every basket of the same customer strictly before
+it, in any split, and nothing at or after it. :func:`~.cache_checks.check_leakage` verifies both on a
+built cache.
 """
 
 import json
@@ -64,15 +70,16 @@ if TYPE_CHECKING:
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address,
 #: and :meth:`TensorCache.open` refuses a folder of another format.
-CACHE_FORMAT = 3  # 2: customer history items; 3: the vectors' widths in the manifest
+CACHE_FORMAT = 4  # 2: customer history items; 3: the vectors' widths; 4: point-in-time history
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 VOCABULARY_FILE = "vocabulary.parquet"
 CUSTOMERS_FILE = "customers.parquet"
 STORES_FILE = "stores.parquet"
 #: The arrays fitted on the train split (the leakage check refits each and compares).
-FITTED_ARRAYS: tuple[str, ...] = ("product_embeddings", "product_log_price", "customer_context",
-                                  "customer_history_tokens", "customer_history_counts", "store_context")
+FITTED_ARRAYS: tuple[str, ...] = ("product_embeddings", "product_log_price", "customer_context", "store_context")
+#: The per-sample arrays of the point-in-time history (the leakage check recomputes each).
+HISTORY_ARRAYS: tuple[str, ...] = ("customer_key", "past_baskets", "history_tokens", "history_counts")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,10 @@ class SplitArrays:
     line_log_price_ratio: np.ndarray
     line_quantity: np.ndarray
     customer_index: np.ndarray
+    customer_key: np.ndarray
+    past_baskets: np.ndarray
+    history_tokens: np.ndarray
+    history_counts: np.ndarray
     store_index: np.ndarray
     temporal: np.ndarray
     trip: np.ndarray

@@ -33,6 +33,7 @@ from retailsim_pipeline.prep.cache import (
 from retailsim_pipeline.prep.features import temporal_features, trip_features_all, week_index_expr
 from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.fitting import FittedTables, basket_csr, fit_train_tables, home_stores
+from retailsim_pipeline.prep.history import customer_sequence, point_in_time_memory
 from retailsim_pipeline.prep.samples import LABELS, PRODUCTS_FILE, SPLITS, read_manifest, scan_samples
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 
@@ -102,10 +103,36 @@ def build_split_features(
     return out
 
 
+def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: ``customer_key``, ``past_baskets`` (:func:`~.history.customer_sequence` over every split)
+    and the point-in-time memory ``history_tokens`` [N, k] int32 / ``history_counts`` [N, k] uint16
+    (:func:`~.history.point_in_time_memory` over every split's lines under the train vocabulary)."""
+    names = list(frames)
+    sizes = [frames[s].height for s in names]
+    seq = customer_sequence(pl.concat([frames[s].select("basket_id", pl.col("cust_code").cast(pl.String), "date",
+                                                        "hour") for s in names]))
+    key = seq.get_column("customer_key").to_numpy()
+    past = seq.get_column("past_baskets").to_numpy()
+    tokens = np.concatenate([csr[s][1] for s in names])
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(csr[s][0]) for s in names]))])
+    hist_tokens, hist_counts = point_in_time_memory(key, past, offsets, tokens, k)
+    out, lo = {}, 0
+    for s, n in zip(names, sizes):
+        out[s] = {"customer_key": key[lo:lo + n].astype(np.int32), "past_baskets": past[lo:lo + n].astype(np.int32),
+                  "history_tokens": hist_tokens[lo:lo + n], "history_counts": hist_counts[lo:lo + n]}
+        lo += n
+    return out
+
+
 def cache_widths(tables: FittedTables, split: dict[str, np.ndarray], config: CacheConfig) -> dict[str, int]:
-    """The width of every vector the model reads, as built (the trainer sizes the model from these)."""
+    """The width of every vector the model reads, as built (the trainer sizes the model from these).
+
+    ``customer`` = ``history`` (:func:`~retailsim_pipeline.prep.features.history_vector` of the
+    point-in-time memory, computed per batch) + ``profile`` (a row of ``customer_context``)."""
+    history, profile = config.customer_history_dim, int(tables.customer_context.shape[1])
     widths = {"product": int(tables.product_embeddings.shape[1]), "price": config.price_dim,
-              "customer": int(tables.customer_context.shape[1]), "store": int(tables.store_context.shape[1]),
+              "history": history, "profile": profile, "customer": history + profile,
+              "store": int(tables.store_context.shape[1]),
               "temporal": int(split["temporal"].shape[1]), "trip": int(split["trip"].shape[1])}
     widths["context"] = widths["customer"] + widths["temporal"] + widths["store"] + widths["trip"]
     return widths
@@ -145,6 +172,8 @@ def build_tensor_cache(
     train_weeks = sorted(train.get_column("week").unique().to_list())
     per_split = build_split_features(frames, tables.customers, tables.stores, trip,
                                      trend_scale=float(len(train_weeks)))
+    for s, arrays in build_history(frames, csr, config.history_items).items():
+        per_split[s].update(arrays)
 
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{key}-{os.getpid()}"

@@ -7,8 +7,11 @@ or a fitted table beyond what it is handed.
 * :func:`price_features` — Fourier code of a line's price, [..., price_dim].
 * :func:`temporal_features` — when the basket happens, [N, 64].
 * :func:`trip_features` — what is known about the trip before its basket is filled, [N, 48]; its
-  history counts only *train* baskets strictly before the basket, so no basket's labels reach its own
-  features (:func:`~retailsim_pipeline.prep.cache_checks.check_leakage` perturbs labels to verify it).
+  history counts the customer's baskets strictly before the basket, in any split, so nothing at or
+  after the basket reaches its features (:func:`~retailsim_pipeline.prep.cache_checks.check_leakage`
+  perturbs a basket and everything after it to verify it).
+* :func:`history_vector` — the mean product embedding of a point-in-time memory
+  (:mod:`~retailsim_pipeline.prep.history`), [N, d].
 """
 
 import numpy as np
@@ -86,6 +89,20 @@ def temporal_features(
 
 
 
+def history_vector(tokens: np.ndarray, counts: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """The count-weighted mean embedding of each memory: [N, d] float32 (zero for an empty memory).
+
+    ``tokens`` [N, K] and ``counts`` [N, K] are point-in-time memories
+    (:func:`~retailsim_pipeline.prep.history.point_in_time_memory`; PAD slots have count 0),
+    ``embeddings`` [V, d] the product table's first ``d`` columns. What this shopper has bought until
+    now, in the product space: the customer's history part of the context vector.
+    """
+    weights = np.asarray(counts, dtype=np.float32)  # [N, K]
+    total = weights.sum(axis=1, keepdims=True)  # [N, 1]
+    summed = np.einsum("nk,nkd->nd", weights, np.asarray(embeddings, dtype=np.float32)[np.asarray(tokens)])
+    return (summed / np.maximum(total, 1.0)).astype(np.float32)
+
+
 def week_index_expr(week: pl.Expr) -> pl.Expr:
     """Vectorized :func:`schema.week_index`: weeks since 200607."""
     w = week.cast(pl.Int64)
@@ -108,18 +125,18 @@ _TRIP_HISTORY_LABELS = {
 def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFrame:
     """What is known about a trip before its basket is filled: ``basket_id`` + TRIP_WIDTH = 48 float columns.
 
-    ``samples`` holds the baskets of every split (columns of ``basket_samples`` plus ``is_train``);
-    a customer's history comes from their *train* baskets strictly before this one (by date, hour,
-    basket id), never from the basket itself, so its own labels cannot leak in.
+    ``samples`` holds the baskets of every split (columns of ``basket_samples``); a customer's
+    history comes from their baskets strictly before this one in any split (by date, hour, basket id:
+    the order of :func:`~retailsim_pipeline.prep.history.customer_sequence`), never from the basket
+    itself or a later one.
 
     past mix of basket_type (4), dominant mission (5), size (3), price sensitivity (4) · log1p days
-    since the last train trip, has-previous flag, log1p past trips (3) · cold-start bucket one-hot:
+    since the last trip, has-previous flag, log1p past trips (3) · cold-start bucket one-hot:
     anonymous, 0, 1–2, 3–9, 10+ trips (5) · carded flag + price-sensitivity (4) and lifestage (7)
     one-hots of the card (12) · store format one-hot (4) + at-home-store flag (1) · hour bucket:
     < 11, 11–14, 14–17, ≥ 17 (4) · weekend flag (1) · past mean lines and spend per trip, log1p (2).
     """
     carded = pl.col("cust_code").is_not_null()
-    train = pl.col("is_train").cast(pl.Float32)
     hist_cols, indicator_cols = [], []
     df = samples.sort("cust_code", "date", "hour", "basket_id", nulls_last=True).with_columns(
         (pl.col("spend").list.sum()).alias("__spend"),
@@ -128,24 +145,23 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
     for label, codes in _TRIP_HISTORY_LABELS.items():
         for code in codes:
             name = f"__ind_{label}_{code}"
-            exprs.append(((pl.col(label) == code).fill_null(False).cast(pl.Float32) * train).alias(name))
+            exprs.append((pl.col(label) == code).fill_null(False).cast(pl.Float32).alias(name))
             indicator_cols.append(name)
-    exprs += [train.alias("__ind_trips"), (pl.col("n_lines").cast(pl.Float32) * train).alias("__ind_lines"),
-              (pl.col("__spend").cast(pl.Float32) * train).alias("__ind_spend")]
+    exprs += [pl.lit(1.0, pl.Float32).alias("__ind_trips"), pl.col("n_lines").cast(pl.Float32).alias("__ind_lines"),
+              pl.col("__spend").cast(pl.Float32).alias("__ind_spend")]
     df = df.with_columns(exprs)
     # Exclusive cumulative sums per customer: history strictly before this basket.
     past = [(pl.col(c).cum_sum().over("cust_code") - pl.col(c)).alias(c.replace("__ind_", "__past_"))
             for c in [*indicator_cols, "__ind_trips", "__ind_lines", "__ind_spend"]]
     df = df.with_columns(past).with_columns(
-        pl.when(pl.col("is_train")).then(pl.col("date")).otherwise(None).shift(1).forward_fill()
-        .over("cust_code").alias("__last_train_date")
+        pl.col("date").shift(1).over("cust_code").alias("__last_date")
     )
     n_past = pl.col("__past_trips")
     safe = pl.max_horizontal(n_past, pl.lit(1.0))
     for label, codes in _TRIP_HISTORY_LABELS.items():
         for code in codes:
             hist_cols.append((pl.col(f"__past_{label}_{code}") / safe).alias(f"past_{label}_{code}"))
-    days = (pl.col("date") - pl.col("__last_train_date")).dt.total_days().cast(pl.Float32)
+    days = (pl.col("date") - pl.col("__last_date")).dt.total_days().cast(pl.Float32)
     hour = pl.col("hour")
     weekday = pl.col("weekday")
     # Anonymous baskets share the null key, so their cumulative sums are meaningless: zero them.
@@ -182,12 +198,11 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
 
 
 def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl.DataFrame:
-    """:func:`trip_features` of every basket of every split (history from the train split only)."""
+    """:func:`trip_features` of every basket of every split (history from every split, as of each basket)."""
     everything = pl.concat(
         [f.select("basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines",
                   "spend", "cust_price_sensitivity", "cust_lifestage", *LABELS)
-         .with_columns(pl.lit(name == "train").alias("is_train"), pl.col("cust_code").cast(pl.String),
-                       pl.col("store_code").cast(pl.String))
-         for name, f in frames.items()]
+         .with_columns(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String))
+         for f in frames.values()]
     )
     return trip_features(everything, home)

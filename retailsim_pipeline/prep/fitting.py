@@ -8,9 +8,10 @@ builder fitted on other data shows up as a difference.
 * vocabulary — PAD, MASK, UNK, then train products by descending train line count (ties by code);
 * product embeddings — :mod:`~retailsim_pipeline.prep.embeddings`;
 * product log price — log of the product's median train unit price (the price normaliser);
-* store context [S, store_dim] and customer context [C, history + profile] — standardised train
-  statistics and mean product embeddings; row 0 = not seen in train (or anonymous);
-* customer history — each customer's most bought train products and their line counts.
+* store context [S, store_dim] — standardised train statistics and mean product embeddings; row 0 =
+  not seen in train;
+* customer profile [C, customer_profile_dim] — the card and the home store's format; row 0 =
+  anonymous or not seen in train. (What customers bought is point-in-time, :mod:`.history`.)
 """
 
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ import scipy.sparse as sp
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, SPECIAL_CODES, UNK, CacheConfig
 from retailsim_pipeline.prep.embeddings import build_product_embeddings
-from retailsim_pipeline.prep.features import one_hot_exprs, week_index_expr
-from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES, STORE_FORMAT_CODES, week_index
+from retailsim_pipeline.prep.features import one_hot_exprs
+from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES, STORE_FORMAT_CODES
 
 _HOUR_BINS = (0, 10, 12, 14, 16, 18, 24)  # 6 bins: early, late morning, lunch, afternoon, after work, evening
 
@@ -93,29 +94,6 @@ def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) ->
     return counts
 
 
-def build_customer_history(counts: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each customer's ``k`` most bought train products, from :func:`customer_product_counts` [C, V]:
-    tokens [C, k] int32 (PAD-filled) and line counts [C, k] float32, most bought first (ties: smaller
-    token). Row 0 (anonymous/unknown) is empty.
-
-    The model reads them as a per-customer memory (what this shopper re-buys). For a *train* basket
-    the batch assembler subtracts the basket's own lines, so a masked product is never "known" from
-    the very basket it was hidden in.
-    """
-    n_customers = counts.shape[0]
-    coo = counts.tocoo()
-    order = np.lexsort((coo.col, -coo.data, coo.row))
-    r, c, v = coo.row[order], coo.col[order], coo.data[order]
-    start = np.searchsorted(r, np.arange(n_customers))
-    rank = np.arange(len(r)) - start[r]
-    keep = rank < k
-    hist_tokens = np.zeros((n_customers, k), dtype=np.int32)
-    hist_counts = np.zeros((n_customers, k), dtype=np.float32)
-    hist_tokens[r[keep], rank[keep]] = c[keep]
-    hist_counts[r[keep], rank[keep]] = v[keep]
-    return hist_tokens, hist_counts
-
-
 def _standardise(x: np.ndarray) -> np.ndarray:
     mean, std = x.mean(axis=0), x.std(axis=0)
     return ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
@@ -147,68 +125,28 @@ def home_stores(train: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def build_customer_context(
-    train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, stores: pl.DataFrame,
-    config: CacheConfig,
-) -> tuple[np.ndarray, pl.DataFrame, sp.csr_matrix]:
-    """Customer context [C, 192] float32 (row 0 = anonymous/unknown), its index (cust_code, row,
-    home_store) and the customers' train line counts per product (:func:`customer_product_counts`).
+def build_customer_context(train: pl.DataFrame, stores: pl.DataFrame, config: CacheConfig
+                           ) -> tuple[np.ndarray, pl.DataFrame]:
+    """Customer profile [C, customer_profile_dim = 32] float32 (row 0 = anonymous or not seen in train)
+    and its index (cust_code, row, home_store).
 
-    History (160): mean product embedding of the customer's train lines, first 128 dims · 32
-    behaviour statistics (standardised over customers): log trips, log lines, log mean lines and
-    spend per trip, weekday (7) and hour (6) mix, home-store share, log distinct stores, distinct
-    products / lines, log active weeks, trips per active week, log weeks since last train trip,
-    mean log price ratio, zero padding. Profile (32): card price sensitivity (LA, MM, UM, XX, none),
-    lifestage (7 + none), home-store format (4), known flag, zero padding. No label enters it.
+    Card price sensitivity (LA, MM, UM, XX, none) · lifestage (7 + none) · home-store format (4) ·
+    known flag · anonymous/unknown flag · zero padding. Only what does not change with time: what a
+    shopper bought, and when, reaches the model as of each basket
+    (:mod:`~retailsim_pipeline.prep.history`, :func:`~retailsim_pipeline.prep.features.history_vector`,
+    the trip context), never as a whole-train summary that would hold a train basket's own products
+    and its future.
     """
-    carded = train.with_row_index("__row").filter(pl.col("cust_code").is_not_null())
-    last_week = int(train.get_column("week").max())
     per_cust = (
-        carded.with_columns(pl.col("spend").list.sum().alias("__spend"), pl.col("cust_code").cast(pl.String))
-        .group_by("cust_code")
-        .agg(
-            pl.len().alias("trips"),
-            pl.col("n_lines").sum().alias("lines"),
-            pl.col("__spend").mean().alias("mean_spend"),
-            *_weekday_exprs("c"),
-            *_hour_bin_exprs("c"),
-            pl.col("store_code").n_unique().alias("n_stores"),
-            pl.col("week").n_unique().alias("active_weeks"),
-            pl.col("week").max().alias("last_week"),
-            pl.col("products").explode().n_unique().alias("distinct_products"),
-            pl.col("cust_price_sensitivity").cast(pl.String).last().alias("ps"),
-            pl.col("cust_lifestage").cast(pl.String).last().alias("ls"),
-        )
+        train.filter(pl.col("cust_code").is_not_null())
+        .group_by(pl.col("cust_code").cast(pl.String))
+        .agg(pl.col("cust_price_sensitivity").cast(pl.String).last().alias("ps"),
+             pl.col("cust_lifestage").cast(pl.String).last().alias("ls"))
         .sort("cust_code")
         .with_row_index("row", offset=1)
         .join(home_stores(train), on="cust_code", how="left", maintain_order="left")
     )
     n = per_cust.height + 1
-    home_share = (
-        carded.with_columns(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String))
-        .join(per_cust.select("cust_code", "home_store"), on="cust_code")
-        .group_by("cust_code").agg((pl.col("store_code") == pl.col("home_store")).mean().alias("home_share"))
-    )
-    per_cust = per_cust.join(home_share, on="cust_code", how="left", maintain_order="left")
-    weeks_since = week_index(last_week) - week_index_expr(pl.col("last_week"))
-    stats = _numbered(per_cust,
-        pl.col("trips").log1p(), pl.col("lines").log1p(), (pl.col("lines") / pl.col("trips")).log1p(),
-        pl.col("mean_spend").log1p(),
-        *[pl.col(f"c_wd{d}") for d in range(1, 8)],
-        *[pl.col(f"c_h{lo}") for lo in _HOUR_BINS[:-1]],
-        pl.col("home_share"), pl.col("n_stores").log1p(),
-        (pl.col("distinct_products") / pl.col("lines")),
-        pl.col("active_weeks").log1p(), (pl.col("trips") / pl.col("active_weeks")),
-        weeks_since.cast(pl.Float64).log1p(),
-    )
-    cust_row_of_sample = customer_rows(train, per_cust)
-    hist_dim = config.customer_history_dim
-    emb_part = min(128, hist_dim - 32)
-    counts = customer_product_counts(cust_row_of_sample, offsets, tokens, n, emb.shape[0])  # [C, V]
-    mean_emb = _mean_embedding(counts, emb[:, :emb_part])
-    ctx = np.zeros((n, hist_dim + config.customer_profile_dim), dtype=np.float32)
-    ctx[1:, :emb_part] = mean_emb[1:]
-    ctx[1:, emb_part: emb_part + stats.shape[1]] = _standardise(stats)
     profile = per_cust.select(
         *one_hot_exprs("ps", PRICE_SENSITIVITY_CODES, "ps"), pl.col("ps").is_null().cast(pl.Float32),
         *one_hot_exprs("ls", LIFESTAGE_CODES, "ls"), pl.col("ls").is_null().cast(pl.Float32),
@@ -218,13 +156,16 @@ def build_customer_context(
                                            right_on="store_code", how="left", maintain_order="left")
         .select(*one_hot_exprs("store_format", STORE_FORMAT_CODES, "hf")).to_numpy()
     )
-    p0 = hist_dim
-    ctx[1:, p0: p0 + profile.shape[1]] = profile
-    ctx[1:, p0 + profile.shape[1]: p0 + profile.shape[1] + 4] = home_format
-    ctx[1:, p0 + profile.shape[1] + 4] = 1.0  # known customer
-    ctx[0, p0 + profile.shape[1] + 5] = 1.0  # the anonymous/unknown row has its own flag
+    width = profile.shape[1] + home_format.shape[1] + 2
+    if config.customer_profile_dim < width:
+        raise ValueError(f"customer_profile_dim = {config.customer_profile_dim}: the profile has {width} columns")
+    ctx = np.zeros((n, config.customer_profile_dim), dtype=np.float32)
+    ctx[1:, :profile.shape[1]] = profile
+    ctx[1:, profile.shape[1]: profile.shape[1] + 4] = home_format
+    ctx[1:, profile.shape[1] + 4] = 1.0  # known customer
+    ctx[0, profile.shape[1] + 5] = 1.0  # the anonymous/unknown row has its own flag
     index = per_cust.select("cust_code", pl.col("row").cast(pl.Int32), "home_store")
-    return ctx, index, counts
+    return ctx, index
 
 
 def build_store_context(
@@ -285,13 +226,6 @@ def build_store_context(
 
 
 
-def customer_rows(frame: pl.DataFrame, customers: pl.DataFrame) -> np.ndarray:
-    """Row of ``customer_context`` for every sample of ``frame`` (0 = anonymous or unknown): [N] int64."""
-    return (frame.select(pl.col("cust_code").cast(pl.String))
-            .join(customers.select("cust_code", "row"), on="cust_code", how="left", maintain_order="left")
-            .get_column("row").fill_null(0).to_numpy().astype(np.int64))
-
-
 def build_product_log_price(tokens: np.ndarray, unit_price: np.ndarray, vocab_size: int) -> np.ndarray:
     """Log of each token's median train unit price: [V] float32 (tokens without a line, UNK among them:
     the median over all lines). Unit prices below £0.001 count as £0.001."""
@@ -309,10 +243,8 @@ class FittedTables:
     vocabulary: pl.DataFrame  # V rows: token_id, PROD_CODE, train_count, hierarchy
     product_embeddings: np.ndarray  # [V, product_dim] float32
     product_log_price: np.ndarray  # [V] float32
-    customer_context: np.ndarray  # [C, customer_history_dim + customer_profile_dim] float32
+    customer_context: np.ndarray  # [C, customer_profile_dim] float32: the profile
     customers: pl.DataFrame  # C - 1 rows: cust_code, row, home_store
-    customer_history_tokens: np.ndarray  # [C, history_items] int32
-    customer_history_counts: np.ndarray  # [C, history_items] float32
     store_context: np.ndarray  # [S, store_dim] float32
     stores: pl.DataFrame  # S - 1 rows: store_code, row, store_format
     #: The train split under the vocabulary (offsets, tokens, unit prices, quantities): not a table,
@@ -328,7 +260,5 @@ def fit_train_tables(train: pl.DataFrame, products: pl.DataFrame, config: CacheC
     emb = build_product_embeddings(offsets, tokens, vocab, config)
     product_log_price = build_product_log_price(tokens, unit_price, vocab.height)
     store_ctx, stores = build_store_context(train, offsets, tokens, emb, config)
-    cust_ctx, customers, counts = build_customer_context(train, offsets, tokens, emb, stores, config)
-    hist_tokens, hist_counts = build_customer_history(counts, config.history_items)
-    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, hist_tokens, hist_counts,
-                        store_ctx, stores, csr)
+    cust_ctx, customers = build_customer_context(train, stores, config)
+    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, stores, csr)

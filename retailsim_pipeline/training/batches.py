@@ -26,8 +26,12 @@ Contract
 * **Price.** ``price_features(line_log_price_ratio, product_log_price[token], price width)`` of the
   line, zero at padding and at chosen positions: a line's price would give its product away. The
   width is the cache's (``cache.widths["price"]``, 64 by default).
-* **Context.** customer_context[customer] | temporal | store_context[store] | trip → [B, 400] float32
-  (``cache.widths["context"]``).
+* **Context.** history_vector(memory) | customer_context[customer] | temporal | store_context[store] |
+  trip → [B, 400] float32 (``cache.widths["context"]``): the first part is the mean product embedding
+  of the sample's point-in-time memory (:func:`~retailsim_pipeline.prep.features.history_vector`).
+* **Memory.** ``history_tokens`` / ``history_counts`` [B, K]: the customer's most bought products
+  strictly before the basket (:mod:`~retailsim_pipeline.prep.history`), read as stored: nothing of the
+  basket itself is in them, in any split.
 
 Everything is gathered with vectorized numpy indexing — no Python loop over samples. The small
 per-sample arrays (offsets, lengths, customer/store index, labels) and the small tables (customer,
@@ -45,7 +49,7 @@ import torch
 
 from retailsim_pipeline.config import BATCH_LENGTH_BOUNDS, MASK, N_SPECIAL, PAD
 from retailsim_pipeline.prep.cache import TensorCache
-from retailsim_pipeline.prep.features import price_features
+from retailsim_pipeline.prep.features import history_vector, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger(__name__)
@@ -119,13 +123,13 @@ class BatchAssembler:
         self._log_ratio = np.asarray(arrays.line_log_price_ratio)  # [L] float32
         self._temporal = np.asarray(arrays.temporal)  # [N, 64] float16
         self._trip = np.asarray(arrays.trip)  # [N, 48] float16
+        self._history_tokens = np.asarray(arrays.history_tokens)  # [N, K] int32: the point-in-time memory
+        self._history_counts = np.asarray(arrays.history_counts)  # [N, K] uint16
         # Small tables: in RAM (numpy gathers beat torch.index_select at these sizes, see the report).
-        self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 192]
-        # The per-customer memory of most bought products (caches built before it have none).
-        self._history_tokens = self._history_counts = None
-        if "customer_history_tokens" in cache.array_names:
-            self._history_tokens = np.ascontiguousarray(cache["customer_history_tokens"], dtype=np.int64)  # [C, K]
-            self._history_counts = np.ascontiguousarray(cache["customer_history_counts"], dtype=np.float32)
+        self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 32]
+        self._history_dim = cache.widths["history"]
+        self._history_embeddings = np.ascontiguousarray(cache.product_embeddings[:, :self._history_dim],
+                                                        dtype=np.float32)  # [V, history]
         self._store_context = np.ascontiguousarray(cache.store_context, dtype=np.float32)  # [S, 96]
         self._product_log_price = np.ascontiguousarray(cache.product_log_price, dtype=np.float32)  # [V]
         self.vocab_size = len(self._product_log_price)
@@ -222,28 +226,18 @@ class BatchAssembler:
         price = np.zeros((B * S, P), dtype=np.float32)
         price[flat[keep]] = visible
 
+        history_tokens = self._history_tokens[idx].astype(np.int64)  # [B, K]
+        history_counts = self._history_counts[idx].astype(np.float32)  # [B, K]
         context = np.concatenate([
-            self._customer_context[self._customer_index[idx]],  # [B, 192]
+            history_vector(history_tokens, history_counts, self._history_embeddings),  # [B, 160]
+            self._customer_context[self._customer_index[idx]],  # [B, 32]
             self._temporal[idx],  # [B, 64] float16 → float32 by concatenate
             self._store_context[self._store_index[idx]],  # [B, 96]
             self._trip[idx],  # [B, 48]
         ], axis=1, dtype=np.float32)
-        history_tokens = history_counts = None
-        if self._history_tokens is not None:
-            cust = self._customer_index[idx]
-            history_tokens = self._history_tokens[cust]  # [B, K]
-            history_counts = self._history_counts[cust].copy()  # [B, K]
-            if self.split == "train":
-                # Leave this basket out of its own history: its lines were counted when the history was built.
-                basket = np.full(B * S, PAD, dtype=np.int64)
-                basket[flat] = original
-                own = (history_tokens[:, :, None] == basket.reshape(B, 1, S)).any(axis=2) & (history_tokens > PAD)
-                history_counts -= own
-            history_tokens = torch.from_numpy(history_tokens)
-            history_counts = torch.from_numpy(history_counts)
         return Batch(
-            history_tokens=history_tokens,
-            history_counts=history_counts,
+            history_tokens=torch.from_numpy(history_tokens),
+            history_counts=torch.from_numpy(history_counts),
             tokens=torch.from_numpy(tokens.reshape(B, S)),
             targets=torch.from_numpy(targets.reshape(B, S)),
             attention_mask=torch.from_numpy(valid),
