@@ -213,6 +213,10 @@ class CacheConfig(BaseModel):
                                                     "bought products before each basket (justified on the "
                                                     "real data in the README).")
 
+    cooccurrence_neighbours: int = Field(100, ge=1, description="Most co-occurring products kept per product (the "
+                                                              "model's co-occurrence path; justified on the real "
+                                                              "data in the README).")
+
     @model_validator(mode="after")
     def _widths(self) -> "CacheConfig":
         for name, fixed in (("temporal_dim", TEMPORAL_WIDTH), ("trip_dim", TRIP_WIDTH)):
@@ -302,6 +306,8 @@ class ModelConfig(BaseModel):
     product_dim: int = Field(256, description="Product embedding width from the cache.")
     price_dim: int = Field(64, description="Price features per line.")
     context_dim: int = Field(400, description="customer 192 + temporal 64 + store 96 + trip 48.")
+    cooccurrence_neighbours: int = Field(100, description="Neighbours per product of the co-occurrence path; set "
+                                                          "from the cache.")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

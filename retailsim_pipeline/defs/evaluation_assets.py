@@ -73,9 +73,11 @@ def evaluation_report(
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion_value = None
     if champion_version is not None and champion_version != version:
-        champion_model, _ = tracking.load_world_model(tracking.registered_model_uri(champion_version),
-                                                      tracking_uri=uri)
-        champion_value = rescore_model(result["_setup"], champion_model, device=config.device)[metric]
+        champion_model, why = tracking.load_champion(champion_version, tracking_uri=uri, device=config.device)
+        if champion_model is None:
+            context.log.warning(why)
+        else:
+            champion_value = rescore_model(result["_setup"], champion_model, device=config.device)[metric]
     run_id = trained_world_model["mlflow_run_id"]
     doc = metrics_document(result, config=config, challenger_version=version, champion_version=champion_version,
                            champion=champion_value, model_name=tracking.REGISTERED_MODEL,

@@ -3,14 +3,16 @@ and the bucketing of positions are both derived from the edges here.
 
 - ``cold_start``: how much purchase history the model had for a position's customer;
 - ``basket_length``: the basket's (truncated) length, on :data:`~retailsim_pipeline.config.EVALUATION_LENGTH_EDGES`;
-- ``repeat_vs_explore``: whether the customer bought the hidden product in the train split.
+- ``repeat_vs_explore``: whether the customer bought the hidden product before this basket.
+
+Both the history buckets are as of the basket: its customer's baskets strictly before it, in any split.
 """
 
 import numpy as np
 
 from retailsim_pipeline.config import EVALUATION_LENGTH_EDGES, SplitConfig, length_bucket_labels
 
-#: Inclusive upper bounds of the carded customers' buckets, in trips in the train split; the last
+#: Inclusive upper bounds of the carded customers' buckets, in trips before the basket; the last
 #: bucket is open (10+). Why these: none (a new card), a first impression (1–2 trips), some history
 #: (3–9), a regular whose own frequency is informative (10+).
 COLD_START_EDGES: tuple[int, ...] = (0, 2, 9)
@@ -29,7 +31,7 @@ COLD_START_BUCKETS: tuple[str, ...] = (ANONYMOUS, *_edge_labels(COLD_START_EDGES
 
 
 def bucket_cold_start(trips: np.ndarray, carded: np.ndarray) -> np.ndarray:
-    """Cold-start label per position: ``trips`` [n] the customer's train-split trips (int), ``carded``
+    """Cold-start label per position: ``trips`` [n] the customer's trips before the basket (int), ``carded``
     [n] whether the basket had a loyalty card (bool). Returns [n] labels of :data:`COLD_START_BUCKETS`."""
     carded_labels = np.asarray(COLD_START_BUCKETS[1:], dtype=object)
     # side="left" on inclusive upper bounds: trips == edge falls into the edge's own bucket.
@@ -49,7 +51,7 @@ def bucket_length(n: np.ndarray) -> np.ndarray:
     return np.asarray(LENGTH_BUCKETS, dtype=object)[np.clip(index, 0, len(LENGTH_BUCKETS) - 1)]
 
 
-#: A repeat position's hidden product was bought by the same customer in the train split; explore otherwise.
+#: A repeat position's hidden product was bought by the same customer before the basket; explore otherwise.
 REPEAT_BUCKETS: tuple[str, ...] = ("repeat", "explore")
 
 

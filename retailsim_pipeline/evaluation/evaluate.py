@@ -4,9 +4,10 @@
    the model), so every model and every baseline answers the same questions.
 2. Each scorer ranks the whole vocabulary for each hidden line, excluding the basket's visible
    products and the special tokens; ranks become Recall/Precision@K, MRR, NDCG@10.
-3. Every metric is also reported per cold-start bucket (the customer's trips in the train split,
-   ``evaluation/buckets.py``), per basket-length bucket, and for repeat items (the customer bought
-   the product in the train split) vs explore items.
+3. Every metric is also reported per cold-start bucket (the customer's baskets before this one, in
+   any split: ``evaluation/buckets.py``), per basket-length bucket, and for repeat items (the customer
+   bought the product before this basket) vs explore items — the as-of history of
+   :class:`~retailsim_pipeline.prep.history.AsOfHistory`, the same the model and the baselines read.
 4. The model's auxiliary heads are scored too (accuracy, macro-F1, confusion matrices).
 
 Returns the ``model``/``baselines``/``oracle``/``buckets`` parts of ``metrics.json`` (the contract:
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 import torch
 
 from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
@@ -34,6 +34,7 @@ from retailsim_pipeline.evaluation.metrics import (
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.history import AsOfHistory
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -66,28 +67,21 @@ def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed:
     arrays = cache.split(split)
     positions = eval_positions(arrays, seed=seed, mask_prob=mask_rate, split=split)
     v_off, v_tok = visible_tokens(arrays, positions)
-    # Cold start: the customer's trips in the train split (cust codes from the samples, row-aligned).
-    samples = pl.read_parquet(Path(samples_dir) / f"{split}.parquet", columns=["basket_id", "cust_code"])
+    samples = pl.read_parquet(Path(samples_dir) / f"{split}.parquet", columns=["basket_id"])
     if not np.array_equal(samples.get_column("basket_id").to_numpy(), np.asarray(arrays.basket_id)):
         raise ValueError(f"{samples_dir}/{split}.parquet does not match the tensor cache {cache.path} row by row")
-    train_trips = (pl.read_parquet(Path(samples_dir) / "train.parquet", columns=["cust_code"])
-                   .drop_nulls().group_by(pl.col("cust_code").cast(pl.String)).len("trips"))
-    per_sample = (samples.select(pl.col("cust_code").cast(pl.String))
-                  .join(train_trips, on="cust_code", how="left", maintain_order="left"))
-    carded = per_sample.get_column("cust_code").is_not_null().to_numpy()
-    trips = per_sample.get_column("trips").fill_null(0).to_numpy()
+    # As of each basket: the customer's baskets before it (any split), and whether they held the target.
+    key = np.asarray(arrays.customer_key, dtype=np.int64)[positions.sample]
+    past = np.asarray(arrays.past_baskets, dtype=np.int64)[positions.sample]
+    history = AsOfHistory([cache.split(s) for s in cache.split_names], cache.product_embeddings.shape[0])
     lengths = np.diff(np.asarray(arrays.offsets))
-    # Repeat item: the customer bought the target in the train split.
-    train = cache.split("train")
-    vocab = cache.product_embeddings.shape[0]
-    rows = np.repeat(np.asarray(train.customer_index, dtype=np.int64), np.diff(np.asarray(train.offsets)))
-    history = sp.csr_matrix((np.ones(len(rows), np.int8), (rows, np.asarray(train.tokens))),
-                            shape=(cache.customer_context.shape[0], vocab))
-    cust_row = np.asarray(arrays.customer_index, dtype=np.int64)[positions.sample]
-    bought = np.asarray(history[cust_row, positions.target]).ravel() > 0
-    repeat = bucket_repeat((cust_row > 0) & bought)
+    bought = np.zeros(len(key), dtype=bool)
+    for lo, hi in _chunks(len(key), 1 << 14):
+        counts = history.counts(key[lo:hi], past[lo:hi])  # [n, V] sparse
+        bought[lo:hi] = np.asarray(counts[np.arange(hi - lo), positions.target[lo:hi]]).ravel() > 0
+    repeat = bucket_repeat((key > 0) & bought)
     groups = {
-        "cold_start": bucket_cold_start(trips[positions.sample], carded[positions.sample]),
+        "cold_start": bucket_cold_start(past, key > 0),
         "basket_length": bucket_length(lengths[positions.sample]),
         "repeat_vs_explore": repeat,
     }

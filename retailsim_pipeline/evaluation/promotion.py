@@ -34,7 +34,10 @@ def decide_promotion(*, challenger_version: str, challenger: float, champion_ver
                                           + (f": {gate}" if gate else ""))
     elif champion_version is None or champion_version == challenger_version:
         decision, reason = "champion", "first model to pass the baseline check"
-    elif champion is not None and challenger > champion + margin:
+    elif champion is None:
+        decision, reason = "champion", (f"champion v{champion_version} cannot be re-scored on this cache; the first "
+                                        "model to pass the baseline check replaces it")
+    elif challenger > champion + margin:
         decision, reason = "champion", f"{metric} {challenger:.4f} > champion {champion:.4f} + {margin}"
     else:
         decision, reason = "challenger", f"{metric} {challenger:.4f} does not beat champion {champion:.4f} + {margin}"

@@ -88,6 +88,13 @@ class WorldModel(nn.Module):
        layer tied to the frozen table would confine predictions to what the table already separates);
        auxiliary heads (:data:`~retailsim_pipeline.config.AUX_HEADS`) on pooled = masked mean of the decoder
        output over real positions ‖ fused context [B, 2D] → Linear(2D, D) → GELU → Linear(D, n_classes).
+    6. **Two paths beside the head** (added to the product logits, gated per basket by the fused context):
+       the *copy path* (:meth:`_add_history`) raises the products of the customer's point-in-time memory
+       (their most bought products strictly before the basket) by log-count, share and presence; the
+       *co-occurrence path* (:meth:`_add_cooccurrence`) raises the visible products' most co-occurring
+       products. Together they contain the blend baseline (personal share + weight × co-occurrence), so the
+       network only has to learn what the blend cannot: when a shopper explores, which staple this trip
+       skips, what a mission adds.
 
     Trainable parameters of the ``seed`` preset (D 512, 4 + 2 layers, V 5003, FFN 2048, d_state 16):
 
@@ -103,14 +110,17 @@ class WorldModel(nn.Module):
     decoder final LayerNorm              1,024
     product head (512→512→5003)      2,830,219
     aux heads (1024→512→4/4/4/5)     2,107,921
-    history gate (512→2)                 1,026
-    **total**                       23,354,526
+    history gate (512→3)                 1,539
+    co-occurrence gate (512→1)             513
+    **total**                       23,355,552
     =============================  ===========
 
-    The frozen ``product_table`` [V, 256] is a persistent buffer (saved in the state_dict, not a parameter).
+    The frozen ``product_table`` [V, 256] and ``product_neighbours`` / ``product_neighbour_weights``
+    [V, 100] are persistent buffers (saved in the state_dict, not parameters).
     """
 
-    def __init__(self, config: ModelConfig, product_embeddings: torch.Tensor | np.ndarray | None = None):
+    def __init__(self, config: ModelConfig, product_embeddings: torch.Tensor | np.ndarray | None = None,
+                 product_neighbours: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         self.config = config
         D, V = config.d_model, config.n_products  # d_model, vocabulary size
@@ -130,6 +140,18 @@ class WorldModel(nn.Module):
                     f"product_dim from the tensor cache the table comes from"
                 )
         self.register_buffer("product_table", table, persistent=True)
+        # Each product's most co-occurring products in train baskets (the cache's product_neighbours): frozen.
+        K = config.cooccurrence_neighbours
+        if product_neighbours is None:
+            neighbours, weights = torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K)
+        else:
+            neighbours = torch.as_tensor(np.asarray(product_neighbours[0]), dtype=torch.long)
+            weights = torch.as_tensor(np.asarray(product_neighbours[1]), dtype=torch.float32)
+            if tuple(neighbours.shape) != (V, K) or tuple(weights.shape) != (V, K):
+                raise ValueError(f"WorldModel: product_neighbours have shapes {tuple(neighbours.shape)}, "
+                                 f"{tuple(weights.shape)}, expected (n_products={V}, cooccurrence_neighbours={K})")
+        self.register_buffer("product_neighbours", neighbours, persistent=True)
+        self.register_buffer("product_neighbour_weights", weights, persistent=True)
 
         # 1. Context fusion
         self.context_fusion = nn.Sequential(nn.Linear(config.context_dim, D), nn.LayerNorm(D), nn.GELU())
@@ -160,8 +182,10 @@ class WorldModel(nn.Module):
         self.product_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, V))
         self.aux_heads = nn.ModuleDict({name: AuxHead(2 * D, D, AUX_CLASSES[name], config.dropout)
                                         for name in AUX_HEADS})
-        # Copy path to the customer's own most bought products (see _add_history): two gates per basket.
-        self.history_gate = nn.Linear(D, 2)
+        # Copy path to the customer's own most bought products before the basket (see _add_history): three
+        # gates per basket; co-occurrence path to the visible products' neighbours (_add_cooccurrence): one.
+        self.history_gate = nn.Linear(D, 3)
+        self.cooccurrence_gate = nn.Linear(D, 1)
 
         self._init_weights()
 
@@ -181,10 +205,12 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.position_embedding.weight, std=INIT_STD)
         nn.init.normal_(self.mask_embedding, std=INIT_STD)
         nn.init.zeros_(self.product_residual.weight)
-        # The copy path starts switched on (a shopper's own products get +1 logit per log-count and a
-        # flat +1), as personal frequency suggests; the gates then learn per shopper and trip.
-        nn.init.zeros_(self.history_gate.weight)
-        nn.init.constant_(self.history_gate.bias, 1.0)
+        # Both paths start switched on (a shopper's own products get +1 logit per log-count, per unit of
+        # share and a flat +1; the visible products' neighbours up to +1), as the blend baseline
+        # suggests; the gates then learn per shopper and trip.
+        for gate in (self.history_gate, self.cooccurrence_gate):
+            nn.init.zeros_(gate.weight)
+            nn.init.constant_(gate.bias, 1.0)
 
     # ----------------------------------------------------------------------------------------------------
     # Forward
@@ -251,6 +277,7 @@ class WorldModel(nn.Module):
             product_logits = self.product_head(hidden[predict_mask.bool()])  # [N_pred, V]
         if history_tokens is not None and history_counts is not None:
             product_logits = self._add_history(product_logits, ctx, predict_mask, history_tokens, history_counts)
+        product_logits = self._add_cooccurrence(product_logits, ctx, predict_mask, tokens, attention_mask)
 
         # Pooled: mean over real positions (padding is zero in `hidden`) ‖ fused context.
         lengths = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)  # [B, 1]
@@ -261,22 +288,53 @@ class WorldModel(nn.Module):
 
     def _add_history(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
                      history_tokens: torch.Tensor, history_counts: torch.Tensor) -> torch.Tensor:
-        """Copy path: raise the logits of the customer's own most bought products.
+        """Copy path: raise the logits of the products the customer bought before this basket.
 
-        bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · [count > 0], with the per-basket gates
-        g = ``history_gate(ctx)`` (how much *this* shopper, on *this* trip, re-buys), scattered onto the
-        vocabulary. history_tokens [B, K] int64 (PAD where empty), history_counts [B, K] float.
+        bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · count / Σ counts + g₃(ctx_b) · [count > 0],
+        with the per-basket gates g = ``history_gate(ctx)`` (how much *this* shopper, on *this* trip,
+        re-buys), scattered onto the vocabulary. history_tokens [B, K] int64 (PAD where empty),
+        history_counts [B, K] float: the point-in-time memory.
         """
         counts = history_counts.clamp(min=0).to(torch.float32)
-        gates = self.history_gate(ctx).to(torch.float32)  # [B, 2]
-        bonus = gates[:, :1] * torch.log1p(counts) + gates[:, 1:2] * (counts > 0).to(torch.float32)  # [B, K]
+        share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, K]
+        gates = self.history_gate(ctx).to(torch.float32)  # [B, 3]
+        bonus = (gates[:, :1] * torch.log1p(counts) + gates[:, 1:2] * share
+                 + gates[:, 2:3] * (counts > 0).to(torch.float32))  # [B, K]
         bonus = bonus.masked_fill(history_tokens < N_SPECIAL, 0.0).to(logits.dtype)
-        index = history_tokens.clamp(min=0)
+        return _scatter_per_basket(logits, predict_mask, history_tokens.clamp(min=0), bonus)
+
+    def _add_cooccurrence(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
+                          tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Co-occurrence path: raise the logits of the visible products' neighbours.
+
+        sums[b, v] = Σ over basket b's visible products i (real, not MASK/PAD/UNK) of sim(i, v), over
+        i's ``cooccurrence_neighbours`` most co-occurring products (the cache's ``product_neighbours``);
+        each row divided by its max (the blend baseline's normalisation); bonus = g(ctx_b) · sums with
+        the per-basket gate g = ``cooccurrence_gate(ctx)``. Every predicted position of a basket shares
+        its visible products, so the bonus is computed once per basket.
+        """
+        B = tokens.shape[0]
+        visible = (attention_mask & (tokens >= N_SPECIAL)).to(torch.float32)  # [B, S]
+        index = self.product_neighbours[tokens].flatten(1)  # [B, S * K]
+        weight = (self.product_neighbour_weights[tokens] * visible.unsqueeze(-1)).flatten(1)  # [B, S * K]
+        sums = torch.zeros(B, self.config.n_products, device=tokens.device).scatter_add_(1, index, weight)
+        sums[:, :N_SPECIAL] = 0.0
+        sums = sums / sums.amax(dim=1, keepdim=True).clamp(min=1e-12)  # [B, V] in [0, 1]
+        bonus = (self.cooccurrence_gate(ctx).to(torch.float32) * sums).to(logits.dtype)  # [B, V]
         if predict_mask is None:  # logits [B, S, V]
-            S = logits.shape[1]
-            return logits.scatter_add(2, index[:, None, :].expand(-1, S, -1), bonus[:, None, :].expand(-1, S, -1))
-        rows = predict_mask.bool().nonzero()[:, 0]  # basket of each predicted position
-        return logits.scatter_add(1, index[rows], bonus[rows])
+            return logits + bonus.unsqueeze(1)
+        return logits + bonus[predict_mask.bool().nonzero()[:, 0]]
+
+
+def _scatter_per_basket(logits: torch.Tensor, predict_mask: torch.Tensor | None, index: torch.Tensor,
+                        bonus: torch.Tensor) -> torch.Tensor:
+    """Add ``bonus`` [B, K] at vocabulary ``index`` [B, K] to the logits of every predicted position of
+    each basket: logits [N_pred, V] (rows in ``predict_mask`` row-major order) or [B, S, V]."""
+    if predict_mask is None:
+        S = logits.shape[1]
+        return logits.scatter_add(2, index[:, None, :].expand(-1, S, -1), bonus[:, None, :].expand(-1, S, -1))
+    rows = predict_mask.bool().nonzero()[:, 0]  # basket of each predicted position
+    return logits.scatter_add(1, index[rows], bonus[rows])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ manifest.json                                             shapes, dtypes, sha256
 vocabulary.parquet                    V rows              token_id, PROD_CODE, train_count, hierarchy
 product_embeddings.npy                [V, 256] float32    see :func:`~retailsim_pipeline.prep.embeddings.build_product_embeddings`
 product_log_price.npy                 [V] float32         log of the product's median train unit price
+product_neighbours.npy,               [V, 100] int32,     each product's most co-occurring products in
+product_neighbour_weights.npy         [V, 100] float32    train baskets (cosine), most similar first
 customer_context.npy                  [C, 32] float32     the customer's profile (card, home-store
                                                           format); row 0 = anonymous or unknown (not
                                                           seen in train) customer
@@ -70,14 +72,15 @@ if TYPE_CHECKING:
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address,
 #: and :meth:`TensorCache.open` refuses a folder of another format.
-CACHE_FORMAT = 4  # 2: customer history items; 3: the vectors' widths; 4: point-in-time history
+CACHE_FORMAT = 4  # 2: customer history items; 3: the vectors' widths; 4: point-in-time history, neighbours
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 VOCABULARY_FILE = "vocabulary.parquet"
 CUSTOMERS_FILE = "customers.parquet"
 STORES_FILE = "stores.parquet"
 #: The arrays fitted on the train split (the leakage check refits each and compares).
-FITTED_ARRAYS: tuple[str, ...] = ("product_embeddings", "product_log_price", "customer_context", "store_context")
+FITTED_ARRAYS: tuple[str, ...] = ("product_embeddings", "product_log_price", "customer_context", "store_context",
+                                  "product_neighbours", "product_neighbour_weights")
 #: The per-sample arrays of the point-in-time history (the leakage check recomputes each).
 HISTORY_ARRAYS: tuple[str, ...] = ("customer_key", "past_baskets", "history_tokens", "history_counts")
 

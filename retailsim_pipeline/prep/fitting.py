@@ -10,6 +10,7 @@ builder fitted on other data shows up as a difference.
 * product log price — log of the product's median train unit price (the price normaliser);
 * store context [S, store_dim] — standardised train statistics and mean product embeddings; row 0 =
   not seen in train;
+* product neighbours [V, k] — each product's most co-occurring products (cosine over train baskets);
 * customer profile [C, customer_profile_dim] — the card and the home store's format; row 0 =
   anonymous or not seen in train. (What customers bought is point-in-time, :mod:`.history`.)
 """
@@ -92,6 +93,49 @@ def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) ->
     counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
     counts.sum_duplicates()
     return counts
+
+
+def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[n, V] 0/1 float64 CSR of a token CSR ``(offsets [n + 1], tokens)``: which products each row
+    holds (a set: duplicates count once; special tokens dropped). Rows are baskets, or a position's
+    visible items."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    keep = tokens >= N_SPECIAL
+    m = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], tokens[keep])), shape=(len(offsets) - 1, vocab_size))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[V, V] float64 CSR cosine co-occurrence of the baskets given: C_ij / sqrt(c_i c_j), C_ij the
+    baskets holding both i and j, c_i the baskets holding i; diagonal and special tokens 0. The one
+    definition of "co-occurrence": the item-kNN baseline and the model's co-occurrence path read it."""
+    x = product_sets(offsets, tokens, vocab_size)  # [N, V] 0/1: a basket counts a product once
+    c = (x.T @ x).tocsr()
+    baskets_with = c.diagonal().copy()  # [V] c_i
+    c.setdiag(0.0)
+    c.eliminate_zeros()
+    inv = np.divide(1.0, np.sqrt(baskets_with), out=np.zeros(vocab_size), where=baskets_with > 0)
+    return (sp.diags(inv) @ c @ sp.diags(inv)).tocsr()
+
+
+def build_product_neighbours(similarity: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each product's ``k`` most co-occurring products from :func:`cooccurrence_similarity`: tokens
+    [V, k] int32 (PAD-filled) and similarities [V, k] float32, most similar first (ties: smaller token)."""
+    coo = similarity.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    r, c, v = coo.row[order], coo.col[order], coo.data[order]
+    n = similarity.shape[0]
+    rank = np.arange(len(r)) - np.searchsorted(r, np.arange(n))[r]
+    keep = rank < k
+    neighbours = np.full((n, k), PAD, dtype=np.int32)
+    weights = np.zeros((n, k), dtype=np.float32)
+    neighbours[r[keep], rank[keep]] = c[keep]
+    weights[r[keep], rank[keep]] = v[keep]
+    return neighbours, weights
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -247,6 +291,8 @@ class FittedTables:
     customers: pl.DataFrame  # C - 1 rows: cust_code, row, home_store
     store_context: np.ndarray  # [S, store_dim] float32
     stores: pl.DataFrame  # S - 1 rows: store_code, row, store_format
+    product_neighbours: np.ndarray  # [V, cooccurrence_neighbours] int32
+    product_neighbour_weights: np.ndarray  # [V, cooccurrence_neighbours] float32
     #: The train split under the vocabulary (offsets, tokens, unit prices, quantities): not a table,
     #: handed back so the builder does not compute it twice.
     train_csr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -261,4 +307,7 @@ def fit_train_tables(train: pl.DataFrame, products: pl.DataFrame, config: CacheC
     product_log_price = build_product_log_price(tokens, unit_price, vocab.height)
     store_ctx, stores = build_store_context(train, offsets, tokens, emb, config)
     cust_ctx, customers = build_customer_context(train, stores, config)
-    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, stores, csr)
+    neighbours, weights = build_product_neighbours(cooccurrence_similarity(offsets, tokens, vocab.height),
+                                                   config.cooccurrence_neighbours)
+    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, stores, neighbours, weights,
+                        csr)

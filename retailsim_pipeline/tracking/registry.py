@@ -135,6 +135,20 @@ def load_world_model(model_uri: str, *, tracking_uri: str | None = None, device:
         return read_world_model(local, device=device)
 
 
+def load_champion(version: str, *, tracking_uri: str | None = None, device: str = "cpu"):
+    """``(torch module, None)`` for registered ``version``, or ``(None, why)`` when its weights do not fit
+    this code's :class:`~retailsim_pipeline.model.world_model.WorldModel` (a model trained for an older
+    feature layout: its state dict misses or mis-sizes parameters). Such a champion cannot be scored on
+    today's cache, so the caller compares the challenger with the baselines alone."""
+    try:
+        model, _ = load_world_model(registered_model_uri(version), tracking_uri=tracking_uri, device=device)
+    except RuntimeError as err:  # load_state_dict(strict=True): missing/unexpected keys, size mismatch
+        first = str(err).strip().splitlines()[0][:200]
+        log.warning("champion v%s cannot be scored by this version of the model code: %s", version, first)
+        return None, f"champion v{version} was trained for another model layout and cannot be re-scored ({first})"
+    return model, None
+
+
 def model_artifact_location(model_uri: str, *, tracking_uri: str | None = None) -> str:
     """Where a model's files are: a ``models:/…`` URI resolved to its LoggedModel's artifact location."""
     if not model_uri.startswith("models:/"):

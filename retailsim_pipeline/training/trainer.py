@@ -89,14 +89,15 @@ def resolve_device(name: str) -> torch.device:
 
 def model_config_for_cache(model: ModelConfig, cache: TensorCache) -> ModelConfig:
     """``model`` with the sizes the cache dictates: ``n_products`` (vocabulary), ``product_dim``,
-    ``price_dim`` and ``context_dim`` (the manifest's ``widths``).
+    ``price_dim`` and ``context_dim`` (the manifest's ``widths``), ``cooccurrence_neighbours``.
 
     A field left at its default is set from the cache; a field set to another value that disagrees
     with the cache is an error (defaults cannot be told from explicit values after a config's JSON
     round trip through the training process, so "supplied" means "not the default").
     """
     dictated = {"n_products": int(cache.manifest["sizes"]["vocab"]), "product_dim": cache.widths["product"],
-                "price_dim": cache.widths["price"], "context_dim": cache.widths["context"]}
+                "price_dim": cache.widths["price"], "context_dim": cache.widths["context"],
+                "cooccurrence_neighbours": int(cache["product_neighbours"].shape[1])}
     clashes = [f"{name} = {getattr(model, name)} but the cache has {value}" for name, value in dictated.items()
                if getattr(model, name) != ModelConfig.model_fields[name].default and getattr(model, name) != value]
     if clashes:
@@ -107,9 +108,12 @@ def model_config_for_cache(model: ModelConfig, cache: TensorCache) -> ModelConfi
 
 
 def build_model(config: TrainingConfig, cache: TensorCache) -> WorldModel:
-    """The world model sized to the cache (:func:`model_config_for_cache`), with its frozen product table."""
+    """The world model sized to the cache (:func:`model_config_for_cache`), with its frozen product table and
+    product neighbours (writable copies of the cache's arrays)."""
     model_cfg = model_config_for_cache(config.model, cache)
-    return WorldModel(model_cfg, product_embeddings=np.array(cache.product_embeddings))  # a writable copy
+    return WorldModel(model_cfg, product_embeddings=np.array(cache.product_embeddings),
+                      product_neighbours=(np.array(cache["product_neighbours"]),
+                                          np.array(cache["product_neighbour_weights"])))
 
 
 def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
