@@ -1,6 +1,10 @@
 """Baselines scored on the same positions as the world model (DESIGN §7).
 
-Every scorer fits on the train split only and exposes one method::
+The leakage rule is the cache's (issue 11): fitted parameters (popularity, co-occurrence) come from
+the train split only; a customer's own history is *as of* the scored basket — every basket of the
+same customer strictly before it, in any split (:class:`~retailsim_pipeline.prep.history.AsOfHistory`,
+built once per cache by :func:`as_of_history` and passed to the personal scorers). Every scorer
+exposes one method::
 
     score(sample [n], visible_offsets [n + 1], visible_tokens [sum]) -> torch.FloatTensor [n, V]
 
@@ -9,7 +13,8 @@ basket items (:func:`~retailsim_pipeline.evaluation.positions.visible_tokens`); 
 Chunking is the caller's job: a call returns a dense [n, V] tensor.
 
 * :class:`PopularityScorer` — G-TopFreq: train line count of each product.
-* :class:`PersonalFrequencyScorer` — P-TopFreq: the customer's own train line counts, then popularity.
+* :class:`PersonalFrequencyScorer` — P-TopFreq: the customer's own line counts before the basket, then
+  popularity.
 * :class:`CooccurrenceScorer` — item-kNN: summed co-occurrence similarity to the visible items.
 
 The secondary keys (popularity under the personal counts and under the co-occurrence sums) are added
@@ -25,8 +30,8 @@ import scipy.sparse as sp
 import torch
 
 from retailsim_pipeline.config import N_SPECIAL
-from retailsim_pipeline.prep.cache import SplitArrays
-from retailsim_pipeline.prep.fitting import customer_product_counts
+from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
+from retailsim_pipeline.prep.history import AsOfHistory
 
 
 class Scorer(Protocol):
@@ -62,6 +67,43 @@ def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp
     return m
 
 
+def as_of_history(cache: TensorCache, through: str | None = None) -> AsOfHistory:
+    """The as-of history of a cache's baskets: every split up to and including ``through`` in the
+    cache's (time) order, all of them when ``None``. The splits are consecutive in time, so a basket of
+    ``through`` (or of an earlier split) finds every one of its earlier baskets there; the later splits
+    are not read (tuning on validation never opens test)."""
+    names = cache.split_names
+    if through is not None:
+        if through not in names:
+            raise ValueError(f"unknown split {through!r}; one of {names}")
+        names = names[: names.index(through) + 1]
+    return AsOfHistory([cache.split(name) for name in names], cache.product_embeddings.shape[0])
+
+
+def scored_history_keys(scored: SplitArrays, history: AsOfHistory, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(customer_key, past_baskets)`` [N_scored] int64 of the scored split, checked against
+    ``history``: same vocabulary, and every carded basket's earlier baskets (``past_baskets`` of them)
+    held by it — a history built without a split before the scored one would silently miss baskets."""
+    if history.vocab_size != vocab_size:
+        raise ValueError(f"the history has {history.vocab_size} tokens, the scorer {vocab_size}")
+    key = np.asarray(scored.customer_key, dtype=np.int64)
+    past = np.asarray(scored.past_baskets, dtype=np.int64)
+    held = np.diff(np.append(history.start, history.lines.shape[0]))  # [K + 1] baskets per key
+    carded = key > 0
+    if (key[carded] >= len(held)).any() or (past[carded] > held[np.minimum(key[carded], len(held) - 1)]).any():
+        raise ValueError("the as-of history does not hold every basket before the scored ones: build it over "
+                         "every split up to the scored one (as_of_history(cache, through=split))")
+    return key, past
+
+
+def as_of_rows(method, customer_key: np.ndarray, past_baskets: np.ndarray, sample: np.ndarray, *args) -> np.ndarray:
+    """[n, V] dense float64 rows of ``method(key, past, *args)`` (an :class:`AsOfHistory` method) for
+    ``sample``, computed once per distinct basket (a basket's positions share its history)."""
+    distinct, inverse = np.unique(np.asarray(sample, dtype=np.int64), return_inverse=True)
+    rows = method(customer_key[distinct], past_baskets[distinct], *args).toarray()  # [d, V]
+    return rows[inverse.reshape(-1)]
+
+
 class PopularityScorer:
     """G-TopFreq: every position gets the products' train line counts."""
 
@@ -75,27 +117,28 @@ class PopularityScorer:
 
 
 class PersonalFrequencyScorer:
-    """P-TopFreq: the customer's own train line counts per product, then popularity.
+    """P-TopFreq: the customer's own line counts per product before the scored basket, then popularity.
 
-    The customer of a scored sample is ``scored.customer_index[sample]``; row 0 (anonymous, or a
-    customer not seen in train) has no history, so those positions get popularity alone. Popularity is
-    scaled below one purchase, so every product the customer bought comes first (most bought first),
-    then the rest by popularity.
+    The history of a scored sample is :meth:`AsOfHistory.counts` of its ``(customer_key,
+    past_baskets)``: every basket of that customer strictly before it, in any split (train, and the
+    scored split's own earlier baskets among them). An anonymous basket (key 0) or a customer's first
+    basket has no history, so those positions get popularity alone. Popularity (train) is scaled
+    below one purchase, so every product the customer bought comes first (most bought first), then
+    the rest by popularity.
     """
 
-    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int):
+    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int, *, history: AsOfHistory):
         self.vocab_size = vocab_size
-        self.customer_index = np.asarray(scored.customer_index, dtype=np.int64)  # [N_scored]
-        train_customer = np.asarray(train.customer_index, dtype=np.int64)  # [N_train]
-        n_customers = int(max(train_customer.max(initial=0), self.customer_index.max(initial=0))) + 1
-        # [C, V] train lines bought per customer and product; row 0 = no identity, no history
-        self.history = customer_product_counts(train_customer, train.offsets, train.tokens, n_customers, vocab_size)
+        self.history = history
+        self.customer_key, self.past_baskets = scored_history_keys(scored, history, vocab_size)  # [N_scored] each
         self._fallback = _below_one(train_counts(train, vocab_size))  # [V] in [0, 1)
 
+    def own_counts(self, sample: np.ndarray) -> np.ndarray:
+        """[n, V] float64: each sample's customer's line counts before its basket."""
+        return as_of_rows(self.history.counts, self.customer_key, self.past_baskets, sample)
+
     def score(self, sample: np.ndarray, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> torch.Tensor:
-        customers = self.customer_index[np.asarray(sample, dtype=np.int64)]  # [n]
-        own = self.history[customers].toarray()  # [n, V]
-        return torch.from_numpy((own + self._fallback).astype(np.float32))
+        return torch.from_numpy((self.own_counts(sample) + self._fallback).astype(np.float32))
 
 
 class CooccurrenceScorer:

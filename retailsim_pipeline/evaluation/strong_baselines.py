@@ -1,12 +1,16 @@
 """The strongest simple baselines (issue 11 §1): a blend of the simple scorers, and TIFU-KNN.
 
-Same contract as :mod:`~retailsim_pipeline.evaluation.baselines`: fitted on the train split only,
+Same contract as :mod:`~retailsim_pipeline.evaluation.baselines`:
 ``score(sample [n], visible_offsets [n + 1], visible_tokens [sum]) -> torch.FloatTensor [n, V]``
-(higher = more likely), vectorised over the positions of a call; chunking is the caller's job.
+(higher = more likely), vectorised over the positions of a call; chunking is the caller's job. The
+same leakage rule too: the customer's own history is read *as of* the scored basket (every basket of
+that customer strictly before it, any split: :class:`~retailsim_pipeline.prep.history.AsOfHistory`,
+passed in as ``history``); what is fitted — co-occurrence, popularity, the neighbours and their
+vectors — comes from the train split only.
 
 * :class:`BlendScorer` — personal frequency share + ``w_cooc`` × normalised co-occurrence sums +
   ``w_pop`` × normalised popularity.
-* :class:`TifuKnnScorer` — a time-decayed personal vector blended with the mean vector of the
+* :class:`TifuKnnScorer` — a time-decayed personal vector blended with the mean train vector of the
   customer's ``k`` nearest customers (after TIFU-KNN, Hu et al., SIGIR 2020).
 
 Both add popularity as a tie-breaker scaled, per row, to 1/1000 of the row's smallest positive
@@ -22,9 +26,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, product_sets, train_counts
+from retailsim_pipeline.evaluation.baselines import (
+    CooccurrenceScorer,
+    as_of_rows,
+    product_sets,
+    scored_history_keys,
+    train_counts,
+)
 from retailsim_pipeline.prep.cache import SplitArrays
-from retailsim_pipeline.prep.fitting import customer_product_counts
+from retailsim_pipeline.prep.history import AsOfHistory
 
 #: Dense cells of one chunk of the customer × customer similarity (float64: 32 MiB), bounding the
 #: k-NN search's memory whatever the number of customers.
@@ -32,10 +42,10 @@ KNN_CHUNK_CELLS = 1 << 22
 _TIE_SCALE = 1e-3  # the tie-breaker's share of a row's smallest positive primary score
 
 
-def n_customer_rows(train: SplitArrays, scored: SplitArrays) -> int:
-    """Rows of the customer tables both splits index (row 0 = anonymous or not seen in train)."""
-    top = max(np.asarray(train.customer_index).max(initial=0), np.asarray(scored.customer_index).max(initial=0))
-    return int(top) + 1
+def n_customer_rows(*splits: SplitArrays) -> int:
+    """Rows of a table indexed by ``customer_key`` over the given splits: the largest key + 1 (row 0 =
+    anonymous)."""
+    return int(max((np.asarray(s.customer_key).max(initial=0) for s in splits), default=0)) + 1
 
 
 def popularity_share(train: SplitArrays, vocab_size: int) -> np.ndarray:
@@ -55,8 +65,9 @@ def _tie_broken(primary: np.ndarray, popularity: np.ndarray) -> torch.Tensor:
 class BlendScorer:
     """score = own share + ``w_cooc`` × co-occurrence + ``w_pop`` × popularity, then popularity ties.
 
-    own share     the customer's train line counts per product divided by their total (a row sums to
-                  1; 0 for an anonymous or unseen customer)
+    own share     the customer's line counts per product before the scored basket
+                  (:meth:`AsOfHistory.counts`, any split) divided by their total (a row sums to 1; 0
+                  for an anonymous basket or a customer's first)
     co-occurrence :meth:`CooccurrenceScorer.similarity_sums` of the position's visible items, each
                   row divided by its max (0 where nothing is visible or nothing co-occurs)
     popularity    :func:`popularity_share` (max 1)
@@ -65,16 +76,12 @@ class BlendScorer:
     (the validation grid reuses one fit). ``cooccurrence`` reuses a fitted co-occurrence scorer.
     """
 
-    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int, *, w_cooc: float = 0.03,
-                 w_pop: float = 0.0, cooccurrence: CooccurrenceScorer | None = None):
+    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int, *, history: AsOfHistory,
+                 w_cooc: float = 0.03, w_pop: float = 0.0, cooccurrence: CooccurrenceScorer | None = None):
         # defaults: the demo data's validation choice (tuning.BLEND_GRID); tune per dataset
         self.vocab_size, self.w_cooc, self.w_pop = vocab_size, float(w_cooc), float(w_pop)
-        self.customer_index = np.asarray(scored.customer_index, dtype=np.int64)  # [N_scored]
-        counts = customer_product_counts(train.customer_index, train.offsets, train.tokens,
-                                         n_customer_rows(train, scored), vocab_size)  # [C, V]
-        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()  # [C]
-        inv = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
-        self.own_share = (sp.diags(inv) @ counts.astype(np.float64)).tocsr()  # [C, V] rows sum to 1 or 0
+        self.history = history
+        self.customer_key, self.past_baskets = scored_history_keys(scored, history, vocab_size)  # [N_scored] each
         self.cooccurrence = cooccurrence if cooccurrence is not None else CooccurrenceScorer(train, vocab_size)
         self.popularity = popularity_share(train, vocab_size)  # [V]
 
@@ -84,9 +91,14 @@ class BlendScorer:
         other.w_cooc, other.w_pop = float(w_cooc), float(w_pop)
         return other
 
+    def own_share(self, sample: np.ndarray) -> np.ndarray:
+        """[n, V] float64: each sample's customer's line counts before its basket over their total."""
+        counts = as_of_rows(self.history.counts, self.customer_key, self.past_baskets, sample)  # [n, V]
+        totals = counts.sum(axis=1)  # [n]
+        return counts / np.where(totals > 0, totals, 1.0)[:, None]
+
     def score(self, sample: np.ndarray, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> torch.Tensor:
-        customers = self.customer_index[np.asarray(sample, dtype=np.int64)]  # [n]
-        primary = self.own_share[customers].toarray()  # [n, V]
+        primary = self.own_share(sample)  # [n, V]
         if self.w_cooc:
             sums = self.cooccurrence.similarity_sums(visible_offsets, visible_tokens)  # [n, V]
             top = sums.max(axis=1, initial=0.0)  # [n]
@@ -96,18 +108,21 @@ class BlendScorer:
 
 
 def decayed_customer_vectors(train: SplitArrays, n_customers: int, vocab_size: int, decay: float) -> sp.csr_matrix:
-    """[C, V] float64 CSR: each customer's time-decayed share of train baskets holding each product.
+    """[C, V] float64 CSR, rows by ``customer_key``: each customer's time-decayed share of train
+    baskets holding each product (the vectors TIFU-KNN's neighbours are fitted on).
 
-    A customer's m train baskets, oldest first (by ``week``, then by row: a split's rows are in week
-    then file order), weigh ``decay ** (m - 1 - i)`` for basket i; a basket counts a product once. Each
+    A customer's m train baskets, oldest first (by ``past_baskets``: date, hour, basket id — the as-of
+    history's order), weigh ``decay ** (m - 1 - i)`` for basket i; a basket counts a product once. Each
     row is the weighted mean of the customer's basket vectors (entries in [0, 1]); row 0 (anonymous)
     and customers without train baskets are empty.
     """
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
-    customer = np.asarray(train.customer_index, dtype=np.int64)  # [N]
+    customer = np.asarray(train.customer_key, dtype=np.int64)  # [N]
+    if customer.max(initial=0) >= n_customers:
+        raise ValueError(f"customer_key up to {customer.max()} needs more than {n_customers} rows")
     rows = np.flatnonzero(customer > 0)  # baskets that belong to someone
-    order = rows[np.lexsort((rows, np.asarray(train.week)[rows], customer[rows]))]  # by customer, week, row
+    order = rows[np.lexsort((np.asarray(train.past_baskets)[rows], customer[rows]))]  # by customer, time
     cust = customer[order]  # [N'] sorted
     last = np.searchsorted(cust, cust, side="right")  # [N'] one past the newest
     age = last - 1 - np.arange(len(order))  # [N'] 0 for the newest basket
@@ -166,13 +181,15 @@ def neighbour_mix(index: np.ndarray) -> sp.csr_matrix:
 class TifuKnnScorer:
     """After TIFU-KNN (Hu et al., SIGIR 2020): ``alpha`` × own vector + (1 − ``alpha``) × neighbours.
 
-    own vector  :func:`decayed_customer_vectors` — the customer's train baskets, oldest first, basket
-                i of m weighted ``decay ** (m - 1 - i)``, normalised by the weights' sum
-    neighbours  the mean own vector of the ``k`` customers most cosine-similar to it
-                (:func:`nearest_customers`, the customer itself excluded)
+    own vector  :meth:`AsOfHistory.decayed_sets` — the customer's baskets strictly before the scored
+                one (any split), oldest first, basket i of m weighted ``decay ** (m - 1 - i)``,
+                normalised by the weights' sum
+    neighbours  the mean train vector (:func:`decayed_customer_vectors`) of the ``k`` customers whose
+                train vectors are most cosine-similar to the customer's (:func:`nearest_customers`,
+                the customer itself excluded); fitted once on train, rows by ``customer_key``
 
-    then popularity as a tie-breaker far below (:func:`_tie_broken`), so an anonymous or unseen
-    customer (row 0, no vector, no neighbours) gets popularity alone.
+    then popularity as a tie-breaker far below (:func:`_tie_broken`), so an anonymous basket or a
+    customer's first (no vector; and no neighbours unless they shopped in train) gets popularity alone.
 
     How it differs from the published method:
 
@@ -180,17 +197,18 @@ class TifuKnnScorer:
       group-size parameter; the decay plays the role of the between-group ``r_g``;
     * a basket vector is the product set of the whole basket (no per-line repeat weighting), the
       customer vector a weighted *mean* (weights normalised to 1) rather than a mean over groups;
-    * neighbours are computed once, on the train vectors, and a customer's neighbours are fixed for
-      every scored basket; the paper's vectors (and neighbours) include every basket before the
-      predicted one, here nothing after the train split enters;
+    * the own vector, as in the paper, holds every basket before the predicted one; but neighbours are
+      fitted once, on the train vectors, and a customer's neighbours (and the neighbours' vectors) are
+      fixed for every scored basket — the paper recomputes them on all baskets before the prediction.
+      A customer first seen after train has no neighbours: their own vector alone;
     * the task is in-basket completion, so the visible items of the basket are not used at all
       (the paper predicts a whole next basket); ranking excludes them from the candidates anyway;
     * neighbours are equally weighted (the paper's plain mean) and only customers of positive
       similarity count: fewer than ``k`` of them average over those found.
     """
 
-    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int, *, decay: float = 0.97,
-                 k: int = 300, alpha: float = 0.7):
+    def __init__(self, train: SplitArrays, scored: SplitArrays, vocab_size: int, *, history: AsOfHistory,
+                 decay: float = 0.97, k: int = 300, alpha: float = 0.7):
         # defaults: near the demo data's validation choice (tuning.TIFU_GRID; decay 1.0 won there by
         # 0.0008 Recall@10, 0.97 keeps some recency for data that drifts); tune per dataset
         if not 0.0 <= alpha <= 1.0:
@@ -198,26 +216,34 @@ class TifuKnnScorer:
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
         self.vocab_size, self.decay, self.k, self.alpha = vocab_size, float(decay), int(k), float(alpha)
-        self.customer_index = np.asarray(scored.customer_index, dtype=np.int64)  # [N_scored]
-        self.own = decayed_customer_vectors(train, n_customer_rows(train, scored), vocab_size, decay)  # [C, V]
-        self.neighbour_index, self.neighbour_similarity = nearest_customers(self.own, self.k)  # [C, k] each
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.history = history
+        self.customer_key, self.past_baskets = scored_history_keys(scored, history, vocab_size)  # [N_scored] each
+        n_customers = n_customer_rows(train, scored)
+        self.train_vectors = decayed_customer_vectors(train, n_customers, vocab_size, decay)  # [C, V]
+        self.neighbour_index, self.neighbour_similarity = nearest_customers(self.train_vectors, self.k)  # [C, k]
         self.neighbour_mix = neighbour_mix(self.neighbour_index)  # [C, C] k entries a row
         self.popularity = popularity_share(train, vocab_size)  # [V]
 
     def with_alpha(self, alpha: float) -> "TifuKnnScorer":
-        """The same fit (vectors and neighbours) with another blend weight."""
+        """The same fit (train vectors and neighbours) with another blend weight."""
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         other = copy.copy(self)
         other.alpha = float(alpha)
         return other
 
+    def own(self, sample: np.ndarray) -> np.ndarray:
+        """[n, V] float64: each sample's customer's decayed mean basket before its basket."""
+        return as_of_rows(self.history.decayed_sets, self.customer_key, self.past_baskets, sample, self.decay)
+
     def score(self, sample: np.ndarray, visible_offsets: np.ndarray, visible_tokens: np.ndarray) -> torch.Tensor:
-        customers = self.customer_index[np.asarray(sample, dtype=np.int64)]  # [n]
-        primary = self.alpha * self.own[customers].toarray()  # [n, V]
+        sample = np.asarray(sample, dtype=np.int64)
+        primary = self.alpha * self.own(sample)  # [n, V]
         if self.alpha < 1.0:
             # neighbours' mean per distinct customer of the call (positions of a basket share one)
-            distinct, inverse = np.unique(customers, return_inverse=True)
-            mean = (self.neighbour_mix[distinct] @ self.own).toarray()  # [d, V]
-            primary += (1.0 - self.alpha) * mean[inverse]
+            distinct, inverse = np.unique(self.customer_key[sample], return_inverse=True)
+            mean = (self.neighbour_mix[distinct] @ self.train_vectors).toarray()  # [d, V]
+            primary += (1.0 - self.alpha) * mean[inverse.reshape(-1)]
         return _tie_broken(primary, self.popularity)

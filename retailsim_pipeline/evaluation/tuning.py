@@ -3,8 +3,10 @@
 :func:`tune_on_validation` scores each point of a small grid on the validation split's masked
 positions (:func:`~retailsim_pipeline.evaluation.evaluate.prepare`, the same seed and mask rate as the
 test evaluation) and keeps the best Recall@10 (ties: the earlier grid point). The test split is never
-opened. A fit is shared by every grid point that only changes a scoring-time weight, so the cost is
-one fit per co-occurrence / (decay, k) and one scoring pass per point.
+opened: the customers' as-of history (:func:`~retailsim_pipeline.evaluation.baselines.as_of_history`)
+is built once over train and validation and shared by every fit. A fit is shared by every grid point
+that only changes a scoring-time weight, so the cost is one fit per co-occurrence / (decay, k) and one
+scoring pass per point.
 """
 
 import logging
@@ -12,11 +14,13 @@ import time
 from pathlib import Path
 
 from retailsim_pipeline.config import EvaluationConfig
+from retailsim_pipeline.evaluation.baselines import as_of_history
 from retailsim_pipeline.evaluation.evaluate import EvalSetup, prepare, rank_baseline
 from retailsim_pipeline.evaluation.metrics import ranking_metrics
 from retailsim_pipeline.evaluation.schema import GATE_METRIC
 from retailsim_pipeline.evaluation.strong_baselines import BlendScorer, TifuKnnScorer
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
+from retailsim_pipeline.prep.history import AsOfHistory
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ BLEND_GRID: tuple[dict, ...] = tuple({"w_cooc": c, "w_pop": p} for c in (0.01, 0
 #: of magnitude (on the demo data k from 20 to 300 moved validation recall by < 0.002).
 TIFU_GRID: tuple[dict, ...] = tuple({"decay": d, "k": 300, "alpha": a} for d in (0.9, 0.97, 1.0) for a in (0.7, 0.9))
 
-#: The strong baselines by name: ``STRONG_BASELINES[name](train, scored, vocab_size, **params)``.
+#: The strong baselines by name: ``STRONG_BASELINES[name](train, scored, vocab_size, history=history, **params)``.
 STRONG_BASELINES = {"blend": BlendScorer, "tifu_knn": TifuKnnScorer}
 
 
@@ -48,9 +52,9 @@ def _best(name: str, scored: list[tuple[dict, float]]) -> dict:
 
 
 def tune_blend(setup: EvalSetup, train: SplitArrays, scored: SplitArrays, vocab_size: int,
-               grid: tuple[dict, ...] = BLEND_GRID) -> dict:
+               grid: tuple[dict, ...] = BLEND_GRID, *, history: AsOfHistory) -> dict:
     """:class:`BlendScorer` over ``grid`` (one fit, one pass per point); see :func:`tune_on_validation`."""
-    fitted = BlendScorer(train, scored, vocab_size)
+    fitted = BlendScorer(train, scored, vocab_size, history=history)
     results = []
     for params in grid:
         start = time.perf_counter()
@@ -60,7 +64,7 @@ def tune_blend(setup: EvalSetup, train: SplitArrays, scored: SplitArrays, vocab_
 
 
 def tune_tifu_knn(setup: EvalSetup, train: SplitArrays, scored: SplitArrays, vocab_size: int,
-                  grid: tuple[dict, ...] = TIFU_GRID) -> dict:
+                  grid: tuple[dict, ...] = TIFU_GRID, *, history: AsOfHistory) -> dict:
     """:class:`TifuKnnScorer` over ``grid`` (one fit per (decay, k), one pass per point)."""
     fits: dict[tuple[float, int], TifuKnnScorer] = {}
     results = []
@@ -68,23 +72,25 @@ def tune_tifu_knn(setup: EvalSetup, train: SplitArrays, scored: SplitArrays, voc
         start = time.perf_counter()
         key = (params["decay"], params["k"])
         if key not in fits:
-            fits[key] = TifuKnnScorer(train, scored, vocab_size, **params)
+            fits[key] = TifuKnnScorer(train, scored, vocab_size, history=history, **params)
         results.append((params, _recall(setup, fits[key].with_alpha(params["alpha"]))))
         log.info("tifu_knn %s: %.4f (%.1f s)", params, results[-1][1], time.perf_counter() - start)
     return _best("tifu_knn", results)
 
 
 def tune_on_validation(cache: TensorCache, samples_dir: Path, *, seed: int = _EVAL.seed,
-                       mask_rate: float = _EVAL.mask_rate) -> dict[str, dict]:
+                       mask_rate: float = _EVAL.mask_rate, history: AsOfHistory | None = None) -> dict[str, dict]:
     """The strong baselines' parameters chosen on the validation positions.
 
     Returns ``{"blend": {...}, "tifu_knn": {...}}``, each ``{"params": {...}, "validation_recall@10":
     float, "grid": [{"params", "validation_recall@10"}, ...]}``; ``params`` go straight into
-    ``STRONG_BASELINES[name](train, scored, vocab_size, **params)``. Fitted on train, scored on
-    validation; the test split is not read.
+    ``STRONG_BASELINES[name](train, scored, vocab_size, history=history, **params)``. Fitted on train,
+    scored on validation with the customers' history as of each basket; ``history`` (built here over
+    train and validation when not given) is shared by every fit. The test split is not read.
     """
     setup = prepare(cache, samples_dir, split="validation", seed=seed, mask_rate=mask_rate)
     train, scored = cache.split("train"), cache.split("validation")
     vocab_size = cache.product_embeddings.shape[0]
-    return {"blend": tune_blend(setup, train, scored, vocab_size),
-            "tifu_knn": tune_tifu_knn(setup, train, scored, vocab_size)}
+    history = history if history is not None else as_of_history(cache, through="validation")
+    return {"blend": tune_blend(setup, train, scored, vocab_size, history=history),
+            "tifu_knn": tune_tifu_knn(setup, train, scored, vocab_size, history=history)}

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from retailsim_pipeline.evaluation.baselines import CooccurrenceScorer, PersonalFrequencyScorer, PopularityScorer
+from retailsim_pipeline.evaluation.baselines import (
+    CooccurrenceScorer,
+    PersonalFrequencyScorer,
+    PopularityScorer,
+    as_of_history,
+)
 from retailsim_pipeline.evaluation.metrics import Ranks, ranking_metrics, target_ranks
 from retailsim_pipeline.evaluation.positions import eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.config import MASK, N_SPECIAL, UNK
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
-from retailsim_pipeline_tests.evaluation.micro import micro_split
+from retailsim_pipeline.prep.history import AsOfHistory
+from retailsim_pipeline_tests.evaluation.micro import in_sequence, micro_split
 from retailsim_pipeline.model.batch import IGNORE_INDEX
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -40,9 +46,11 @@ def test_popularity_micro():
 
 
 def test_personal_frequency_micro():
-    # Scored split: customers 1, anonymous, 2, and 3 (not seen in train → no history).
-    scored = micro_split([[5], [5], [5], [5]], customers=[1, 0, 2, 3])
-    scores = PersonalFrequencyScorer(MICRO_TRAIN, scored, V).score(np.array([0, 1, 2, 3]), *_visible([[]] * 4))
+    # Scored split (after train): customers 1, anonymous, 2, and 3 (not seen before → no history).
+    train, scored = in_sequence(MICRO_TRAIN, micro_split([[5], [5], [5], [5]], customers=[1, 0, 2, 3]))
+    history = AsOfHistory([train, scored], V)
+    scores = PersonalFrequencyScorer(train, scored, V, history=history).score(np.array([0, 1, 2, 3]),
+                                                                              *_visible([[]] * 4))
     pop = np.array([0, 0, 0, 3, 3, 1, 1]) / 4  # popularity / (max + 1)
     expected = np.array([
         [0, 0, 0, 2, 1, 1, 0],  # customer 1
@@ -205,7 +213,7 @@ def baseline_ranks(cache, test_split, positions) -> dict[str, Ranks]:
     scorers = {
         "random": _Constant(vocab),
         "popularity": PopularityScorer(train, vocab),
-        "personal": PersonalFrequencyScorer(train, test_split, vocab),
+        "personal": PersonalFrequencyScorer(train, test_split, vocab, history=as_of_history(cache)),
         "cooccurrence": CooccurrenceScorer(train, vocab),
     }
     return {name: _evaluate(s, test_split, positions) for name, s in scorers.items()}
@@ -219,15 +227,17 @@ def test_baselines_beat_random_ranking(baseline_ranks):
 
 
 def test_personal_frequency_at_least_popularity_on_carded(baseline_ranks, test_split, positions):
-    carded = np.asarray(test_split.customer_index)[positions.sample] > 0  # known customers
-    assert carded.sum() > 100
-    personal = ranking_metrics(baseline_ranks["personal"].subset(carded))["recall@10"]
-    popular = ranking_metrics(baseline_ranks["popularity"].subset(carded))["recall@10"]
+    key = np.asarray(test_split.customer_key)[positions.sample]
+    past = np.asarray(test_split.past_baskets)[positions.sample]
+    known = (key > 0) & (past > 0)  # carded customers with baskets before this one
+    assert known.sum() > 100
+    personal = ranking_metrics(baseline_ranks["personal"].subset(known))["recall@10"]
+    popular = ranking_metrics(baseline_ranks["popularity"].subset(known))["recall@10"]
     assert personal >= popular, (personal, popular)
-    # Anonymous positions: personal frequency falls back to popularity exactly.
+    # Anonymous positions and first baskets: personal frequency falls back to popularity exactly.
     for f in ("n_greater", "n_ties"):
-        np.testing.assert_array_equal(getattr(baseline_ranks["personal"].subset(~carded), f),
-                                      getattr(baseline_ranks["popularity"].subset(~carded), f))
+        np.testing.assert_array_equal(getattr(baseline_ranks["personal"].subset(~known), f),
+                                      getattr(baseline_ranks["popularity"].subset(~known), f))
 
 
 def test_cooccurrence_at_least_popularity(baseline_ranks):
