@@ -26,12 +26,14 @@ scores that differ only in the tie-breaker may round together (then :mod:`metric
 from typing import Literal, Protocol
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from retailsim_pipeline.config import N_SPECIAL
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
+from retailsim_pipeline.prep.fitting import cooccurrence_similarity, product_sets
 from retailsim_pipeline.prep.history import AsOfHistory
+
+__all__ = ["product_sets"]  # re-exported: the baselines' historical home of it
 
 
 class Scorer(Protocol):
@@ -50,21 +52,6 @@ def train_counts(train: SplitArrays, vocab_size: int) -> np.ndarray:
 def _below_one(counts: np.ndarray) -> np.ndarray:
     """counts scaled into [0, 1): a tie-breaker that never outweighs one unit of a count-valued key."""
     return counts / (counts.max(initial=0.0) + 1.0)
-
-
-def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """[n, V] 0/1 float64 CSR of a token CSR ``(offsets [n + 1], tokens)``: which products each row
-    holds (a set: duplicates count once; special tokens dropped). Rows are a position's visible items
-    or a split's baskets."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    keep = tokens >= N_SPECIAL
-    m = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], tokens[keep])),
-                      shape=(len(offsets) - 1, vocab_size))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
 
 
 def as_of_history(cache: TensorCache, through: str | None = None) -> AsOfHistory:
@@ -156,14 +143,7 @@ class CooccurrenceScorer:
         if normalize not in ("cosine", "count"):
             raise ValueError(f"normalize must be 'cosine' or 'count', got {normalize!r}")
         self.vocab_size, self.normalize = vocab_size, normalize
-        x = product_sets(train.offsets, train.tokens, vocab_size)  # [N_train, V] 0/1
-        c = (x.T @ x).tocsr().astype(np.float64)  # [V, V]
-        baskets_with = c.diagonal().copy()  # [V] c_i
-        c.setdiag(0.0)
-        c.eliminate_zeros()
-        if normalize == "cosine":
-            inv = np.divide(1.0, np.sqrt(baskets_with), out=np.zeros(vocab_size), where=baskets_with > 0)
-            c = sp.diags(inv) @ c @ sp.diags(inv)
+        c = cooccurrence_similarity(train.offsets, train.tokens, vocab_size, normalize=normalize)  # [V, V]
         self.similarity = np.asarray(c.todense())  # [V, V] dense: products ≤ a few thousand
         smallest = c.data.min(initial=np.inf) if c.nnz else 1.0
         self._tie_breaker = _below_one(train_counts(train, vocab_size)) * (0.5 * smallest)  # [V]

@@ -24,6 +24,7 @@ import polars as pl
 import torch
 
 from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
+from retailsim_pipeline.evaluation.baselines import as_of_history
 from retailsim_pipeline.evaluation.buckets import BUCKET_GROUPS, bucket_cold_start, bucket_length, bucket_repeat
 from retailsim_pipeline.evaluation.metrics import (
     Ranks,
@@ -34,7 +35,6 @@ from retailsim_pipeline.evaluation.metrics import (
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.prep.cache import TensorCache
-from retailsim_pipeline.prep.history import AsOfHistory
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -73,7 +73,7 @@ def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed:
     # As of each basket: the customer's baskets before it (any split), and whether they held the target.
     key = np.asarray(arrays.customer_key, dtype=np.int64)[positions.sample]
     past = np.asarray(arrays.past_baskets, dtype=np.int64)[positions.sample]
-    history = AsOfHistory([cache.split(s) for s in cache.split_names], cache.product_embeddings.shape[0])
+    history = as_of_history(cache, through=split)
     lengths = np.diff(np.asarray(arrays.offsets))
     bought = np.zeros(len(key), dtype=bool)
     for lo, hi in _chunks(len(key), 1 << 14):

@@ -16,6 +16,7 @@ builder fitted on other data shows up as a difference.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -109,15 +110,19 @@ def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp
     return m
 
 
-def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """[V, V] float64 CSR cosine co-occurrence of the baskets given: C_ij / sqrt(c_i c_j), C_ij the
-    baskets holding both i and j, c_i the baskets holding i; diagonal and special tokens 0. The one
-    definition of "co-occurrence": the item-kNN baseline and the model's co-occurrence path read it."""
+def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int,
+                            normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:
+    """[V, V] float64 CSR co-occurrence of the baskets given: C_ij, the baskets holding both i and j
+    (``"count"``), or C_ij / sqrt(c_i c_j) with c_i the baskets holding i (``"cosine"``); diagonal and
+    special tokens 0. The one definition of "co-occurrence": the item-kNN baseline and the model's
+    co-occurrence path (cosine) read it."""
     x = product_sets(offsets, tokens, vocab_size)  # [N, V] 0/1: a basket counts a product once
     c = (x.T @ x).tocsr()
     baskets_with = c.diagonal().copy()  # [V] c_i
     c.setdiag(0.0)
     c.eliminate_zeros()
+    if normalize == "count":
+        return c.astype(np.float64)
     inv = np.divide(1.0, np.sqrt(baskets_with), out=np.zeros(vocab_size), where=baskets_with > 0)
     return (sp.diags(inv) @ c @ sp.diags(inv)).tocsr()
 

@@ -47,9 +47,14 @@ def make_batch(B: int = 5, S: int = 7, seed: int = 0, n_products: int = V, mask_
 
 
 def make_model(config=TINY, seed: int = 0) -> WorldModel:
+    """A model with a random frozen table and random product neighbours (every path live)."""
     torch.manual_seed(seed)
-    table = torch.randn(config.n_products, config.product_dim, generator=torch.Generator().manual_seed(seed + 1))
-    return WorldModel(config, product_embeddings=table)
+    g = torch.Generator().manual_seed(seed + 1)
+    table = torch.randn(config.n_products, config.product_dim, generator=g)
+    V, K = config.n_products, config.cooccurrence_neighbours
+    neighbours = torch.randint(N_SPECIAL, V, (V, K), generator=g)
+    weights = torch.rand(V, K, generator=g)
+    return WorldModel(config, product_embeddings=table, product_neighbours=(neighbours.numpy(), weights.numpy()))
 
 
 def run(model: WorldModel, batch: Batch, predict: bool = True) -> dict:
@@ -67,12 +72,46 @@ def test_history_copy_path_raises_the_shoppers_own_products():
     diff = with_history - plain  # [N_pred, V]
     for i, b in enumerate(rows.tolist()):
         own = {t: c for t, c in zip(batch.history_tokens[b].tolist(), batch.history_counts[b].tolist()) if t != PAD}
-        for t, c in own.items():  # initial gates: +1 per log(1 + count), +1 for presence
-            assert diff[i, t].item() == pytest.approx(math.log1p(c) + 1.0, rel=1e-4)
+        total = sum(own.values())
+        for t, c in own.items():  # initial gates: +1 per log(1 + count), +1 per unit of share, +1 for presence
+            assert diff[i, t].item() == pytest.approx(math.log1p(c) + c / total + 1.0, rel=1e-4)
         others = [t for t in range(diff.shape[1]) if t not in own]
         assert torch.all(diff[i, others] == 0)
     full = run(model, batch, predict=False)["product_logits"]  # [B, S, V] path agrees
     assert torch.allclose(full[batch.predict_mask], with_history, atol=1e-5)
+
+
+def test_cooccurrence_path_raises_the_visible_products_neighbours():
+    """At initialisation (gate 1) the path adds, at every predicted position of a basket, the visible
+    products' neighbour similarities summed and divided by the basket's max: computed here by brute force."""
+    K = 3
+    config = TINY.model_copy(update={"cooccurrence_neighbours": K})
+    g = torch.Generator().manual_seed(7)
+    neighbours = torch.randint(N_SPECIAL, V, (V, K), generator=g)
+    neighbours[:, -1] = PAD  # a padded slot (weight 0)
+    weights = torch.rand(V, K, generator=g).masked_fill(neighbours == PAD, 0.0)
+    weights[:N_SPECIAL] = 0.0
+    torch.manual_seed(0)
+    table = torch.randn(V, config.product_dim, generator=torch.Generator().manual_seed(1))
+    with_path = WorldModel(config, product_embeddings=table, product_neighbours=(neighbours.numpy(), weights.numpy()))
+    without = WorldModel(config, product_embeddings=table)
+    without.load_state_dict({k: v for k, v in with_path.state_dict().items() if not k.startswith("product_neighbour")},
+                            strict=False)
+    batch = make_batch(B=4, S=6, seed=5)
+    with_path.eval(), without.eval()
+    with torch.no_grad():
+        diff = run(with_path, batch)["product_logits"] - run(without, batch)["product_logits"]  # [N_pred, V]
+    rows = batch.predict_mask.nonzero()[:, 0].tolist()
+    for i, b in enumerate(rows):
+        sums = torch.zeros(V)
+        for t, real in zip(batch.tokens[b].tolist(), batch.attention_mask[b].tolist()):
+            if real and t >= N_SPECIAL:  # visible: not PAD, not MASK
+                for n, w in zip(neighbours[t].tolist(), weights[t].tolist()):
+                    sums[n] += w
+        sums[:N_SPECIAL] = 0.0
+        expected = sums / sums.max() if sums.max() > 0 else sums
+        assert torch.allclose(diff[i], expected, atol=1e-5)
+    assert (diff.abs().sum(dim=1) > 0).all()
 
 
 def test_the_cache_vocabulary_puts_the_special_tokens_at_their_ids():
@@ -211,9 +250,10 @@ def test_seed_preset_has_about_23m_parameters():
         model = WorldModel(MODEL_PRESETS["seed"])
     n = count_parameters(model)
     assert 0.9 * 23e6 <= n <= 1.1 * 23e6, n
-    assert n == 23_354_526  # the breakdown in WorldModel's docstring
+    assert n == 23_355_552  # the breakdown in WorldModel's docstring
     assert "product_table" in dict(model.named_buffers())
     assert "product_table" not in dict(model.named_parameters())
+    assert {"product_neighbours", "product_neighbour_weights"} <= set(dict(model.named_buffers()))
 
 
 def test_no_decay_groups():
