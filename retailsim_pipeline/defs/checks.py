@@ -45,8 +45,10 @@ def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckR
 
 
 @dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: every fitted table (vocabulary, embeddings, "
-                "prices, customer and store tables, customer history), refit from the train split alone, equals "
-                "the cached one; and changing a basket's labels leaves its features unchanged.")
+                "prices, customer profile and store tables), refit from the train split alone, equals the cached "
+                "one; the point-in-time history arrays equal their recomputation from the samples; and changing "
+                "a basket and every later one of its customer leaves that basket's and the earlier baskets' "
+                "features unchanged.")
 def no_leakage(context: dg.AssetCheckExecutionContext, retailsim_data: RetailSimData) -> dg.AssetCheckResult:
     outcome = check_leakage(_latest_cache(context), retailsim_data.paths().samples)
     return dg.AssetCheckResult(

@@ -150,8 +150,10 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
     exprs += [pl.lit(1.0, pl.Float32).alias("__ind_trips"), pl.col("n_lines").cast(pl.Float32).alias("__ind_lines"),
               pl.col("__spend").cast(pl.Float32).alias("__ind_spend")]
     df = df.with_columns(exprs)
-    # Exclusive cumulative sums per customer: history strictly before this basket.
-    past = [(pl.col(c).cum_sum().over("cust_code") - pl.col(c)).alias(c.replace("__ind_", "__past_"))
+    # Exclusive cumulative sums per customer: history strictly before this basket. Shifted, not
+    # "inclusive sum - own value": in floating point (a + b) - b is not a, so the own spend would leak
+    # into the last bits.
+    past = [pl.col(c).cum_sum().shift(1, fill_value=0.0).over("cust_code").alias(c.replace("__ind_", "__past_"))
             for c in [*indicator_cols, "__ind_trips", "__ind_lines", "__ind_spend"]]
     df = df.with_columns(past).with_columns(
         pl.col("date").shift(1).over("cust_code").alias("__last_date")

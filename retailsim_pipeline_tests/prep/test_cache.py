@@ -68,10 +68,10 @@ def test_latest_must_name_an_existing_cache_key(tiny_prepped, tmp_path, content)
 
 def test_widths_are_recorded_and_match_the_arrays(cache):
     w = cache.widths
-    assert w == {"product": 256, "price": 64, "customer": 192, "store": 96, "temporal": 64, "trip": 48,
-                 "context": 400}
+    assert w == {"product": 256, "price": 64, "history": 160, "profile": 32, "customer": 192, "store": 96,
+                 "temporal": 64, "trip": 48, "context": 400}
     a = cache.split("validation")
-    assert cache.product_embeddings.shape[1] == w["product"] and cache.customer_context.shape[1] == w["customer"]
+    assert cache.product_embeddings.shape[1] == w["product"] and cache.customer_context.shape[1] == w["profile"]
     assert cache.store_context.shape[1] == w["store"]
     assert a.temporal.shape[1] == w["temporal"] and a.trip.shape[1] == w["trip"]
 

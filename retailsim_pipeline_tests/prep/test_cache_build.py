@@ -27,12 +27,16 @@ def test_shapes_dtypes_and_memory_mapping(cache, tiny_prepped):
     m = cache.manifest
     v, c, s = m["sizes"]["vocab"], m["sizes"]["customers"], m["sizes"]["stores"]
     assert cache.product_embeddings.shape == (v, 256) and cache.product_embeddings.dtype == np.float32
-    assert cache.customer_context.shape == (c, 192) and cache.store_context.shape == (s, 96)
+    assert cache.customer_context.shape == (c, 32) and cache.store_context.shape == (s, 96)
     for split in SPLITS:
         a = cache.split(split)
         n = len(read_samples(tiny_prepped.samples, split))
         assert len(a) == n == m["splits"][split]["n_samples"]
         assert a.offsets.dtype == np.int64 and a.tokens.dtype == np.int32
+        assert a.customer_key.shape == a.past_baskets.shape == (n,)
+        assert a.customer_key.dtype == a.past_baskets.dtype == np.int32
+        assert a.history_tokens.shape == a.history_counts.shape == (n, cfg.history_items)
+        assert a.history_tokens.dtype == np.int32 and a.history_counts.dtype == np.uint16
         assert a.temporal.shape == (n, cfg.temporal_dim) and a.trip.shape == (n, cfg.trip_dim)
         assert a.labels.shape == (n, 4) and a.labels.dtype == np.int8
         assert isinstance(a.tokens, np.memmap) and isinstance(a.trip, np.memmap)
@@ -57,9 +61,14 @@ def test_nothing_is_fitted_on_validation_or_test(tiny_prepped, tmp_path, cache):
         assert np.array_equal(np.asarray(other[name]), np.asarray(cache[name])), name
     assert other.vocabulary().equals(cache.vocabulary())
     for name in cache.array_names:
-        if name.startswith("train/"):
+        # Train baskets precede every validation/test basket, so even their point-in-time history is
+        # unchanged; only customer_key numbers the customers of every split (customers seen only in the
+        # dropped halves are gone).
+        if name.startswith("train/") and name != "train/customer_key":
             assert np.array_equal(np.asarray(other[name]), np.asarray(cache[name])), name
     assert len(other.split("validation")) == len(cache.split("validation")) // 2
+    # Whereas a test basket's history includes the customer's earlier validation (and test) baskets.
+    assert not np.array_equal(np.asarray(other["test/trip"]), np.asarray(cache["test/trip"])[:len(other.split("test"))])
 
 
 def test_changing_labels_leaves_features_unchanged(tiny_prepped, tmp_path, cache):
@@ -89,6 +98,8 @@ def test_changing_labels_leaves_features_unchanged(tiny_prepped, tmp_path, cache
         for field in ("trip", "temporal", "customer_index", "store_index"):
             assert np.array_equal(np.asarray(getattr(a, field))[rows], np.asarray(getattr(b, field))[rows]), field
         assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        for field in ("customer_key", "past_baskets", "history_tokens", "history_counts"):  # no label in them
+            assert np.array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field))), field
     # Train labels do feed *later* baskets' history (that is the point of the trip context).
     assert not np.array_equal(np.asarray(cache.split("test").trip), np.asarray(other.split("test").trip))
 
@@ -122,13 +133,13 @@ def test_a_cache_built_meanwhile_by_another_process_is_kept_not_deleted(tiny_pre
 
 
 def test_the_widths_are_the_settings(tiny_prepped, tmp_path):
-    """Product, price, customer and store widths follow CacheConfig; the manifest records them."""
+    """Product, price, history, customer and store widths follow CacheConfig; the manifest records them."""
     config = CacheConfig(product_dim=128, hierarchy_dim_per_level=8, price_dim=32, customer_history_dim=96,
                          store_dim=80)
     built = TensorCache.open(build_tensor_cache(tiny_prepped.samples, tmp_path / "cache", config).path)
-    assert built.widths == {"product": 128, "price": 32, "customer": 128, "store": 80, "temporal": 64,
-                            "trip": 48, "context": 128 + 64 + 80 + 48}
-    assert built.product_embeddings.shape[1] == 128 and built.customer_context.shape[1] == 128
+    assert built.widths == {"product": 128, "price": 32, "history": 96, "profile": 32, "customer": 128,
+                            "store": 80, "temporal": 64, "trip": 48, "context": 128 + 64 + 80 + 48}
+    assert built.product_embeddings.shape[1] == 128 and built.customer_context.shape[1] == 32
     assert built.store_context.shape[1] == 80
     outcome = check_manifest(built)
     assert outcome.passed, outcome.failures

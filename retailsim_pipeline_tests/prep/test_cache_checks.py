@@ -24,27 +24,160 @@ def _rebuild(samples_dir, root):
 def test_leakage_check_passes(cache, tiny_prepped):
     outcome = check_leakage(cache, tiny_prepped.samples)
     assert outcome.passed, outcome.failures
-    assert outcome.details["refit_tables"] == len(FITTED_ARRAYS) + 3 and outcome.details["refit_differences"] == 0
-    assert outcome.details["probed_baskets"] > 50 and outcome.details["labels_perturbed"]
+    d = outcome.details
+    assert d["refit_tables"] == len(FITTED_ARRAYS) + 3 and d["refit_differences"] == 0
+    assert d["sequence_checked_baskets"] == sum(len(cache.split(s)) for s in SPLITS)
+    assert d["probed_baskets"] > 50 and d["recomputed_equal"] and d["time_rule_held"]
+    # Every basket after a probe changed, in its trip context and in its memory: the perturbation bit.
+    assert d["later_baskets"] > d["probed_baskets"]
+    assert d["later_baskets_changed"] == d["later_trip_changed"] == d["later_baskets"]
+    assert d["later_memory_changed"] > 0.9 * d["later_baskets"]
+    assert d["perturbed_baskets"] == d["probed_baskets"] + d["later_baskets"]
+    # The same with the memory recomputed for every basket, and the probes are seeded.
+    full = check_leakage(cache, tiny_prepped.samples, full_memory=True)
+    assert full.passed, full.failures
+    other = check_leakage(cache, tiny_prepped.samples, n_probe=20, seed=1)
+    assert other.passed and other.details["probed_baskets"] == 20
+    assert other.details["probe_customers_baskets"] != check_leakage(
+        cache, tiny_prepped.samples, n_probe=20, seed=2).details["probe_customers_baskets"]
 
 
-def test_leakage_check_catches_a_leaky_feature(tiny_prepped, tmp_path, monkeypatch):
-    """A builder whose trip context reads the basket's own label fails the label-perturbation part."""
+# --------------------------------------------------------------------------------------------
+# Negative controls of the time rule: a builder whose history features see the basket itself or a
+# later one fails, and the failure names the feature
+# --------------------------------------------------------------------------------------------
+
+def _sequence(frames) -> pl.DataFrame:
+    """basket_id, cust_code, and the customer's previous and next basket's date and type (any split)."""
+    return (pl.concat([f.select("basket_id", pl.col("cust_code").cast(pl.String), "date", "hour",
+                                pl.col("basket_type").cast(pl.String)) for f in frames.values()])
+            .sort("cust_code", "date", "hour", "basket_id")
+            .with_columns(pl.col("date").shift(-1).over("cust_code").alias("next_date"),
+                          pl.col("basket_type").shift(-1).over("cust_code").alias("next_type")))
+
+
+_TRIP_LEAKS = {
+    # column replaced → its leaky value
+    "itself": ("past_basket_type_Full Shop", (pl.col("basket_type") == "Full Shop").cast(pl.Float32)),
+    "next label": ("past_basket_type_Full Shop", (pl.col("next_type") == "Full Shop").fill_null(False)
+                   .cast(pl.Float32)),
+    "next date": ("log_days_since_last", (pl.col("next_date") - pl.col("date")).dt.total_days().fill_null(0)
+                  .cast(pl.Float32).log1p()),
+}
+
+
+@pytest.mark.parametrize("leak", list(_TRIP_LEAKS))
+def test_trip_features_that_see_the_basket_or_a_later_one_fail_by_name(tiny_prepped, tmp_path, monkeypatch, leak):
+    """The builder's trip context reads the basket's own label, the next basket's label, or the days until
+    the next trip: the time rule fails and names the column."""
     honest = build_mod.trip_features_all
+    column, value = _TRIP_LEAKS[leak]
 
     def leaky(frames, home):
-        out = honest(frames, home)
-        own = pl.concat([f.select("basket_id", (pl.col("basket_type").cast(pl.String) == "Full Shop")
-                                  .cast(pl.Float32).alias("own")) for f in frames.values()])
-        col = out.columns[1]
-        return out.join(own, on="basket_id", how="left", maintain_order="left").with_columns(
-            pl.col("own").alias(col)).drop("own")
+        seen = _sequence(frames).select("basket_id", pl.when(pl.col("cust_code").is_not_null()).then(value)
+                                        .otherwise(0.0).alias("__leak"))
+        return (honest(frames, home).join(seen, on="basket_id", how="left", maintain_order="left")
+                .with_columns(pl.col("__leak").alias(column)).drop("__leak"))
 
     monkeypatch.setattr(build_mod, "trip_features_all", leaky)
     leaky_cache = _rebuild(tiny_prepped.samples, tmp_path / "cache")
     outcome = check_leakage(leaky_cache, tiny_prepped.samples)
+    assert not outcome.passed and outcome.details["recomputed_equal"]  # the cache is what its code computes
+    assert all(f.startswith(f"time rule: trip features ({column}) of ") for f in outcome.failures), outcome.failures
+    assert any("probe baskets change" in f and "the basket itself or a later one leaks into it" in f
+               for f in outcome.failures)
+    if leak == "next label":  # the basket before the probe reads the probe's label
+        assert any("baskets before their customer's probe change" in f for f in outcome.failures)
+
+
+def _memory_after_each_basket(honest):
+    """A point_in_time_memory that counts the basket itself: each basket gets the memory its customer's
+    next basket would have (the last one: that of a phantom basket after it)."""
+    def leaky(customer_key, past_baskets, offsets, tokens, k, **kw):
+        key, past = np.asarray(customer_key, np.int64), np.asarray(past_baskets, np.int64)
+        carded = np.unique(key[key > 0])
+        last = np.zeros(key.max(initial=0) + 1, np.int64)
+        np.maximum.at(last, key, past)
+        ext_key, ext_past = np.r_[key, carded], np.r_[past, last[carded] + 1]
+        ext_offsets = np.r_[offsets, np.full(len(carded), offsets[-1])]
+        mem_tokens, mem_counts = honest(ext_key, ext_past, ext_offsets, tokens, k, **kw)
+        row = {(a, b): i for i, (a, b) in enumerate(zip(ext_key.tolist(), ext_past.tolist()))}
+        nxt = np.array([row[(a, b + 1)] if a > 0 else i for i, (a, b) in enumerate(zip(key.tolist(), past.tolist()))],
+                       dtype=np.int64)
+        return mem_tokens[nxt], mem_counts[nxt]
+    return leaky
+
+
+def test_a_memory_that_holds_the_basket_itself_fails_by_name(tiny_prepped, tmp_path, monkeypatch):
+    monkeypatch.setattr(build_mod, "point_in_time_memory", _memory_after_each_basket(build_mod.point_in_time_memory))
+    leaky_cache = _rebuild(tiny_prepped.samples, tmp_path / "cache")
+    train = leaky_cache.split("train")
+    assert np.asarray(train.history_counts)[np.asarray(train.past_baskets) == 0].any()  # the leak is real
+    outcome = check_leakage(leaky_cache, tiny_prepped.samples)
+    assert not outcome.passed and outcome.details["recomputed_equal"]
+    assert {f.split(" of ")[0] for f in outcome.failures} == {"time rule: history_tokens", "time rule: history_counts"}
+    assert all("probe baskets change" in f and "the basket itself or a later one leaks" in f
+               for f in outcome.failures), outcome.failures
+
+
+def test_a_past_that_counts_the_basket_itself_fails_by_name(tiny_prepped, tmp_path, monkeypatch):
+    """past_baskets + 1: whoever reads a basket's history by it (the as-of history of the baselines and
+    the evaluation) would count the basket itself. The perturbation cannot see a count; the check
+    recomputes it, and counts it afresh."""
+    honest = build_mod.customer_sequence
+
+    def leaky(baskets):
+        seq = honest(baskets)
+        return seq.with_columns(pl.when(pl.col("customer_key") > 0).then(pl.col("past_baskets") + 1).otherwise(0)
+                                .cast(pl.Int32).alias("past_baskets"))
+
+    monkeypatch.setattr(build_mod, "customer_sequence", leaky)
+    outcome = check_leakage(_rebuild(tiny_prepped.samples, tmp_path / "cache"), tiny_prepped.samples)
     assert not outcome.passed
-    assert any("own labels" in f for f in outcome.failures)
+    for split in SPLITS:
+        assert any(f.startswith(f"{split}/past_baskets: ") and "differ from the recomputation" in f
+                   for f in outcome.failures), outcome.failures
+        assert any(f.startswith(f"{split}/past_baskets: ") and "strictly before them" in f for f in outcome.failures)
+    assert all("/past_baskets: " in f for f in outcome.failures), outcome.failures
+
+
+def test_a_perturbation_that_changes_nothing_proves_nothing(tiny_prepped, tmp_path, monkeypatch):
+    """A builder whose history features ignore what was bought (all trip columns 0, empty memories)
+    leaks nothing, but the perturbation cannot show it: the check fails rather than pass on nothing."""
+    honest = build_mod.trip_features_all
+    monkeypatch.setattr(build_mod, "trip_features_all", lambda frames, home: honest(frames, home).select(
+        "basket_id", pl.all().exclude("basket_id") * 0.0))
+    monkeypatch.setattr(build_mod, "point_in_time_memory", lambda key, past, offsets, tokens, k, **kw: (
+        np.zeros((len(key), k), np.int32), np.zeros((len(key), k), np.uint16)))
+    outcome = check_leakage(_rebuild(tiny_prepped.samples, tmp_path / "cache"), tiny_prepped.samples)
+    assert not outcome.passed and outcome.details["later_baskets_changed"] == 0
+    n = outcome.details["probed_baskets"]
+    assert outcome.failures == [f"time rule: perturbing the probe basket and every later one changed no later "
+                                f"basket's features for {n:,} of {n:,} probe customers: the perturbation proved nothing"]
+
+
+# --------------------------------------------------------------------------------------------
+# The history arrays are compared with their recomputation from the samples, by split and array
+# --------------------------------------------------------------------------------------------
+
+def _tamper_row(arr: np.ndarray, row: int) -> np.ndarray:
+    arr = np.array(arr)
+    arr[row] += 1  # a memory: every slot of the row
+    return arr
+
+
+@pytest.mark.parametrize("name", ["customer_key", "past_baskets", "history_tokens", "history_counts"])
+def test_a_history_array_that_differs_from_its_recomputation_fails_by_name(cache, tiny_prepped, tmp_path, name):
+    a = cache.split("validation")
+    # a basket with a memory, of a customer with 3 baskets or more (probed: every such customer is, below)
+    row = int(np.flatnonzero((np.asarray(a.past_baskets) >= 2) & (np.asarray(a.history_counts)[:, 1] > 0))[0])
+    planted = _plant(cache, tmp_path / "tampered", f"validation/{name}", _tamper_row(a.__getattribute__(name), row))
+    for kwargs in ({"n_probe": 10_000}, {"full_memory": True}):
+        outcome = check_leakage(planted, tiny_prepped.samples, **kwargs)
+        assert not outcome.passed
+        assert any(f.startswith(f"validation/{name}: 1 of ") and "differ from the recomputation" in f
+                   for f in outcome.failures), outcome.failures
+        assert not any(f.startswith(("train/", "test/")) for f in outcome.failures), outcome.failures
 
 
 def test_manifest_check_catches_tampering(cache, tmp_path):
@@ -70,6 +203,18 @@ def test_manifest_check_requires_every_float_array_finite(cache, tmp_path, value
     outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
     assert not outcome.passed
     assert outcome.failures == ["test/trip: holds 1 NaN/Inf value(s)"]
+
+
+def test_manifest_check_reads_the_memory_arrays(cache, tmp_path):
+    """A memory slot with a product but no count (or a count for PAD) is not a memory."""
+    copy = tmp_path / cache.path.name
+    shutil.copytree(cache.path, copy)
+    counts = np.load(copy / "test/history_counts.npy")
+    counts[np.argmax(counts[:, 0] > 0), 0] = 0
+    np.save(copy / "test/history_counts.npy", counts)
+    outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
+    assert outcome.failures == [f"test/history_tokens: outside [0, {cache.manifest['sizes']['vocab']}), or PAD slots "
+                                "and zero counts disagree"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,10 +249,6 @@ def _plant(cache: TensorCache, dest, table: str, value) -> TensorCache:
     return TensorCache.open(dest)
 
 
-def _refit_failures(outcome) -> list[str]:
-    return [f for f in outcome.failures if not f.startswith("trip features")]
-
-
 # Not "stores": every store of the tiny data shops in the train weeks, so validation cannot change the
 # store index (its perturbation below is the negative control).
 @pytest.mark.parametrize("table", [t for t in TABLES if t != "stores"])
@@ -119,8 +260,7 @@ def test_a_table_fitted_with_validation_fails_by_name(cache, tiny_prepped, tmp_p
         assert honest.shape != leaky.shape or not np.array_equal(honest, leaky)  # the leak is real
     outcome = check_leakage(_plant(cache, tmp_path / "leaky", table, leaky), tiny_prepped.samples)
     assert not outcome.passed
-    named = _refit_failures(outcome)
-    assert named and all(f.startswith(f"{table}:") for f in named), outcome.failures
+    assert all(f.startswith(f"{table}:") for f in outcome.failures), outcome.failures
 
 
 def _perturbed(cache: TensorCache, table: str):
@@ -136,11 +276,7 @@ def _perturbed(cache: TensorCache, table: str):
         swapped[0], swapped[i] = swapped[i], swapped[0]
         return frame.with_columns(pl.Series(key, swapped, dtype=frame.schema[key]))
     arr = np.array(cache[table])
-    if np.issubdtype(arr.dtype, np.integer):  # history tokens: swap a customer's two most bought products
-        row = int(np.argmax((arr > 0).sum(axis=1)))
-        arr[row, [0, 1]] = arr[row, [1, 0]]
-    else:
-        arr.flat[arr.size // 2] += 1e-3  # far below what a refit on other rows moves, far above rounding
+    arr.flat[arr.size // 2] += 1e-3  # far below what a refit on other rows moves, far above rounding
     return arr
 
 
@@ -149,14 +285,13 @@ def test_a_perturbed_table_fails_by_name(cache, tiny_prepped, tmp_path, table):
     planted = _plant(cache, tmp_path / "perturbed", table, _perturbed(cache, table))
     outcome = check_leakage(planted, tiny_prepped.samples)
     assert not outcome.passed
-    named = _refit_failures(outcome)
-    assert len(named) == 1 and named[0].startswith(f"{table}:"), outcome.failures
-    if table in FITTED_ARRAYS and table != "customer_history_tokens":
-        assert "max |difference| 0.001" in named[0]
+    assert len(outcome.failures) == 1 and outcome.failures[0].startswith(f"{table}:"), outcome.failures
+    if table in FITTED_ARRAYS:
+        assert "max |difference| 0.001" in outcome.failures[0]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # standardising the statistics of zero customers
-def test_the_label_probe_needs_a_probe(cache, tiny_prepped, tmp_path):
+def test_the_time_rule_needs_a_probe(cache, tiny_prepped, tmp_path):
     with pytest.raises(ValueError, match="n_probe = 0: .* at least one probed basket"):
         check_leakage(cache, tiny_prepped.samples, n_probe=0)
     # Samples without a carded basket offer nothing to probe: the check fails instead of passing on nothing.
@@ -169,7 +304,8 @@ def test_the_label_probe_needs_a_probe(cache, tiny_prepped, tmp_path):
     anonymous = _rebuild(samples, tmp_path / "cache")
     outcome = check_leakage(anonymous, samples)
     assert not outcome.passed and outcome.details["probed_baskets"] == 0
-    assert outcome.failures == ["no carded basket to probe: the label-perturbation check cannot run on these samples"]
+    assert outcome.failures == ["no carded customer with 3 baskets or more to probe: the time-rule check cannot run "
+                                "on these samples"]
 
 
 def test_samples_changed_since_the_build_are_refused(cache, tiny_prepped, tmp_path):

@@ -1,6 +1,7 @@
 """The pure feature functions (shared by the cache builder, the batch assembly and serving)."""
 
 import numpy as np
+import polars as pl
 import pytest
 from pydantic import ValidationError
 
@@ -46,3 +47,21 @@ def test_fixed_widths_are_the_definitions_and_the_config_refuses_others(tiny_pre
         CacheConfig(trip_dim=50)
     with pytest.raises(ValidationError, match="price_dim = 30: must be a multiple of 4"):
         CacheConfig(price_dim=30)
+
+
+def test_a_baskets_own_spend_does_not_reach_its_trip_history_even_in_the_last_bit(tiny_prepped):
+    """Each customer's last basket gets other spends: its trip features stay bit-identical. (An
+    exclusive sum written as "inclusive sum - own value" fails this: (a + b) - b != a in float32.)"""
+    frames = {s: read_samples(tiny_prepped.samples, s) for s in SPLITS}
+    home = home_stores(frames["train"])
+    everyone = pl.concat([f.select("basket_id", pl.col("cust_code").cast(pl.String), "date", "hour")
+                          for f in frames.values()])
+    last = (everyone.filter(pl.col("cust_code").is_not_null()).sort("cust_code", "date", "hour", "basket_id")
+            .group_by("cust_code", maintain_order=True).last().get_column("basket_id"))
+    hit = pl.col("basket_id").is_in(last.implode())
+    changed = {s: f.with_columns(pl.when(hit).then(pl.col("spend").list.eval(pl.element() * 3.7 + 0.013))
+                                 .otherwise(pl.col("spend")).alias("spend")) for s, f in frames.items()}
+    before = trip_features_all(frames, home).filter(hit).sort("basket_id")
+    after = trip_features_all(changed, home).filter(hit).sort("basket_id")
+    assert before.height == last.len() > 100
+    assert before.equals(after)

@@ -1,11 +1,12 @@
-"""The tables fitted on the train split: vocabulary, product embeddings, customer tables."""
+"""The tables fitted on the train split: vocabulary, product embeddings, customer profile."""
 
 import numpy as np
 import polars as pl
 
-from retailsim_pipeline.config import MASK, PAD, UNK
-from retailsim_pipeline.prep.fitting import build_customer_history, customer_product_counts
-from retailsim_pipeline.prep.samples import read_samples
+from retailsim_pipeline.config import MASK, PAD, UNK, CacheConfig
+from retailsim_pipeline.prep.fitting import customer_product_counts
+from retailsim_pipeline.prep.samples import SPLITS, read_samples
+from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES
 
 
 def test_vocabulary_is_train_products_by_frequency(cache, tiny_prepped):
@@ -64,9 +65,31 @@ def test_customer_product_counts_are_the_samples_counts(cache, tiny_prepped):
     assert counts.nnz == expected.height > 100
     assert np.array_equal(counts.toarray(), dense)
     assert not counts[0].toarray().any()  # anonymous lines belong to nobody
-    # The cached customer memory is each row's top of these counts.
-    hist_tokens, hist_counts = build_customer_history(counts, 32)
-    assert np.array_equal(hist_tokens, cache["customer_history_tokens"])
-    assert np.array_equal(hist_counts, cache["customer_history_counts"])
-    row = int(np.argmax(dense.sum(axis=1)))
-    assert hist_counts[row, 0] == dense[row].max()
+
+
+def test_customer_context_is_the_profile_of_train_customers(cache, tiny_prepped):
+    """[C, 32]: the card's price sensitivity and lifestage, the home store's format, known/unknown flags;
+    nothing of what (or when) the customer bought (that is point-in-time, prep/history.py)."""
+    ctx, customers = np.asarray(cache.customer_context), cache.customers()
+    assert ctx.shape == (customers.height + 1, CacheConfig().customer_profile_dim) == (ctx.shape[0], 32)
+    train = read_samples(tiny_prepped.samples, "train").filter(pl.col("cust_code").is_not_null())
+    assert customers.height == train.get_column("cust_code").n_unique()
+    n_ps, n_ls = len(PRICE_SENSITIVITY_CODES) + 1, len(LIFESTAGE_CODES) + 1
+    known = n_ps + n_ls + 4
+    assert ctx[0, known] == 0 and ctx[0, known + 1] == 1  # row 0: anonymous or unknown
+    assert (ctx[1:, known] == 1).all() and (ctx[1:, known + 1] == 0).all()
+    for block in ((0, n_ps), (n_ps, n_ps + n_ls), (n_ps + n_ls, known)):  # one-hots (home format: one of 4)
+        assert (ctx[1:, block[0]:block[1]].sum(axis=1) == 1).all(), block
+    assert not ctx[:, known + 2:].any()  # zero padding
+    # A customer's card, as of their last train basket, is their row's price-sensitivity one-hot.
+    card = (train.group_by(pl.col("cust_code").cast(pl.String)).agg(pl.col("cust_price_sensitivity").last()
+                                                                     .cast(pl.String))
+            .join(customers.select("cust_code", "row"), on="cust_code"))
+    for code, row, ps in card.select("cust_code", "row", "cust_price_sensitivity").iter_rows():
+        assert ctx[row, PRICE_SENSITIVITY_CODES.index(ps) if ps else n_ps - 1] == 1, code
+    # Customers first seen after train are row 0 in validation/test.
+    for split in SPLITS[1:]:
+        a = cache.split(split)
+        codes = read_samples(tiny_prepped.samples, split).get_column("cust_code").cast(pl.String)
+        unseen = (codes.is_not_null() & ~codes.is_in(customers.get_column("cust_code").implode())).to_numpy()
+        assert (np.asarray(a.customer_index)[unseen] == 0).all()

@@ -8,7 +8,7 @@ import torch
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD
 from retailsim_pipeline.prep.cache import TensorCache
-from retailsim_pipeline.prep.features import price_features
+from retailsim_pipeline.prep.features import history_vector, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -182,6 +182,7 @@ def test_mask_prob_zero_chooses_nothing(train):
 def test_price_and_context_match_a_per_sample_reference(cache, train):
     a = cache.split("train")
     log_price = np.asarray(cache.product_log_price)
+    remembered = 0
     for no, idx in enumerate(train.epoch_batches(1)[:6]):
         b = train.assemble(idx, mask_prob=0.3, mask_seed=(1, no))
         for row, i in enumerate(idx):
@@ -193,12 +194,17 @@ def test_price_and_context_match_a_per_sample_reference(cache, train):
                     expect[j] = price_features(np.asarray([a.line_log_price_ratio[lo + j]]),
                                                np.asarray([log_price[tok[j]]]), cache.widths["price"])[0]
             np.testing.assert_allclose(b.price[row].numpy(), expect, rtol=0, atol=1e-6)
+            memory = history_vector(np.asarray(a.history_tokens[i:i + 1]), np.asarray(a.history_counts[i:i + 1]),
+                                    np.asarray(cache.product_embeddings)[:, :cache.widths["history"]])[0]
             context = np.concatenate([
-                cache.customer_context[a.customer_index[i]], a.temporal[i].astype(np.float32),
+                memory, cache.customer_context[a.customer_index[i]], a.temporal[i].astype(np.float32),
                 cache.store_context[a.store_index[i]], a.trip[i].astype(np.float32)])
+            assert context.shape == (cache.widths["context"],)
             assert np.array_equal(b.context[row].numpy(), context)
+            remembered += bool(memory.any())
             assert np.array_equal(b.labels[row].numpy(), a.labels[i].astype(np.int64))
         assert (b.price[~b.attention_mask] == 0).all() and (b.price[b.predict_mask] == 0).all()
+    assert remembered > 50  # the history part is a memory's mean embedding, not zeros
 
 
 def test_resume_yields_exactly_the_remaining_batches(train):

@@ -1,0 +1,150 @@
+"""prep/history.py against brute force on small random data: the customer sequence, the point-in-time
+memory (for any chunking) and the as-of history."""
+
+import datetime
+from types import SimpleNamespace
+
+import numpy as np
+import polars as pl
+import pytest
+
+from retailsim_pipeline.config import N_SPECIAL, PAD
+from retailsim_pipeline.prep.history import AsOfHistory, customer_sequence, point_in_time_memory
+
+VOCAB = 15  # tokens 0..14: PAD, MASK, UNK and 12 products
+
+
+def _random_baskets(seed: int, n_customers: int = 7, max_baskets: int = 12) -> SimpleNamespace:
+    """Baskets of a few customers and some anonymous ones, rows in random order: customer_key,
+    past_baskets (each customer's baskets numbered 0.. in time), CSR offsets and tokens (specials too,
+    repeated products too)."""
+    rng = np.random.default_rng(seed)
+    key = np.concatenate([np.full(rng.integers(1, max_baskets + 1), c) for c in range(1, n_customers + 1)]
+                         + [np.zeros(rng.integers(0, 5), np.int64)])
+    past = np.zeros(len(key), np.int64)
+    for c in range(1, n_customers + 1):
+        past[key == c] = rng.permutation(int((key == c).sum()))
+    order = rng.permutation(len(key))
+    key, past = key[order], past[order]
+    lengths = rng.integers(1, 7, len(key))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    # Few products, so counts tie often and the tie rules matter.
+    tokens = rng.integers(0, VOCAB, int(lengths.sum())).astype(np.int32)
+    return SimpleNamespace(customer_key=key, past_baskets=past, offsets=offsets, tokens=tokens)
+
+
+def _earlier(b: SimpleNamespace, i: int) -> list[int]:
+    """Rows of the baskets of row i's customer strictly before it (none for an anonymous basket)."""
+    if b.customer_key[i] == 0:
+        return []
+    return [j for j in range(len(b.customer_key))
+            if b.customer_key[j] == b.customer_key[i] and b.past_baskets[j] < b.past_baskets[i]]
+
+
+def _brute_memory(b: SimpleNamespace, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(b.customer_key)
+    out_tokens, out_counts = np.full((n, k), PAD, np.int32), np.zeros((n, k), np.uint16)
+    for i in range(n):
+        count, last = {}, {}
+        for j in _earlier(b, i):
+            for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist():
+                if t >= N_SPECIAL:
+                    count[t] = count.get(t, 0) + 1
+                    last[t] = max(last.get(t, -1), int(b.past_baskets[j]))
+        top = sorted(count, key=lambda t: (-count[t], -last[t], t))[:k]
+        out_tokens[i, :len(top)] = top
+        out_counts[i, :len(top)] = [count[t] for t in top]
+    return out_tokens, out_counts
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 50, 10**9])
+@pytest.mark.parametrize("seed", range(4))
+def test_point_in_time_memory_is_the_brute_force_top_k(seed, chunk_rows):
+    b = _random_baskets(seed)
+    for k in (1, 3, 8, 20):
+        tokens, counts = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, k,
+                                              chunk_rows=chunk_rows)
+        want_tokens, want_counts = _brute_memory(b, k)
+        assert tokens.dtype == np.int32 and counts.dtype == np.uint16
+        assert np.array_equal(tokens, want_tokens), (k, chunk_rows)
+        assert np.array_equal(counts, want_counts), (k, chunk_rows)
+    first = (b.past_baskets == 0) | (b.customer_key == 0)
+    assert first.any() and not tokens[first].any() and not counts[first].any()  # nothing before: empty
+
+
+def test_point_in_time_memory_edge_cases():
+    empty = point_in_time_memory(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
+                                 np.zeros(0, np.int32), 4)
+    assert empty[0].shape == empty[1].shape == (0, 4)
+    # Only anonymous baskets, or only special tokens: every memory is empty.
+    b = _random_baskets(0)
+    anonymous = point_in_time_memory(np.zeros_like(b.customer_key), np.zeros_like(b.past_baskets), b.offsets,
+                                     b.tokens, 4)
+    specials = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens % N_SPECIAL, 4)
+    for tokens, counts in (anonymous, specials):
+        assert not tokens.any() and not counts.any()
+    # One product bought on every line of 3 baskets: counts 0, then the lines of the baskets before.
+    tokens, counts = point_in_time_memory(np.array([1, 1, 1]), np.array([2, 0, 1]), np.array([0, 2, 5, 6]),
+                                          np.full(6, N_SPECIAL, np.int32), 2)
+    assert counts[:, 0].tolist() == [4, 0, 3] and tokens[:, 0].tolist() == [N_SPECIAL, PAD, N_SPECIAL]
+    assert not counts[:, 1].any()
+
+
+def test_customer_sequence_is_the_brute_force_count_of_earlier_baskets():
+    rng = np.random.default_rng(3)
+    n = 300
+    codes = np.array([f"C{c:03d}" for c in rng.integers(0, 25, n)], dtype=object)
+    codes[rng.random(n) < 0.2] = None  # anonymous
+    start = datetime.date(2007, 1, 1)
+    frame = pl.DataFrame({
+        "basket_id": rng.permutation(10**6)[:n].astype(np.int64),
+        "cust_code": codes.tolist(),
+        "date": [start + datetime.timedelta(days=int(d)) for d in rng.integers(0, 20, n)],  # many ties
+        "hour": rng.integers(8, 11, n).astype(np.int8),
+    })
+    seq = customer_sequence(frame)
+    assert seq.select(frame.columns).equals(frame)  # same rows, same order
+    assert seq.schema["customer_key"] == seq.schema["past_baskets"] == pl.Int32
+    ranks = {c: i + 1 for i, c in enumerate(sorted(set(codes.tolist()) - {None}))}
+    rows = frame.rows()
+    for (bid, cust, date, hour), key, past in zip(rows, seq.get_column("customer_key"),
+                                                  seq.get_column("past_baskets")):
+        if cust is None:
+            assert key == past == 0
+            continue
+        assert key == ranks[cust]
+        assert past == sum(1 for b, c, d, h in rows if c == cust and (d, h, b) < (date, hour, bid))
+
+
+def _splits(b: SimpleNamespace, cuts: tuple[int, ...]) -> list[SimpleNamespace]:
+    """``b`` cut into consecutive row ranges, each a split of its own (CSR offsets rebased)."""
+    out, bounds = [], [0, *cuts, len(b.customer_key)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        off = b.offsets[lo:hi + 1]
+        out.append(SimpleNamespace(customer_key=b.customer_key[lo:hi], past_baskets=b.past_baskets[lo:hi],
+                                   offsets=off - off[0], tokens=b.tokens[off[0]:off[-1]]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_as_of_history_is_the_brute_force_over_earlier_baskets(seed):
+    b = _random_baskets(seed)
+    n = len(b.customer_key)
+    history = AsOfHistory(_splits(b, (n // 3, n // 2)), VOCAB)
+    counts = history.counts(b.customer_key, b.past_baskets).toarray()
+    decay = 0.7
+    sets = history.decayed_sets(b.customer_key, b.past_baskets, decay).toarray()
+    for i in range(n):
+        want_counts, want_sets, total = np.zeros(VOCAB), np.zeros(VOCAB), 0.0
+        earlier = _earlier(b, i)
+        for j in earlier:
+            basket = [t for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist() if t >= N_SPECIAL]
+            np.add.at(want_counts, basket, 1)
+            weight = decay ** (len(earlier) - 1 - b.past_baskets[j])  # the latest earlier basket weighs 1
+            want_sets[sorted(set(basket))] += weight
+            total += weight
+        assert np.array_equal(counts[i], want_counts), i
+        np.testing.assert_allclose(sets[i], want_sets / total if total else want_sets, rtol=1e-12, atol=1e-12)
+    # The memory is the top of these counts.
+    tokens, top = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, VOCAB)
+    assert np.array_equal(np.sort(top, axis=1)[:, ::-1], -np.sort(-counts, axis=1).astype(np.uint16))
