@@ -45,7 +45,7 @@ def splits_disjoint_and_ordered(retailsim_data: RetailSimData) -> dg.AssetCheckR
 
 
 @dg.asset_check(asset=tensor_cache, blocking=True, description="Leakage guard: every fitted table (vocabulary, embeddings, "
-                "prices, customer profile and store tables), refit from the train split alone, equals the cached "
+                "prices, product neighbours, customer profile and store tables), refit from the train split alone, equals the cached "
                 "one; the point-in-time history arrays equal their recomputation from the samples; and changing "
                 "a basket and every later one of its customer leaves that basket's and the earlier baskets' "
                 "features unchanged.")

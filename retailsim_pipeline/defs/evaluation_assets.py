@@ -14,7 +14,9 @@ from retailsim_pipeline.evaluation.promotion import gate_text, metrics_document
 from retailsim_pipeline.evaluation.report import write_report
 from retailsim_pipeline.prep.cache import TensorCache
 
-EVALUATION_CODE_VERSION = "2"  # 2: blend and TIFU-KNN baselines, the significance gate
+# 2: blend and TIFU-KNN baselines, the significance gate; 3: the baselines' own history and the
+# cold-start/repeat buckets as of the basket (issue 11 §3)
+EVALUATION_CODE_VERSION = "3"
 CHECK = "model_beats_baselines"
 
 

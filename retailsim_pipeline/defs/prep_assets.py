@@ -92,10 +92,12 @@ def _basket_samples(context: dg.AssetExecutionContext, config: SplitSettings, pa
 def tensor_cache(
     context: dg.AssetExecutionContext, config: CacheSettings, retailsim_data: RetailSimData
 ) -> dg.MaterializeResult:
-    """Every array the world model reads, fitted on the train split only: vocabulary (PAD, MASK,
+    """Every array the world model reads. Fitted on the train split only: vocabulary (PAD, MASK,
     UNK, then products by train frequency), product embeddings [V, 256] (PPMI-SVD of basket
-    co-occurrence + hierarchy codes), customer [C, 192], store [S, 96], per-sample temporal (64) and
-    trip (48) context, price normalisers, and basket-token CSR arrays per split.
+    co-occurrence + hierarchy codes), price normalisers, product neighbours [V, 100], customer profile
+    [C, 32], store [S, 96]. Per sample and split: temporal (64) and trip (48) context, the
+    point-in-time memory (the customer's 32 most bought products strictly before the basket, any split;
+    the trip context's history likewise), and basket-token CSR arrays.
 
     A content-addressed folder `cache/<key>/` with `manifest.json`, built under a temporary name and
     renamed; an unchanged input reuses the existing folder. Loaded memory-mapped by `TensorCache.open`.

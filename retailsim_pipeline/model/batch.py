@@ -19,12 +19,14 @@ class Batch:
                                    ``IGNORE_INDEX`` (-100) elsewhere
     attention_mask  [B, S] bool    True at real (non-padding) positions
     price           [B, S, 64] f32 price features; zero at padding and at positions to predict
-    context         [B, 400] f32   customer 192 | temporal 64 | store 96 | trip 48
+    context         [B, 400] f32   customer 192 (history vector 160 | profile 32) | temporal 64 | store 96 |
+                                   trip 48
     labels          [B, 4] int64   class ids of basket_size, price_sensitivity, mission_type, mission_focus
     index           [B] int64      row of each basket in its split (joins back to basket ids)
-    history_tokens  [B, K] int64   the customer's most bought train products (PAD-filled; None if the
-                                   cache has no history)
-    history_counts  [B, K] f32     their train line counts, minus this basket's own lines in the train split
+    history_tokens  [B, K] int64   the point-in-time memory: the customer's most bought products strictly
+                                   before this basket, in any split (PAD-filled; None if not given)
+    history_counts  [B, K] f32     their line counts before this basket (0 at PAD; nothing of the basket
+                                   itself, in any split)
     """
 
     tokens: torch.Tensor

@@ -106,11 +106,11 @@ def check_leakage(cache: TensorCache, samples_dir: Path, *, n_probe: int = 200, 
     """Nothing fitted saw a validation/test basket, and nothing of a basket at or after its time reached
     its features (issue 11 §3). Everything is recomputed from the samples re-read from ``samples_dir``.
 
-    1. Refit: every fitted table (vocabulary, product embeddings and log prices, customer profile,
-       store context, the customer and store indices) is fitted again from the train split alone and
-       must equal the cached one — integer tables and frames exactly, float tables within
-       :data:`FLOAT_TOLERANCE`. A table fitted on anything else fails, named, with the size of the
-       difference.
+    1. Refit: every fitted table (vocabulary, product embeddings and log prices, product neighbours,
+       customer profile, store context, the customer and store indices) is fitted again from the train
+       split alone and must equal the cached one — integer tables and frames exactly, float tables
+       within :data:`FLOAT_TOLERANCE`. A table fitted on anything else fails, named, with the size of
+       the difference.
     2. History arrays (:data:`~.cache.HISTORY_ARRAYS`), compared exactly, a failure naming the split,
        the array and how many rows differ: ``customer_key`` and ``past_baskets`` of every basket are
        recomputed (:func:`~.history.customer_sequence`), and ``past_baskets`` is also counted afresh

@@ -80,8 +80,9 @@ def customer_product_counts(
 
     ``customer_index`` [N] is each basket's customer row (0 = anonymous or unknown), ``offsets`` [N + 1]
     and ``tokens`` [L] the baskets' CSR. Row 0 and the special tokens stay empty: an anonymous line
-    belongs to nobody's history. The one definition of "customer × product counts": the customer
-    context, the customer history and the personal-frequency baseline all read it.
+    belongs to nobody's history. A whole-split count (it holds every basket's own lines and, for a
+    basket, its customer's later ones), so no feature or baseline reads it since the point-in-time
+    history (issue 11 §3): those count as of each basket (:mod:`.history`). Only its test calls it.
     """
     line_customer = np.repeat(np.asarray(customer_index, dtype=np.int64), np.diff(np.asarray(offsets)))  # [L]
     tokens = np.asarray(tokens, dtype=np.int64)
