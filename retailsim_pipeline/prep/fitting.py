@@ -73,23 +73,6 @@ def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
     return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
 
 
-def customer_product_counts(
-    customer_index: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, n_customers: int, vocab_size: int
-) -> sp.csr_matrix:
-    """How many lines of product p customer c bought in the baskets given: [C, V] float32 CSR.
-
-    ``customer_index`` [N] is each basket's customer row (0 = anonymous or unknown), ``offsets`` [N + 1]
-    and ``tokens`` [L] the baskets' CSR. Row 0 and the special tokens stay empty: an anonymous line
-    belongs to nobody's history. A whole-split count (it holds every basket's own lines and, for a
-    basket, its customer's later ones), so no feature or baseline reads it since the point-in-time
-    history (issue 11 §3): those count as of each basket (:mod:`.history`). Only its test calls it.
-    """
-    line_customer = np.repeat(np.asarray(customer_index, dtype=np.int64), np.diff(np.asarray(offsets)))  # [L]
-    tokens = np.asarray(tokens, dtype=np.int64)
-    keep = (line_customer > 0) & (tokens >= N_SPECIAL)
-    return _count_matrix(line_customer[keep], tokens[keep], (n_customers, vocab_size))
-
-
 def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """[shape] float32 CSR counting each (row, col) pair (the constructor sums duplicates)."""
     counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)

@@ -4,7 +4,6 @@ import numpy as np
 import polars as pl
 
 from retailsim_pipeline.config import MASK, PAD, UNK, CacheConfig
-from retailsim_pipeline.prep.fitting import customer_product_counts
 from retailsim_pipeline.prep.samples import SPLITS, read_samples
 from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES
 
@@ -44,27 +43,6 @@ def test_product_embeddings_encode_planted_complements(cache, tiny_raw):
     r1, r2 = rng.integers(3, emb.shape[0], 2000), rng.integers(3, emb.shape[0], 2000)
     cos_rand = np.sum(unit[r1] * unit[r2], axis=1).mean()
     assert cos_pairs > cos_rand + 0.1, (cos_pairs, cos_rand)
-
-
-def test_customer_product_counts_are_the_samples_counts(cache, tiny_prepped):
-    """The one customer × product count, on the cache's train CSR, equals a polars count of the samples."""
-    train = cache.split("train")
-    counts = customer_product_counts(train.customer_index, train.offsets, train.tokens,
-                                     cache.customer_context.shape[0], cache.product_embeddings.shape[0])
-    expected = (
-        read_samples(tiny_prepped.samples, "train").filter(pl.col("cust_code").is_not_null())
-        .select(pl.col("cust_code").cast(pl.String), pl.col("products").alias("PROD_CODE")).explode("PROD_CODE")
-        .with_columns(pl.col("PROD_CODE").cast(pl.String))
-        .group_by("cust_code", "PROD_CODE").len("n")
-        .join(cache.customers().select("cust_code", "row"), on="cust_code")
-        .join(cache.vocabulary().select("PROD_CODE", "token_id"), on="PROD_CODE")
-    )
-    dense = np.zeros(counts.shape, np.float32)
-    dense[expected.get_column("row").to_numpy(), expected.get_column("token_id").to_numpy()] = \
-        expected.get_column("n").to_numpy()
-    assert counts.nnz == expected.height > 100
-    assert np.array_equal(counts.toarray(), dense)
-    assert not counts[0].toarray().any()  # anonymous lines belong to nobody
 
 
 def test_customer_context_is_the_profile_of_train_customers(cache, tiny_prepped):
