@@ -143,7 +143,7 @@ def load_champion(version: str, *, tracking_uri: str | None = None, device: str 
     try:
         model, _ = load_world_model(registered_model_uri(version), tracking_uri=tracking_uri, device=device)
     except RuntimeError as err:  # load_state_dict(strict=True): missing/unexpected keys, size mismatch
-        first = str(err).strip().splitlines()[0][:200]
+        first = " ".join(str(err).split())[:300]
         log.warning("champion v%s cannot be scored by this version of the model code: %s", version, first)
         return None, f"champion v{version} was trained for another model layout and cannot be re-scored ({first})"
     return model, None

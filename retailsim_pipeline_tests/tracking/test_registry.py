@@ -72,3 +72,25 @@ def test_model_artifact_location(tracking_uri, logged_models):
     assert tracking.model_artifact_location("file:///some/folder") == "file:///some/folder"  # not models:/
     with pytest.raises(ValueError, match="expected models:/m-<id>"):
         tracking.model_artifact_location("models:/just-a-name", tracking_uri=tracking_uri)
+
+
+def test_a_champion_of_an_older_layout_is_reported_not_loaded(tracking_uri, logged_models, monkeypatch):
+    """A registered model whose weights miss a parameter of today's WorldModel (as a model logged before
+    the co-occurrence path does) loads as (None, why); while the code matches, it loads."""
+    import torch.nn as nn
+
+    from retailsim_pipeline.model import world_model
+
+    version = register_world_model(logged_models.uris[0], tracking_uri=tracking_uri).version
+    model, why = tracking.load_champion(version, tracking_uri=tracking_uri)
+    assert why is None and isinstance(model, WorldModel)
+
+    class Newer(WorldModel):  # today's code, one parameter more than the logged weights hold
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.newer_gate = nn.Linear(2, 1)
+
+    monkeypatch.setattr(world_model, "WorldModel", Newer)
+    model, why = tracking.load_champion(version, tracking_uri=tracking_uri)
+    assert model is None
+    assert f"champion v{version}" in why and "newer_gate" in why
