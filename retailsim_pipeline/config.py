@@ -354,6 +354,9 @@ class TrainingConfig(BaseModel):
     mask_prob: float = Field(0.15, description="BERT-style masking in warm-up and main.")
     mask_prob_finetune: float = Field(0.20, description="Masking in fine-tune.")
     gamma: float = Field(2.0, description="Focal loss γ.")
+    exclude_visible: bool = Field(True, description="Score each masked product against the products that can be "
+                                  "the answer: the basket's visible products are excluded from its softmax, as "
+                                  "the evaluation and serving exclude them from the ranking.")
     temperature: float = Field(0.07, description="InfoNCE τ.")
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     batch_size: int = Field(256, ge=1, description="Seed: 256 baskets.")

@@ -8,10 +8,10 @@ per training phase: warm-up trains the focal loss alone, main and fine-tune the 
 import torch
 import torch.nn.functional as F
 
-from retailsim_pipeline.config import AUX_HEADS, TrainingConfig
+from retailsim_pipeline.config import AUX_HEADS, PAD, TrainingConfig
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
-__all__ = ["PHASES", "LOSS_PARTS", "WorldModelLoss", "aux_losses", "focal_loss", "info_nce"]
+__all__ = ["PHASES", "LOSS_PARTS", "WorldModelLoss", "aux_losses", "exclude_visible", "focal_loss", "info_nce"]
 
 PHASES = ("warmup", "main", "finetune")
 #: Every part :class:`WorldModelLoss` reports (besides "total"), named as the fields of ``LossWeights``.
@@ -91,6 +91,20 @@ def aux_losses(aux_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dic
     return {name: F.cross_entropy(aux_logits[name].float(), labels[:, i]) for i, name in enumerate(AUX_HEADS)}
 
 
+def exclude_visible(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``logits`` [N_pred, V] (rows: ``batch.predict_mask`` in row-major order) with each basket's visible
+    products — its real positions that are not predicted — set to -inf: the question trained is the one
+    evaluated, "which product is missing?", whose answer is never a product already in view
+    (:func:`~retailsim_pipeline.model.world_model.top_k_products` and the evaluation exclude them too).
+    A product both visible and the answer (the same product on two lines) is never excluded."""
+    predict_mask = batch.predict_mask
+    rows = predict_mask.nonzero()[:, 0]  # [N_pred] basket of each predicted position
+    visible = batch.tokens.masked_fill(predict_mask | ~batch.attention_mask.bool(), PAD)  # [B, S]
+    visible = visible[rows]  # [N_pred, S]
+    visible = visible.masked_fill(visible == batch.targets[predict_mask].unsqueeze(1), PAD)
+    return logits.scatter(1, visible, float("-inf"))  # PAD (never an answer) is excluded with them
+
+
 class WorldModelLoss:
     """The training objective per phase (DESIGN §6).
 
@@ -101,6 +115,7 @@ class WorldModelLoss:
 
     def __init__(self, config: TrainingConfig, max_per_basket: int = 4):
         self.gamma = config.gamma
+        self.exclude_visible = config.exclude_visible
         self.temperature = config.temperature
         self.weights = config.loss_weights
         self.max_per_basket = max_per_basket
@@ -115,6 +130,8 @@ class WorldModelLoss:
         logits = outputs["product_logits"]
         if logits.dim() == 3:  # full [B, S, V] logits
             logits = logits[predict_mask]
+        if self.exclude_visible:
+            logits = exclude_visible(logits, batch)
         focal = focal_loss(logits, batch.targets[predict_mask], gamma=self.gamma)
 
         def rest() -> dict[str, torch.Tensor]:

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, LossWeights, TrainingConfig
-from retailsim_pipeline.model.losses import LOSS_PARTS, WorldModelLoss, aux_losses, focal_loss, info_nce
+from retailsim_pipeline.model.losses import (
+    LOSS_PARTS,
+    WorldModelLoss,
+    aux_losses,
+    exclude_visible,
+    focal_loss,
+    info_nce,
+)
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
 
@@ -180,11 +187,36 @@ def test_aux_losses_are_cross_entropies_per_column():
         assert torch.equal(losses[h], F.cross_entropy(outputs["aux"][h], batch.labels[:, i]))
 
 
+def test_the_softmax_excludes_the_baskets_visible_products():
+    """Each predicted position competes only with products not in view: its basket's real, unpredicted
+    tokens get -inf; its own and the other predicted positions' tokens, other baskets' products and an
+    answer that is also visible (two lines of one product) are untouched. Switchable by the config."""
+    V = 10
+    tokens = torch.tensor([[4, 1, 5, 6, 0], [7, 8, 8, 1, 0]])  # MASK = 1, PAD = 0
+    attention_mask = tokens != 0
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[0, 1], targets[0, 3] = 9, 6  # basket 0: a MASKed position and a kept-unchanged one
+    targets[1, 3] = 8  # basket 1: the answer 8 is also visible on two other lines
+    batch = Batch(tokens=tokens, targets=targets, attention_mask=attention_mask, price=torch.zeros(2, 5, 64),
+                  context=torch.zeros(2, 400), labels=torch.zeros(2, 4, dtype=torch.long), index=torch.arange(2))
+    logits = torch.zeros(3, V)
+    out = exclude_visible(logits, batch)
+    inf = float("-inf")
+    assert out[0].tolist() == [inf, 0, 0, 0, inf, inf, 0, 0, 0, 0]  # 4 and 5 visible; 6 is predicted, not visible
+    assert out[1].tolist() == out[0].tolist()
+    assert out[2].tolist() == [inf, 0, 0, 0, 0, 0, 0, inf, 0, 0]  # 7 visible; 8 is the answer: kept
+    outputs = {"product_logits": torch.zeros(3, V, requires_grad=True), "hidden": torch.zeros(2, 5, 8),
+               "aux": {h: torch.zeros(2, AUX_CLASSES[h]) for h in AUX_HEADS}}
+    on, _ = WorldModelLoss(TrainingConfig())(outputs, batch, "warmup")
+    off, _ = WorldModelLoss(TrainingConfig(exclude_visible=False))(outputs, batch, "warmup")
+    assert torch.isfinite(on) and on < off  # fewer competitors for the same answers
+
+
 def test_warmup_trains_the_focal_loss_only():
     outputs, batch = fake_outputs_and_batch()
     loss_fn = WorldModelLoss(TrainingConfig())
     total, parts = loss_fn(outputs, batch, "warmup")
-    focal = focal_loss(outputs["product_logits"], batch.targets[batch.predict_mask], gamma=2.0)
+    focal = focal_loss(exclude_visible(outputs["product_logits"], batch), batch.targets[batch.predict_mask], gamma=2.0)
     assert torch.equal(total, focal)
     assert set(parts) == {*LOSS_PARTS, "total"}
     assert all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in parts.values())
@@ -202,7 +234,7 @@ def test_main_total_is_the_weighted_sum_of_parts(phase):
     loss_fn = WorldModelLoss(TrainingConfig(gamma=1.5, temperature=0.2, loss_weights=weights))
     gen = torch.Generator().manual_seed(0)
     total, parts = loss_fn(outputs, batch, phase, generator=gen)
-    focal = focal_loss(outputs["product_logits"], batch.targets[batch.predict_mask], gamma=1.5)
+    focal = focal_loss(exclude_visible(outputs["product_logits"], batch), batch.targets[batch.predict_mask], gamma=1.5)
     contrastive = info_nce(outputs["hidden"], batch.attention_mask, temperature=0.2,
                            generator=torch.Generator().manual_seed(0))
     aux = aux_losses(outputs["aux"], batch.labels)
