@@ -47,6 +47,8 @@ def test_fixed_widths_are_the_definitions_and_the_config_refuses_others(tiny_pre
         CacheConfig(trip_dim=50)
     with pytest.raises(ValidationError, match="price_dim = 30: must be a multiple of 4"):
         CacheConfig(price_dim=30)
+    with pytest.raises(ValidationError, match="customer_history_dim = 160: .* only product_dim = 128"):
+        CacheConfig(product_dim=128)
 
 
 def test_a_baskets_own_spend_does_not_reach_its_trip_history_even_in_the_last_bit(tiny_prepped):

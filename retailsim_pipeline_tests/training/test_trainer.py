@@ -38,13 +38,14 @@ def test_the_model_is_sized_from_the_cache(tiny_prepped, tmp_path):
     """n_products, product_dim, price_dim and context_dim come from the cache; a contradiction is refused."""
     narrow = TensorCache.open(build_tensor_cache(
         tiny_prepped.samples, tmp_path / "cache",
-        CacheConfig(product_dim=128, hierarchy_dim_per_level=8, price_dim=32, store_dim=80)).path)
+        CacheConfig(product_dim=128, hierarchy_dim_per_level=8, price_dim=32, store_dim=80,
+                    customer_history_dim=96)).path)
     model = build_model(_config(), narrow)
     assert (model.config.n_products, model.config.product_dim, model.config.price_dim, model.config.context_dim) \
-        == (narrow.product_embeddings.shape[0], 128, 32, 192 + 64 + 80 + 48)
+        == (narrow.product_embeddings.shape[0], 128, 32, 96 + 32 + 64 + 80 + 48)
     batch = BatchAssembler(narrow, "train", batch_size=8, shuffle=False).assemble(
         np.arange(8), mask_prob=0.15, mask_seed=(0,))
-    assert batch.price.shape[2] == 32 and batch.context.shape[1] == 384
+    assert batch.price.shape[2] == 32 and batch.context.shape[1] == 320
     assert torch.isfinite(model(**batch.model_inputs(), predict_mask=batch.predict_mask)["product_logits"]).all()
     with pytest.raises(ValueError, match="price_dim = 48 but the cache has 32.*Leave these fields unset"):
         build_model(_config(**{"model.price_dim": 48}), narrow)
