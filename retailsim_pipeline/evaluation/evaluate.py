@@ -35,6 +35,7 @@ from retailsim_pipeline.evaluation.metrics import (
 )
 from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
 from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.history import AsOfHistory
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 from retailsim_pipeline.training.batches import BatchAssembler
 
@@ -52,7 +53,8 @@ assert len(LABEL_COLUMNS) == len(AUX_HEADS)
 
 @dataclass
 class EvalSetup:
-    """Everything shared by the scorers: positions, visible items, and each position's groups."""
+    """Everything shared by the scorers: positions, visible items, each position's groups, and the
+    customers' as-of history over the splits up to the scored one (the baselines read it too)."""
 
     cache: TensorCache
     split: str
@@ -60,6 +62,7 @@ class EvalSetup:
     visible_offsets: np.ndarray
     visible_tokens: np.ndarray
     groups: dict[str, np.ndarray]
+    history: AsOfHistory
 
 
 def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = EvaluationConfig().seed,
@@ -85,7 +88,7 @@ def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed:
         "basket_length": bucket_length(lengths[positions.sample]),
         "repeat_vs_explore": repeat,
     }
-    return EvalSetup(cache, split, positions, v_off, v_tok, groups)
+    return EvalSetup(cache, split, positions, v_off, v_tok, groups, history)
 
 
 def _chunks(n: int, size: int):
@@ -176,7 +179,8 @@ def evaluate(
     setup = prepare(cache, samples_dir, split=split, seed=seed, mask_rate=mask_rate)
     model_ranks, aux = rank_model(setup, model, device=device)
     baseline_ranks = {name: rank_baseline(setup, scorer)
-                      for name, scorer in baseline_scorers(cache, split, choice["params"]).items()}
+                      for name, scorer in baseline_scorers(cache, split, choice["params"],
+                                                           history=setup.history).items()}
     oracle_ranks = rank_baseline(setup, oracle) if oracle is not None else None
     model_metrics = ranking_metrics(model_ranks)
     model_metrics["aux"] = {

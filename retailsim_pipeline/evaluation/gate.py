@@ -66,10 +66,10 @@ def baseline_scorers(cache: TensorCache, split: str, params: Mapping[str, Mappin
 def choose_baselines(cache: TensorCache, samples_dir: Path, *, seed: int = _EVAL.seed,
                      mask_rate: float = _EVAL.mask_rate) -> dict:
     """``baseline_choice``: the tuned settings and the strongest baseline, all from the validation split."""
-    history = as_of_history(cache, through="validation")  # one for the tuning and the untuned baselines
-    tuned = tune_on_validation(cache, samples_dir, seed=seed, mask_rate=mask_rate, history=history)
-    params = {name: dict(t["params"]) for name, t in tuned.items()}
     setup = prepare(cache, samples_dir, split="validation", seed=seed, mask_rate=mask_rate)
+    history = setup.history  # one for the tuning and the untuned baselines
+    tuned = tune_on_validation(cache, samples_dir, setup=setup)
+    params = {name: dict(t["params"]) for name, t in tuned.items()}
     # The tuned baselines were scored there by the tuning; only the untuned ones are scored here.
     validation = {name: float(ranking_metrics(rank_baseline(setup, scorer))[GATE_METRIC])
                   for name, scorer in _simple_scorers(cache, "validation", history).items()}

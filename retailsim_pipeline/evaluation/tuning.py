@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from retailsim_pipeline.config import EvaluationConfig
-from retailsim_pipeline.evaluation.baselines import as_of_history
 from retailsim_pipeline.evaluation.evaluate import EvalSetup, prepare, rank_baseline
 from retailsim_pipeline.evaluation.metrics import ranking_metrics
 from retailsim_pipeline.evaluation.schema import GATE_METRIC
@@ -79,18 +78,22 @@ def tune_tifu_knn(setup: EvalSetup, train: SplitArrays, scored: SplitArrays, voc
 
 
 def tune_on_validation(cache: TensorCache, samples_dir: Path, *, seed: int = _EVAL.seed,
-                       mask_rate: float = _EVAL.mask_rate, history: AsOfHistory | None = None) -> dict[str, dict]:
+                       mask_rate: float = _EVAL.mask_rate, setup: EvalSetup | None = None) -> dict[str, dict]:
     """The strong baselines' parameters chosen on the validation positions.
 
     Returns ``{"blend": {...}, "tifu_knn": {...}}``, each ``{"params": {...}, "validation_recall@10":
     float, "grid": [{"params", "validation_recall@10"}, ...]}``; ``params`` go straight into
     ``STRONG_BASELINES[name](train, scored, vocab_size, history=history, **params)``. Fitted on train,
-    scored on validation with the customers' history as of each basket; ``history`` (built here over
-    train and validation when not given) is shared by every fit. The test split is not read.
+    scored on validation with the customers' history as of each basket (``setup.history``, over train
+    and validation), shared by every fit; ``setup`` (the validation positions) is prepared here when
+    not given. The test split is not read.
     """
-    setup = prepare(cache, samples_dir, split="validation", seed=seed, mask_rate=mask_rate)
+    setup = setup if setup is not None else prepare(cache, samples_dir, split="validation", seed=seed,
+                                                    mask_rate=mask_rate)
+    if setup.split != "validation":
+        raise ValueError(f"tune_on_validation: the setup scores {setup.split!r}, not validation")
+    history = setup.history
     train, scored = cache.split("train"), cache.split("validation")
     vocab_size = cache.product_embeddings.shape[0]
-    history = history if history is not None else as_of_history(cache, through="validation")
     return {"blend": tune_blend(setup, train, scored, vocab_size, history=history),
             "tifu_knn": tune_tifu_knn(setup, train, scored, vocab_size, history=history)}
