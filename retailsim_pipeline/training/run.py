@@ -152,35 +152,37 @@ def params_from_args(args: argparse.Namespace) -> dict:
 PARENT_PID_ENV = "RETAILSIM_PARENT_PID"
 
 
-def die_with_parent(parent_pid: int, interval: float = 1.0) -> None:
+def die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
     """Stop this process cleanly (SIGTERM to itself: checkpoint, MLflow run ended KILLED) once
     ``parent_pid`` is gone, so a killed ``retailsim run`` or run worker never leaves an orphaned
-    training behind. When the launcher is the direct parent (Linux), the kernel delivers that SIGTERM
-    (``PR_SET_PDEATHSIG``); otherwise (torchrun ranks, whose parent is torchrun; other systems) a
-    thread polls the launcher and sends it once. One signal only: a second one arriving after the
-    trainer has stopped would kill the process while it exports the model and ends its MLflow run.
-    """
-    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
-        try:
-            import ctypes
+    training behind.
 
-            if ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM) == 0:  # PR_SET_PDEATHSIG
-                if os.getppid() == parent_pid:  # still alive after the call: the kernel has it covered
-                    return
-        except OSError:
-            pass
+    A thread polls every ``interval`` seconds and sends the signal exactly once. When the launcher is
+    the direct parent, "gone" means this process was reparented (its zombie, not yet reaped, would
+    still answer ``kill(pid, 0)``); otherwise (torchrun ranks, whose parent is torchrun) it means
+    ``kill(pid, 0)`` fails. Not ``PR_SET_PDEATHSIG``: the kernel sends that signal each time the
+    child is handed to another thread of a dying multi-threaded parent, and a second SIGTERM arriving
+    after the trainer has stopped would kill the process while it exports the model and ends its
+    MLflow run (seen as a run left RUNNING).
+    """
+    direct = os.getppid() == parent_pid
+
+    def gone() -> bool:
+        if direct:
+            return os.getppid() != parent_pid
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, owned by someone else
+        return False
 
     def watch() -> None:
-        while True:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                log.warning("the launching process %d is gone: stopping", parent_pid)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            except PermissionError:
-                pass  # alive, owned by someone else
+        while not gone():
             time.sleep(interval)
+        log.warning("the launching process %d is gone: stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
