@@ -308,6 +308,10 @@ class ModelConfig(BaseModel):
     context_dim: int = Field(400, description="customer 192 + temporal 64 + store 96 + trip 48.")
     cooccurrence_neighbours: int = Field(100, description="Neighbours per product of the co-occurrence path; set "
                                                           "from the cache.")
+    history_slot_hidden: int = Field(64, ge=0, description="Hidden width of the copy path's per-slot scorer (an MLP "
+                                                           "over each memory slot's count, share, re-buy rate, "
+                                                           "co-occurrence with the visible products and the "
+                                                           "basket's context); 0 turns it off.")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -27,6 +27,8 @@ class Batch:
                                    before this basket, in any split (PAD-filled; None if not given)
     history_counts  [B, K] f32     their line counts before this basket (0 at PAD; nothing of the basket
                                    itself, in any split)
+    history_past    [B] f32        the customer's baskets strictly before this one (0: a first visit or an
+                                   anonymous shopper), the denominator of the memory's re-buy rates
     """
 
     tokens: torch.Tensor
@@ -38,6 +40,7 @@ class Batch:
     index: torch.Tensor
     history_tokens: torch.Tensor | None = None
     history_counts: torch.Tensor | None = None
+    history_past: torch.Tensor | None = None
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -56,7 +59,7 @@ class Batch:
         """Keyword arguments of ``WorldModel.forward`` (besides ``predict_mask``)."""
         return {"tokens": self.tokens, "price": self.price, "context": self.context,
                 "attention_mask": self.attention_mask, "history_tokens": self.history_tokens,
-                "history_counts": self.history_counts}
+                "history_counts": self.history_counts, "history_past": self.history_past}
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -29,6 +29,9 @@ __all__ = [
     "top_k_products",
 ]
 
+#: Features of a memory slot (WorldModel._slot_features) and the width of the context they are scored with.
+N_SLOT_FEATURES = 8
+SLOT_CONTEXT = 16
 INIT_STD = 0.02  # GPT-2/BERT's init of linears and embeddings outside the Mamba blocks
 
 
@@ -112,7 +115,8 @@ class WorldModel(nn.Module):
     aux heads (1024→512→4/4/4/5)     2,107,921
     history gate (512→3)                 1,539
     co-occurrence gate (512→1)             513
-    **total**                       23,355,552
+    slot scorer (512→16; 24→64→1)        9,873
+    **total**                       23,365,425
     =============================  ===========
 
     The frozen ``product_table`` [V, 256] and ``product_neighbours`` / ``product_neighbour_weights``
@@ -186,6 +190,14 @@ class WorldModel(nn.Module):
         # gates per basket; co-occurrence path to the visible products' neighbours (_add_cooccurrence): one.
         self.history_gate = nn.Linear(D, 3)
         self.cooccurrence_gate = nn.Linear(D, 1)
+        # Per-slot scorer of the copy path (see _slot_features): a small MLP over each memory slot's
+        # features and a projection of the basket's context, added to the gated bonus; starts near zero
+        # (normal(0, 0.02) weights, zero biases).
+        H = config.history_slot_hidden
+        if H > 0:
+            self.slot_context = nn.Linear(D, SLOT_CONTEXT)
+            self.slot_scorer = nn.Sequential(nn.Linear(N_SLOT_FEATURES + SLOT_CONTEXT, H), nn.GELU(),
+                                             nn.Linear(H, 1))
 
         self._init_weights()
 
@@ -232,11 +244,13 @@ class WorldModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, price: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor, predict_mask: torch.Tensor | None = None,
-                history_tokens: torch.Tensor | None = None, history_counts: torch.Tensor | None = None) -> dict:
+                history_tokens: torch.Tensor | None = None, history_counts: torch.Tensor | None = None,
+                history_past: torch.Tensor | None = None) -> dict:
         """One pass over a padded batch.
 
         tokens [B, S] int64 (PAD 0 on the right, MASK 1 where hidden), price [B, S, 64], context [B, 400],
-        attention_mask [B, S] bool (True at real positions), predict_mask [B, S] bool or None.
+        attention_mask [B, S] bool (True at real positions), predict_mask [B, S] bool or None;
+        history_tokens / history_counts [B, K] and history_past [B]: the point-in-time memory (optional).
 
         Returns a dict:
         ``product_logits``: [N_pred, V] at the positions of ``predict_mask`` in row-major order
@@ -275,9 +289,11 @@ class WorldModel(nn.Module):
             product_logits = self.product_head(hidden)  # [B, S, V]
         else:
             product_logits = self.product_head(hidden[predict_mask.bool()])  # [N_pred, V]
+        cooccurrence = self._cooccurrence_scores(tokens, attention_mask)  # [B, V] in [0, 1]
         if history_tokens is not None and history_counts is not None:
-            product_logits = self._add_history(product_logits, ctx, predict_mask, history_tokens, history_counts)
-        product_logits = self._add_cooccurrence(product_logits, ctx, predict_mask, tokens, attention_mask)
+            product_logits = self._add_history(product_logits, ctx, predict_mask, history_tokens, history_counts,
+                                               history_past, cooccurrence)
+        product_logits = self._add_cooccurrence(product_logits, ctx, predict_mask, cooccurrence)
 
         # Pooled: mean over real positions (padding is zero in `hidden`) ‖ fused context.
         lengths = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)  # [B, 1]
@@ -287,31 +303,58 @@ class WorldModel(nn.Module):
 
 
     def _add_history(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
-                     history_tokens: torch.Tensor, history_counts: torch.Tensor) -> torch.Tensor:
+                     history_tokens: torch.Tensor, history_counts: torch.Tensor, history_past: torch.Tensor | None,
+                     cooccurrence: torch.Tensor) -> torch.Tensor:
         """Copy path: raise the logits of the products the customer bought before this basket.
 
-        bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · count / Σ counts + g₃(ctx_b) · [count > 0],
-        with the per-basket gates g = ``history_gate(ctx)`` (how much *this* shopper, on *this* trip,
-        re-buys), scattered onto the vocabulary. history_tokens [B, K] int64 (PAD where empty),
-        history_counts [B, K] float: the point-in-time memory.
+        bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · count / Σ counts + g₃(ctx_b) · [count > 0]
+        + scorer(slot features[b, k] ‖ slot_context(ctx_b)), with the per-basket gates g =
+        ``history_gate(ctx)`` (how much *this* shopper, on *this* trip, re-buys) and the per-slot scorer
+        (off when ``history_slot_hidden`` is 0; features: :meth:`_slot_features`), scattered onto the
+        vocabulary. history_tokens [B, K] int64 (PAD where empty), history_counts [B, K] float: the
+        point-in-time memory; history_past [B]: the baskets it comes from; cooccurrence [B, V].
         """
         counts = history_counts.clamp(min=0).to(torch.float32)
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, K]
         gates = self.history_gate(ctx).to(torch.float32)  # [B, 3]
         bonus = (gates[:, :1] * torch.log1p(counts) + gates[:, 1:2] * share
                  + gates[:, 2:3] * (counts > 0).to(torch.float32))  # [B, K]
+        if self.config.history_slot_hidden > 0:
+            features = self._slot_features(history_tokens, counts, share, history_past, cooccurrence)  # [B, K, F]
+            slot_ctx = self.slot_context(ctx).to(torch.float32)  # [B, C]
+            x = torch.cat([features, slot_ctx.unsqueeze(1).expand(-1, features.shape[1], -1)], dim=-1)
+            bonus = bonus + self.slot_scorer(x.to(self.slot_context.weight.dtype)).squeeze(-1).to(torch.float32)
         bonus = bonus.masked_fill(history_tokens < N_SPECIAL, 0.0).to(logits.dtype)
         return _scatter_per_basket(logits, predict_mask, history_tokens.clamp(min=0), bonus)
 
-    def _add_cooccurrence(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
-                          tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Co-occurrence path: raise the logits of the visible products' neighbours.
+    @staticmethod
+    def _slot_features(history_tokens: torch.Tensor, counts: torch.Tensor, share: torch.Tensor,
+                       history_past: torch.Tensor | None, cooccurrence: torch.Tensor) -> torch.Tensor:
+        """[B, K, N_SLOT_FEATURES] float32 features of each memory slot, all bounded:
 
-        sums[b, v] = Σ over basket b's visible products i (real, not MASK/PAD/UNK) of sim(i, v), over
+        log(1 + count), share of the memory, re-buy rate count / past baskets (≤ 1) and its log (≥ −5),
+        log(1 + past baskets) / 5, the slot's rank in the memory (0 = most bought; ties: the more recent),
+        the slot's co-occurrence with the visible products (the co-occurrence path's score) and presence.
+        ``history_past`` None (a caller without it): the largest count stands in, a lower bound.
+        """
+        B, K = counts.shape
+        if history_past is None:
+            past = counts.amax(dim=1)
+        else:
+            past = history_past.to(torch.float32)
+        past = past.clamp(min=1.0).unsqueeze(1)  # [B, 1]
+        rate = (counts / past).clamp(max=1.0)  # [B, K]
+        log_rate = torch.log(rate.clamp(min=math.exp(-5.0)))
+        depth = (torch.log1p(past) / 5.0).expand(B, K)
+        rank = (torch.arange(K, device=counts.device, dtype=torch.float32) / max(K - 1, 1)).expand(B, K)
+        cooc = cooccurrence.gather(1, history_tokens.clamp(min=0))  # [B, K]
+        presence = (counts > 0).to(torch.float32)
+        return torch.stack([torch.log1p(counts), share, rate, log_rate, depth, rank, cooc, presence], dim=-1)
+
+    def _cooccurrence_scores(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """sums[b, v] = Σ over basket b's visible products i (real, not MASK/PAD/UNK) of sim(i, v), over
         i's ``cooccurrence_neighbours`` most co-occurring products (the cache's ``product_neighbours``);
-        each row divided by its max (the blend baseline's normalisation); bonus = g(ctx_b) · sums with
-        the per-basket gate g = ``cooccurrence_gate(ctx)``. Every predicted position of a basket shares
-        its visible products, so the bonus is computed once per basket.
+        each row divided by its max (the blend baseline's normalisation): [B, V] float32 in [0, 1].
         """
         B = tokens.shape[0]
         visible = (attention_mask & (tokens >= N_SPECIAL)).to(torch.float32)  # [B, S]
@@ -319,7 +362,14 @@ class WorldModel(nn.Module):
         weight = (self.product_neighbour_weights[tokens] * visible.unsqueeze(-1)).flatten(1)  # [B, S * K]
         sums = torch.zeros(B, self.config.n_products, device=tokens.device).scatter_add_(1, index, weight)
         sums[:, :N_SPECIAL] = 0.0
-        sums = sums / sums.amax(dim=1, keepdim=True).clamp(min=1e-12)  # [B, V] in [0, 1]
+        return sums / sums.amax(dim=1, keepdim=True).clamp(min=1e-12)  # [B, V] in [0, 1]
+
+    def _add_cooccurrence(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
+                          sums: torch.Tensor) -> torch.Tensor:
+        """Co-occurrence path: raise the logits of the visible products' neighbours, bonus = g(ctx_b) · sums
+        (:meth:`_cooccurrence_scores`) with the per-basket gate g = ``cooccurrence_gate(ctx)``. Every
+        predicted position of a basket shares its visible products, so the bonus is computed once per basket.
+        """
         bonus = (self.cooccurrence_gate(ctx).to(torch.float32) * sums).to(logits.dtype)  # [B, V]
         if predict_mask is None:  # logits [B, S, V]
             return logits + bonus.unsqueeze(1)

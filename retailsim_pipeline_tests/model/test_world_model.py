@@ -42,8 +42,11 @@ def make_batch(B: int = 5, S: int = 7, seed: int = 0, n_products: int = V, mask_
     history_tokens = torch.randint(N_SPECIAL, n_products, (B, 4), generator=g)
     history_tokens[-1] = PAD  # an anonymous shopper: empty memory
     history_counts = torch.randint(1, 5, (B, 4), generator=g).float().masked_fill(history_tokens == PAD, 0.0)
+    history_past = history_counts.amax(dim=1) + torch.randint(0, 6, (B,), generator=g).float()
+    history_past[-1] = 0.0
     return Batch(tokens=tokens, targets=targets, attention_mask=attention_mask, price=price, context=context,
-                 labels=labels, index=torch.arange(B), history_tokens=history_tokens, history_counts=history_counts)
+                 labels=labels, index=torch.arange(B), history_tokens=history_tokens, history_counts=history_counts,
+                 history_past=history_past)
 
 
 def make_model(config=TINY, seed: int = 0) -> WorldModel:
@@ -65,6 +68,7 @@ def test_history_copy_path_raises_the_shoppers_own_products():
     model, batch = make_model(), make_batch(B=5, S=7, seed=4)
     model.eval()
     with torch.no_grad():
+        model.slot_scorer[-1].weight.zero_()  # the gated part alone (the scorer: the next test)
         plain = model(batch.tokens, batch.price, batch.context, batch.attention_mask,
                       predict_mask=batch.predict_mask)["product_logits"]
         with_history = run(model, batch)["product_logits"]
@@ -79,6 +83,39 @@ def test_history_copy_path_raises_the_shoppers_own_products():
         assert torch.all(diff[i, others] == 0)
     full = run(model, batch, predict=False)["product_logits"]  # [B, S, V] path agrees
     assert torch.allclose(full[batch.predict_mask], with_history, atol=1e-5)
+
+
+def test_slot_scorer_reads_each_slots_features_and_touches_only_the_memory():
+    """The per-slot features, by brute force; the scorer's bonus lands on the shopper's own products only,
+    and it does change them once its weights are not (near) zero."""
+    model, batch = make_model(), make_batch(B=5, S=7, seed=4)
+    model.eval()
+    counts = batch.history_counts
+    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)
+    cooc = model._cooccurrence_scores(batch.tokens, batch.attention_mask)
+    features = model._slot_features(batch.history_tokens, counts, share, batch.history_past, cooc)
+    K = counts.shape[1]
+    for b in range(len(batch)):
+        n = max(batch.history_past[b].item(), 1.0)
+        for k in range(K):
+            c, t = counts[b, k].item(), batch.history_tokens[b, k].item()
+            rate = min(c / n, 1.0)
+            expected = [math.log1p(c), share[b, k].item(), rate, math.log(max(rate, math.exp(-5.0))),
+                        math.log1p(n) / 5.0, k / (K - 1), cooc[b, t].item() if t >= N_SPECIAL else cooc[b, 0].item(),
+                        float(c > 0)]
+            assert features[b, k].tolist() == pytest.approx(expected, abs=1e-6), (b, k)
+    with torch.no_grad():
+        off = run(model, batch)["product_logits"]
+        for p in model.slot_scorer.parameters():
+            p.add_(0.5)
+        on = run(model, batch)["product_logits"]
+    rows = batch.predict_mask.nonzero()[:, 0]
+    diff = on - off
+    for i, b in enumerate(rows.tolist()):
+        own = [t for t in batch.history_tokens[b].tolist() if t != PAD]
+        others = [t for t in range(diff.shape[1]) if t not in own]
+        assert torch.all(diff[i, others] == 0)
+        assert all(diff[i, t].abs().item() > 1e-3 for t in own)
 
 
 def test_cooccurrence_path_raises_the_visible_products_neighbours():
@@ -166,7 +203,8 @@ def test_padding_does_not_reach_real_positions():
     with torch.no_grad():
         a = run(model, batch)
         b = model(tokens, price, batch.context, batch.attention_mask, predict_mask=batch.predict_mask,
-                  history_tokens=batch.history_tokens, history_counts=batch.history_counts)
+                  history_tokens=batch.history_tokens, history_counts=batch.history_counts,
+                  history_past=batch.history_past)
     real = batch.attention_mask
     torch.testing.assert_close(a["hidden"][real], b["hidden"][real], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=0, atol=1e-6)
@@ -187,7 +225,7 @@ def test_padding_does_not_change_a_basket_padded_further():
     with torch.no_grad():
         a = run(model, batch)
         b = model(tokens, price, batch.context, mask, predict_mask=predict, history_tokens=batch.history_tokens,
-                  history_counts=batch.history_counts)
+                  history_counts=batch.history_counts, history_past=batch.history_past)
     torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=1e-5, atol=1e-5)
     for name in AUX_HEADS:
         torch.testing.assert_close(a["aux"][name], b["aux"][name], rtol=1e-5, atol=1e-5)
@@ -250,7 +288,7 @@ def test_seed_preset_has_about_23m_parameters():
         model = WorldModel(MODEL_PRESETS["seed"])
     n = count_parameters(model)
     assert 0.9 * 23e6 <= n <= 1.1 * 23e6, n
-    assert n == 23_355_552  # the breakdown in WorldModel's docstring
+    assert n == 23_365_425  # the breakdown in WorldModel's docstring
     assert "product_table" in dict(model.named_buffers())
     assert "product_table" not in dict(model.named_parameters())
     assert {"product_neighbours", "product_neighbour_weights"} <= set(dict(model.named_buffers()))
