@@ -102,9 +102,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion = None
     if champion_version is not None:
-        champion_model, _ = tracking.load_champion(champion_version, tracking_uri=uri)
-        if champion_model is not None:
-            champion = rescore_model(result["_setup"], champion_model)[config.promotion_metric]
+        champion_served, _ = tracking.load_champion(champion_version, tracking_uri=uri)
+        if champion_served is not None:
+            champion = rescore_model(result["_setup"], champion_served)[config.promotion_metric]
     label = args.model_uri.replace("models:/", "").replace("/", "-").replace("@", "-")
     doc = metrics_document(
         result, config=config, challenger_version=label, champion_version=champion_version, champion=champion,

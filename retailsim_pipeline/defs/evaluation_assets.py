@@ -16,7 +16,7 @@ from retailsim_pipeline.prep.cache import TensorCache
 
 # 2: blend and TIFU-KNN baselines, the significance gate; 3: the baselines' own history and the
 # cold-start/repeat buckets as of the basket (issue 11 §3)
-EVALUATION_CODE_VERSION = "3"
+EVALUATION_CODE_VERSION = "4"
 CHECK = "model_beats_baselines"
 
 
@@ -75,11 +75,11 @@ def evaluation_report(
     champion_version = tracking.get_alias_version("champion", tracking_uri=uri)
     champion_value = None
     if champion_version is not None and champion_version != version:
-        champion_model, why = tracking.load_champion(champion_version, tracking_uri=uri, device=config.device)
-        if champion_model is None:
+        champion_served, why = tracking.load_champion(champion_version, tracking_uri=uri, device=config.device)
+        if champion_served is None:
             context.log.warning(why)
         else:
-            champion_value = rescore_model(result["_setup"], champion_model, device=config.device)[metric]
+            champion_value = rescore_model(result["_setup"], champion_served, device=config.device)[metric]
     run_id = trained_world_model["mlflow_run_id"]
     doc = metrics_document(result, config=config, challenger_version=version, champion_version=champion_version,
                            champion=champion_value, model_name=tracking.REGISTERED_MODEL,

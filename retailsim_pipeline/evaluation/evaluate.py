@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, EvaluationConfig
+from retailsim_pipeline.config import AUX_CLASSES, AUX_HEADS, N_SPECIAL, EvaluationConfig
 from retailsim_pipeline.evaluation.baselines import as_of_history
 from retailsim_pipeline.evaluation.buckets import BUCKET_GROUPS, bucket_cold_start, bucket_length, bucket_repeat
 from retailsim_pipeline.evaluation.metrics import (
@@ -33,7 +33,13 @@ from retailsim_pipeline.evaluation.metrics import (
     ranking_metrics,
     target_ranks,
 )
-from retailsim_pipeline.evaluation.positions import EvalPositions, eval_positions, masked_batch, visible_tokens
+from retailsim_pipeline.evaluation.positions import (
+    EvalPositions,
+    completion_batch,
+    eval_positions,
+    request_logits,
+    visible_tokens,
+)
 from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.prep.history import AsOfHistory
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
@@ -63,6 +69,7 @@ class EvalSetup:
     visible_tokens: np.ndarray
     groups: dict[str, np.ndarray]
     history: AsOfHistory
+    samples_dir: Path
 
 
 def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed: int = EvaluationConfig().seed,
@@ -88,7 +95,7 @@ def prepare(cache: TensorCache, samples_dir: Path, *, split: str = "test", seed:
         "basket_length": bucket_length(lengths[positions.sample]),
         "repeat_vs_explore": repeat,
     }
-    return EvalSetup(cache, split, positions, v_off, v_tok, groups, history)
+    return EvalSetup(cache, split, positions, v_off, v_tok, groups, history, Path(samples_dir))
 
 
 def _chunks(n: int, size: int):
@@ -112,28 +119,34 @@ def rank_baseline(setup: EvalSetup, scorer, chunk: int = 2048) -> Ranks:
 @torch.no_grad()
 def rank_model(setup: EvalSetup, model: torch.nn.Module, *, batch_size: int = 512, device: str = "cpu"
                ) -> tuple[Ranks, dict[str, np.ndarray]]:
-    """Ranks of every hidden target under the model, and its auxiliary predictions per scored basket."""
+    """Ranks of every hidden target under the model, and its auxiliary predictions per scored basket.
+
+    Each scored basket is asked once, as a client would ask the served model: its visible lines, then
+    one slot to fill (:func:`~retailsim_pipeline.evaluation.positions.completion_batch`); every hidden
+    target of the basket is ranked in that slot's scores."""
     model = model.to(device).eval()
     assembler = BatchAssembler(setup.cache, setup.split, batch_size=batch_size, shuffle=False)
     p = setup.positions
+    visible = ~p.hidden
     samples = np.unique(p.sample)
     parts, aux_pred, aux_true = [], {h: [] for h in AUX_HEADS}, []
     pos_lo = 0
     for lo, hi in _chunks(len(samples), batch_size):
         idx = samples[lo:hi]
-        batch = masked_batch(assembler, idx, p.hidden).to(device)
-        out = model(**batch.model_inputs(), predict_mask=batch.predict_mask)
-        n = int(batch.predict_mask.sum())
-        pos_hi = pos_lo + n
-        # Positions are sorted by (sample, line): the batch's masked positions in row-major order.
-        assert np.array_equal(batch.targets[batch.predict_mask].cpu().numpy(), p.target[pos_lo:pos_hi])
+        batch = completion_batch(assembler, idx, visible).to(device)
+        out = model(**batch.model_inputs(), predict_mask=batch.predict_mask)  # product_logits [B, V]
+        pos_hi = pos_lo + int(np.searchsorted(p.sample[pos_lo:], idx[-1], side="right"))
+        # Positions are sorted by (sample, line): each one's basket row in this batch.
+        row = torch.from_numpy(np.searchsorted(idx, p.sample[pos_lo:pos_hi])).to(device)
         off = setup.visible_offsets[pos_lo: pos_hi + 1]
         tok = setup.visible_tokens[off[0]: off[-1]]
-        parts.append(target_ranks(out["product_logits"].float().cpu(), p.target[pos_lo:pos_hi], off - off[0], tok))
+        scores = out["product_logits"].float()[row].cpu()
+        parts.append(target_ranks(scores, p.target[pos_lo:pos_hi], off - off[0], tok))
         for head in AUX_HEADS:
             aux_pred[head].append(out["aux"][head].argmax(dim=1).cpu().numpy())
         aux_true.append(batch.labels.cpu().numpy())
         pos_lo = pos_hi
+    assert pos_lo == len(p.target)
     labels = np.concatenate(aux_true) if aux_true else np.zeros((0, 4), np.int64)
     aux = {h: np.concatenate(aux_pred[h]) for h in AUX_HEADS}
     return Ranks.concat(parts), {"pred": aux, "true": labels}
@@ -203,8 +216,77 @@ def evaluate(
     }
 
 
-def rescore_model(setup: EvalSetup, model: torch.nn.Module, device: str = "cpu") -> dict:
-    """Ranking metrics of another model (the champion) on the same positions."""
-    ranks, _ = rank_model(setup, model, device=device)
-    return ranking_metrics(ranks)
+def position_requests(setup: EvalSetup) -> tuple[pl.DataFrame, np.ndarray]:
+    """The scored baskets as a client would send them to a served model: ``(requests, sample)``.
 
+    One request per scored basket (``sample``: its row in the split, ascending): customer, store, time
+    (date and hour), the till's basket id and the *visible* lines (product codes, quantities, spend) in
+    line order, read from the samples (codes, not this cache's token ids, so any model's vocabulary can
+    read them). Lines beyond the cache's ``max_basket_len`` cut are not part of the basket, as in the cache.
+    """
+    arrays = setup.cache.split(setup.split)
+    offsets = np.asarray(arrays.offsets, dtype=np.int64)
+    sample = np.unique(setup.positions.sample)
+    frame = pl.read_parquet(setup.samples_dir / f"{setup.split}.parquet",
+                            columns=["basket_id", "cust_code", "store_code", "date", "hour", "products", "spend",
+                                     "quantity"])
+    if not np.array_equal(frame.get_column("basket_id").to_numpy(), np.asarray(arrays.basket_id)):
+        raise ValueError(f"{setup.samples_dir}/{setup.split}.parquet does not match the tensor cache row by row")
+    visible = ~setup.positions.hidden  # [L] over the cache's lines
+    baskets = frame.with_row_index("sample").filter(pl.col("sample").is_in(sample))
+    cut = pl.Series("cut", (offsets[sample + 1] - offsets[sample]).astype(np.int64))
+    lines = (baskets.with_columns(cut).select("sample", pl.col("products").list.head(pl.col("cut")),
+                                              pl.col("spend").list.head(pl.col("cut")),
+                                              pl.col("quantity").list.head(pl.col("cut")))
+             .explode("products", "spend", "quantity")
+             .with_columns(pl.int_range(pl.len()).over("sample").alias("line")))
+    flat = offsets[lines.get_column("sample").to_numpy()] + lines.get_column("line").to_numpy()
+    kept = (lines.filter(pl.Series(visible[flat]))
+            .group_by("sample", maintain_order=True)
+            .agg(pl.col("products").cast(pl.String), pl.col("quantity").cast(pl.Int64).alias("quantities"),
+                 pl.col("spend").cast(pl.Float64)))
+    requests = (baskets.select("sample", "basket_id", pl.col("cust_code").cast(pl.String).alias("customer_code"),
+                               pl.col("store_code").cast(pl.String),
+                               pl.col("date").cast(pl.Datetime).dt.offset_by(pl.format("{}h", pl.col("hour")))
+                               .alias("timestamp"))
+                .join(kept, on="sample", how="left", maintain_order="left")
+                .with_columns(pl.col("products").fill_null([]), pl.col("quantities").fill_null([]),
+                              pl.col("spend").fill_null([])))
+    return requests.drop("sample"), requests.get_column("sample").to_numpy()
+
+
+def rank_served(setup: EvalSetup, model: torch.nn.Module, features, *, batch_size: int = 512) -> Ranks:
+    """Ranks of every hidden target under a *served* model: its own vocabulary and serving features
+    (:class:`~retailsim_pipeline.prep.requests.ServingFeatures`), asked through
+    :func:`~retailsim_pipeline.evaluation.positions.request_logits` with :func:`position_requests`.
+
+    Targets are matched by product code: a product the model's vocabulary lacks is a miss (ranked last),
+    never another product. For the model the cache was built for, this equals :func:`rank_model`.
+    """
+    p = setup.positions
+    requests, sample = position_requests(setup)
+    token_of = {code: i for i, code in enumerate(features.product_codes) if i >= N_SPECIAL}
+    vocab = setup.cache.vocabulary().get_column("PROD_CODE").cast(pl.String).to_list()
+    target = np.array([token_of.get(vocab[t], -1) for t in p.target], dtype=np.int64)  # [P] in the model's ids
+    basket = np.searchsorted(sample, p.sample)  # [P] request row of each position
+    parts = []
+    for rows, logits, tokens in request_logits(model, features, requests, batch_size=batch_size):
+        lo, hi = np.searchsorted(basket, [rows[0], rows[-1] + 1])
+        row = torch.from_numpy(basket[lo:hi] - rows[0])
+        scores = logits.cpu()[row]
+        seen = tokens.cpu()[row]  # the request's own products (and PAD/MASK) are not candidates
+        counts = np.full(hi - lo, seen.shape[1], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        known = target[lo:hi] >= N_SPECIAL
+        ranks = target_ranks(scores, np.where(known, target[lo:hi], N_SPECIAL), offsets, seen.flatten().numpy())
+        n_candidates = ranks.n_candidates
+        # A product the model never saw: behind every candidate, so a miss at every K.
+        parts.append(Ranks(np.where(known, ranks.n_greater, n_candidates), np.where(known, ranks.n_ties, 0),
+                           n_candidates))
+    return Ranks.concat(parts)
+
+
+def rescore_model(setup: EvalSetup, served, device: str = "cpu") -> dict:
+    """Ranking metrics of another model (the champion) on the same positions, through its own vocabulary
+    and serving features (``served``: :class:`~retailsim_pipeline.tracking.serving.ServedModel`)."""
+    return ranking_metrics(rank_served(setup, served.model.to(device), served.features))

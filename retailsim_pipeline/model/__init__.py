@@ -7,7 +7,6 @@ from retailsim_pipeline.model.world_model import (
     WorldModel,
     count_parameters,
     no_decay_parameter_names,
-    top_k_products,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "no_decay_parameter_names",
     "selective_scan",
     "selective_scan_ref",
-    "top_k_products",
 ]

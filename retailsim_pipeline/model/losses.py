@@ -95,7 +95,7 @@ def exclude_visible(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """``logits`` [N_pred, V] (rows: ``batch.predict_mask`` in row-major order) with each basket's visible
     products — its real positions that are not predicted — set to -inf: the question trained is the one
     evaluated, "which product is missing?", whose answer is never a product already in view
-    (:func:`~retailsim_pipeline.model.world_model.top_k_products` and the evaluation exclude them too).
+    (the evaluation and the served ranking exclude them too).
     A product both visible and the answer (the same product on two lines) is never excluded."""
     predict_mask = batch.predict_mask
     rows = predict_mask.nonzero()[:, 0]  # [N_pred] basket of each predicted position

@@ -26,7 +26,6 @@ __all__ = [
     "WorldModel",
     "count_parameters",
     "no_decay_parameter_names",
-    "top_k_products",
 ]
 
 #: Features of a memory slot (WorldModel._slot_features) and the width of the context they are scored with.
@@ -71,8 +70,8 @@ class WorldModel(nn.Module):
     2. **Product fusion** ``product_fusion``: frozen ``product_table[token]`` (256) ‖ price (64) → Linear →
        [B, S, D], plus a trainable per-product residual ``product_residual[token]`` ([V, D], zero at init), then
        LayerNorm, plus a learned positional embedding ([max_basket_len + 1, D]: the extra slot is the position
-       ``len`` where :func:`top_k_products` appends its MASK). At MASK positions the table row is replaced by a
-       learned ``mask_embedding`` [256]; PAD positions are zeroed.
+       after a full basket, where ``evaluation.positions.completion_batch`` appends its MASK). At MASK
+       positions the table row is replaced by a learned ``mask_embedding`` [256]; PAD positions are zeroed.
        *Why the residual table:* the frozen 256-d table (PPMI-SVD + hierarchy, fit on the train split) is a
        good prior, especially for rare products, but it cannot learn what co-occurrence does not show (brand,
        price tier, substitutes). A zero-initialised trainable residual per product lets the model learn those;
@@ -128,7 +127,7 @@ class WorldModel(nn.Module):
         super().__init__()
         self.config = config
         D, V = config.d_model, config.n_products  # d_model, vocabulary size
-        self.n_positions = config.max_basket_len + 1  # + the slot top_k_products appends at position len
+        self.n_positions = config.max_basket_len + 1  # + the slot a completion batch appends after 50 visible lines
 
         if product_embeddings is None:
             table = torch.zeros(V, config.product_dim)
@@ -411,43 +410,3 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
                 or name.split(".")[-1] in ("A_log", "D")):
             names.add(name)
     return names
-
-
-@torch.no_grad()
-def top_k_products(model: WorldModel, tokens: torch.Tensor, price: torch.Tensor, context: torch.Tensor,
-                   attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """The k most likely next products of each basket: [B, k] int64 token ids, most likely first.
-
-    A MASK token is appended at position ``len`` of each basket (price zero, as at every position to predict)
-    and the model's logits there are ranked, excluding PAD/MASK/UNK and the products already in the basket.
-    Runs in eval mode (dropout off) and restores the model's mode afterwards.
-    """
-    B, S = tokens.shape  # batch, basket length
-    attention_mask = attention_mask.bool()
-    lengths = attention_mask.sum(dim=1)  # [B]
-    rows = torch.arange(B, device=tokens.device)
-    tokens_ext = torch.cat([tokens.masked_fill(~attention_mask, PAD), tokens.new_zeros(B, 1)], dim=1)
-    tokens_ext[rows, lengths] = MASK
-    mask_ext = torch.cat([attention_mask, attention_mask.new_zeros(B, 1)], dim=1)
-    mask_ext[rows, lengths] = True
-    price_ext = torch.cat([price.masked_fill(~attention_mask.unsqueeze(-1), 0.0),
-                           price.new_zeros(B, 1, price.shape[-1])], dim=1)
-    predict = torch.zeros_like(mask_ext)
-    predict[rows, lengths] = True
-
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(tokens_ext, price_ext, context, mask_ext, predict_mask=predict)["product_logits"].float()
-    finally:
-        model.train(was_training)
-    V = logits.shape[-1]
-    n_allowed = V - N_SPECIAL
-    if k > n_allowed:
-        raise ValueError(f"top_k_products: k={k} exceeds the {n_allowed} non-special products")
-    logits[:, :N_SPECIAL] = -math.inf
-    visible = tokens.masked_fill(~attention_mask, PAD)  # padding points at PAD, which is excluded anyway
-    logits.scatter_(1, visible, -math.inf)
-    if (torch.isfinite(logits).sum(dim=1) < k).any():
-        raise ValueError(f"top_k_products: k={k} exceeds the products not already in some basket")
-    return logits.topk(k, dim=1).indices  # [B, k]

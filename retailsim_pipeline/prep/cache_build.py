@@ -65,6 +65,13 @@ def _label_codes(frame: pl.DataFrame) -> np.ndarray:
 
 
 
+def line_log_price_ratio(unit: np.ndarray, tokens: np.ndarray, product_log_price: np.ndarray) -> np.ndarray:
+    """[L] float32 log(unit price / the product's median train price); an unknown unit price (NaN: a served
+    request without spend) counts as the median (ratio 0)."""
+    ratio = (np.log(np.maximum(unit, 1e-3)) - product_log_price[tokens]).astype(np.float32)
+    return np.where(np.isnan(ratio), np.float32(0.0), ratio)
+
+
 def build_split_features(
     frames: dict[str, pl.DataFrame], customers: pl.DataFrame, stores: pl.DataFrame, trip: pl.DataFrame,
     trend_scale: float,
@@ -191,7 +198,7 @@ def build_tensor_cache(
             save(name, getattr(tables, name))
         for s in SPLITS:
             off, tok, unit, qty = csr[s]
-            ratio = (np.log(np.maximum(unit, 1e-3)) - tables.product_log_price[tok]).astype(np.float32)
+            ratio = line_log_price_ratio(unit, tok, tables.product_log_price)
             save(f"{s}/offsets", off)
             save(f"{s}/tokens", tok)
             save(f"{s}/line_log_price_ratio", ratio)

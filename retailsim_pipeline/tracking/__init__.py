@@ -17,6 +17,7 @@ from retailsim_pipeline.tracking.registry import (
     RegisteredVersion,
     get_alias_version,
     load_champion,
+    load_served_model,
     load_world_model,
     model_artifact_location,
     register_world_model,
@@ -41,11 +42,12 @@ from retailsim_pipeline.tracking.runs import (
 )
 from retailsim_pipeline.tracking.serving import (
     DEFAULT_TOP_K,
+    ServedModel,
     WorldModelPyfunc,
-    encode_baskets,
     log_world_model,
+    rank_requests,
+    read_served_model,
     read_world_model,
-    top_k_codes,
 )
 
 __all__ = [
@@ -57,15 +59,16 @@ __all__ = [
     "MetricsLogger",
     "MlflowLogger",
     "RegisteredVersion",
+    "ServedModel",
     "WorldModelPyfunc",
     "close_orphaned_runs",
     "default_tracking_uri",
-    "encode_baskets",
     "flatten_params",
     "get_alias_version",
     "get_or_create_experiment",
     "global_tracking_uri",
     "load_champion",
+    "load_served_model",
     "load_world_model",
     "log_evaluation",
     "log_world_model",
@@ -73,9 +76,10 @@ __all__ = [
     "metric_name",
     "mlflow_client",
     "model_artifact_location",
+    "rank_requests",
+    "read_served_model",
     "read_world_model",
     "register_world_model",
     "registered_model_uri",
     "set_alias",
-    "top_k_codes",
 ]

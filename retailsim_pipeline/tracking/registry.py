@@ -3,8 +3,9 @@
 :func:`register_world_model` turns a logged model (``models:/m-<id>``, from
 :func:`~retailsim_pipeline.tracking.serving.log_world_model`) into a new version and points an alias at
 it (``challenger``; the evaluation moves ``champion`` with :func:`set_alias`). :func:`load_world_model`
-gives back the torch module and vocabulary of a logged or registered model for batched scoring,
-reading only its three artifacts (the pyfunc wrapper is not unpickled).
+gives back the torch module and vocabulary of a logged or registered model for batched scoring, and
+:func:`load_served_model` the module with its serving features (what the pyfunc serves), reading only
+the artifacts (the pyfunc wrapper is not unpickled).
 
 Registered URIs are resolved here with an explicit client on our store: MLflow's own resolution of
 ``models:/<name>@<alias>`` asks the process-global registry (mlflow 3.17).
@@ -21,11 +22,19 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from retailsim_pipeline.tracking.runs import default_tracking_uri, global_tracking_uri, mlflow_client
-from retailsim_pipeline.tracking.serving import read_world_model
+from retailsim_pipeline.tracking.serving import ServedModel, read_served_model, read_world_model
 
 log = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "retailsim-world-model"
+REGISTERED_DESCRIPTION = (
+    "RetailSim world model: given what a store system knows about a basket being filled (customer card, "
+    "store, date and hour, the products so far), ranks the products most likely to complete it. Input "
+    "columns: customer_code (optional), store_code, timestamp (ISO), products, optional quantities, spend, "
+    "basket_id; output: top_k product codes, their scores and the count of unknown products; param k. "
+    "Each version is trained on one tensor cache; the alias 'champion' marks the version serving, moved "
+    "only when a challenger beats it and the strongest simple baseline on the same test positions."
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ def register_world_model(
     client = mlflow_client(tracking_uri)
     try:
         client.create_registered_model(
-            name, description="RetailSim world model: basket (+ context) → next products. See DESIGN §5."
+            name, description=REGISTERED_DESCRIPTION
         )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -135,18 +144,39 @@ def load_world_model(model_uri: str, *, tracking_uri: str | None = None, device:
         return read_world_model(local, device=device)
 
 
+def load_served_model(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> ServedModel:
+    """:class:`~retailsim_pipeline.tracking.serving.ServedModel` (module, vocabulary, serving features) of a
+    logged or registered model: what its pyfunc serves, without unpickling the wrapper. URIs as
+    :func:`load_world_model`."""
+    tracking_uri = tracking_uri or default_tracking_uri()
+    location = model_artifact_location(model_uri, tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="world_model_") as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=tmp, tracking_uri=tracking_uri
+            )
+        )
+        return read_served_model(local, device=device)
+
+
 def load_champion(version: str, *, tracking_uri: str | None = None, device: str = "cpu"):
-    """``(torch module, None)`` for registered ``version``, or ``(None, why)`` when its weights do not fit
-    this code's :class:`~retailsim_pipeline.model.world_model.WorldModel` (a model trained for an older
-    feature layout: its state dict misses or mis-sizes parameters). Such a champion cannot be scored on
-    today's cache, so the caller compares the challenger with the baselines alone."""
+    """``(ServedModel, None)`` for registered ``version``, or ``(None, why)`` when it cannot be re-scored:
+    its weights do not fit this code's :class:`~retailsim_pipeline.model.world_model.WorldModel` (a model
+    trained for an older feature layout: its state dict misses or mis-sizes parameters), or it was logged
+    without serving features. The champion is re-scored through its own vocabulary and features
+    (:func:`~retailsim_pipeline.evaluation.evaluate.rescore_model`); when it cannot be, the caller
+    compares the challenger with the baselines alone."""
     try:
-        model, _ = load_world_model(registered_model_uri(version), tracking_uri=tracking_uri, device=device)
+        served = load_served_model(registered_model_uri(version), tracking_uri=tracking_uri, device=device)
     except RuntimeError as err:  # load_state_dict(strict=True): missing/unexpected keys, size mismatch
         first = " ".join(str(err).split())[:300]
         log.warning("champion v%s cannot be scored by this version of the model code: %s", version, first)
         return None, f"champion v{version} was trained for another model layout and cannot be re-scored ({first})"
-    return model, None
+    if served.features is None:
+        why = f"champion v{version} was logged without serving features and cannot be re-scored"
+        log.warning(why)
+        return None, why
+    return served, None
 
 
 def model_artifact_location(model_uri: str, *, tracking_uri: str | None = None) -> str:

@@ -1,42 +1,49 @@
 """The world model as an MLflow pyfunc: what a logged model holds, what it takes and what it returns.
 
-The contract of a served model (DESIGN §8), which every serving model added here keeps:
+The contract of a served model, which every serving model added here keeps:
 
 - **Logged as** a pyfunc *LoggedModel* (``models:/m-<id>``) attached to its training run by
   :func:`log_world_model`. Its artifacts are ``config.json`` (the :class:`ModelConfig`),
-  ``weights.safetensors`` (the state dict) and ``vocabulary.json`` (the product code of every token
-  id, the specials first); it carries an explicit signature (:func:`_signature`, written out rather
-  than inferred), an input example and pinned pip requirements (:func:`_pip_requirements`: torch,
-  safetensors, numpy, pandas, pydantic and this project; no polars, no dagster).
+  ``weights.safetensors`` (the state dict), ``vocabulary.json`` (the product code of every token id, the
+  specials first) and ``features/`` (:class:`~retailsim_pipeline.prep.requests.ServingFeatures`: the
+  tensor cache's fitted tables and the basket log, in JSON, parquet and safetensors). It carries an
+  explicit signature (:func:`_signature`, written out rather than inferred), an input example and pinned
+  pip requirements (:func:`_pip_requirements`).
 - **No pickled state.** ``load_context`` rebuilds ``WorldModel(ModelConfig(**config.json))`` from the
-  safetensors weights (strict load, eval mode, CPU). Unpickling runs arbitrary code and a pickled
-  ``nn.Module`` breaks as soon as the class changes; safetensors are plain tensors, safe to load from
-  anyone. MLflow's ``pytorch`` flavor is not used: it either pickles the module or exports a
-  ``torch.export`` graph that loads back as a ``GraphModule`` instead of our class.
+  safetensors weights (strict load, eval mode, CPU) and reads the features folder. Unpickling runs
+  arbitrary code and a pickled ``nn.Module`` breaks as soon as the class changes; safetensors are plain
+  tensors, safe to load from anyone. MLflow's ``pytorch`` flavor is not used: it either pickles the
+  module or exports a ``torch.export`` graph that loads back as a ``GraphModule`` instead of our class.
 - **The class path is part of every logged model.** MLflow cloudpickles the small, stateless wrapper
   (``python_model.pkl``) *by reference*: it records ``retailsim_pipeline.tracking.serving.WorldModelPyfunc``
   and imports it when the model is loaded, which is why this project is one of the model's pip
   requirements. Moving or renaming a serving class breaks every model logged with the old path unless
   that path still resolves: models logged before ``tracking`` became a package name
   ``retailsim_pipeline.tracking.WorldModelPyfunc``, which ``tracking/__init__.py`` re-exports for them.
-- **Input** (:class:`WorldModelPyfunc`): a DataFrame with ``products`` (required: list of product
-  codes, the visible basket; cut to ``max_basket_len``; unknown codes map to UNK) and ``context``
-  (optional: 400 floats per row, customer | temporal | store | trip; zeros when absent or null).
-  Price features are zero: a served basket has no observed prices.
-- **Output**: a DataFrame with ``top_k``: per row a list of K product codes, best first, never a special
-  token and never a product of the basket. **Param** ``k`` (default :data:`DEFAULT_TOP_K`), clipped to
-  1 … number of products; a ``k`` above the products left outside some row's basket is a ``ValueError``.
-- **One scoring function.** The wrapper's ``predict`` is :func:`top_k_codes` on the loaded module, so
-  batch scoring and tests can score the raw module (``registry.load_world_model``) exactly as served.
+- **Input**: what a store system knows while a basket is filled, one row per basket: ``customer_code``
+  (optional), ``store_code``, ``timestamp`` (ISO text, date and hour), ``products`` (the basket so far,
+  product codes), optionally ``quantities`` and ``spend`` per line and the till's ``basket_id``
+  (:mod:`~retailsim_pipeline.prep.requests` has the exact rules). The customer's memory, trip context,
+  profile, the store and the time features are computed from the model's own ``features/`` by the
+  functions that built its tensor cache.
+- **Output**: a DataFrame with ``top_k`` (per row K product codes, best first, never a special token and
+  never a product of the basket), ``scores`` (their logits) and ``unknown_products`` (how many of the
+  row's products the model's vocabulary does not hold; they enter as UNK). **Param** ``k`` (default
+  :data:`DEFAULT_TOP_K`), clipped to 1 … number of products; a ``k`` above the products left outside
+  some row's basket is a ``ValueError``.
+- **One scoring function.** ``predict`` is :func:`rank_requests`, which asks the model exactly what the
+  evaluation asks it (:func:`~retailsim_pipeline.evaluation.positions.completion_batch`: the visible
+  products, then one slot to fill). So the served ranking of a basket is the evaluated one, and batch
+  scoring (``retailsim predict``) and the champion's re-scoring go through the same function.
 
 Loading a model back for batched scoring, and the registry, are in :mod:`retailsim_pipeline.tracking.registry`.
 """
 
 import json
 import logging
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -49,18 +56,19 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
-from retailsim_pipeline.config import N_SPECIAL, PAD, SPECIAL_CODES, UNK, ModelConfig
+from retailsim_pipeline.config import N_SPECIAL, SPECIAL_CODES, ModelConfig
 from retailsim_pipeline.tracking.runs import MlflowLogger, default_tracking_uri, global_tracking_uri, mlflow_client
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
 
-# Artifact file names inside the logged model (``artifacts/<name>``; ``context.artifacts`` keys are
-# ``config``, ``weights``, ``vocabulary``).
+# Artifact names inside the logged model (``artifacts/<name>``; ``context.artifacts`` keys are
+# ``config``, ``weights``, ``vocabulary``, ``features``).
 _CONFIG = "config.json"
 _WEIGHTS = "weights.safetensors"
 _VOCABULARY = "vocabulary.json"
+_FEATURES = "features"
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,79 +105,81 @@ def read_world_model(artifacts_dir: str | Path, device: str = "cpu"):
 # --------------------------------------------------------------------------------------------
 
 
-def encode_baskets(
-    baskets: Sequence[Sequence[str]],
-    token_of: Mapping[str, int],
-    max_len: int,
-):
-    """Product-code baskets → ``tokens`` [B, S] int64 (PAD = 0, unknown codes = UNK) and ``attention_mask`` [B, S].
+@dataclass
+class ServedModel:
+    """A logged model read back: the torch module (eval mode), its vocabulary and its serving features."""
 
-    Baskets are cut to their first ``max_len`` products (the seed's rule for training baskets). S is at
-    least 1, so an empty basket is one padding position.
+    model: Any
+    vocabulary: list[str]
+    features: Any  # ServingFeatures, or None for a model logged without them
+
+    def rank(self, requests, k: int = DEFAULT_TOP_K, **kwargs) -> pd.DataFrame:
+        if self.features is None:
+            raise ValueError("this model was logged without its serving features (artifacts/features): "
+                             "it cannot turn requests into inputs; log it again with log_world_model(features=…)")
+        return rank_requests(self.model, self.features, requests, k, **kwargs)
+
+
+def read_served_model(artifacts_dir: str | Path, device: str = "cpu") -> ServedModel:
+    """:class:`ServedModel` from a downloaded model's ``artifacts/`` folder."""
+    from retailsim_pipeline.prep.requests import ServingFeatures
+
+    folder = Path(artifacts_dir)
+    model, vocabulary = read_world_model(folder, device=device)
+    features = ServingFeatures.load(folder / _FEATURES) if (folder / _FEATURES).is_dir() else None
+    return ServedModel(model, vocabulary, features)
+
+
+def rank_requests(model, features, requests, k: int = DEFAULT_TOP_K, *, batch_size: int = 512,
+                  device: str | None = None) -> pd.DataFrame:
+    """The served ranking: requests (see :mod:`~retailsim_pipeline.prep.requests`) → ``top_k``, ``scores``,
+    ``unknown_products`` per row, in request order; the scores are
+    :func:`~retailsim_pipeline.evaluation.positions.request_logits`, the evaluation's own computation.
     """
     import torch
 
-    ids = [[token_of.get(str(code), UNK) for code in list(basket)[:max_len]] for basket in baskets]
-    S = max(1, max((len(b) for b in ids), default=0))
-    tokens = torch.full((len(ids), S), PAD, dtype=torch.long)
-    for i, row in enumerate(ids):
-        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return tokens, tokens != PAD
+    from retailsim_pipeline.evaluation.positions import request_logits
 
-
-def top_k_codes(model, vocabulary: Sequence[str], frame, k: int = DEFAULT_TOP_K, token_of=None) -> list[list[str]]:
-    """The pyfunc's scoring on a loaded torch module: DataFrame (``products``, ``context``?) → K codes per row.
-
-    Shared by :class:`WorldModelPyfunc` and callers that hold the raw module (tests, batch scoring).
-    """
-    import numpy as np
-    import torch
-
-    from retailsim_pipeline.model.world_model import top_k_products
-
-    cfg = model.config
-    token_of = token_of or {code: i for i, code in enumerate(vocabulary) if i >= N_SPECIAL}
-    k = max(1, min(k, len(vocabulary) - N_SPECIAL))
-    baskets = list(frame["products"])
-    # The model has max_basket_len + 1 positions: the extra one is for the MASK top_k_products appends.
-    tokens, attention_mask = encode_baskets(baskets, token_of, max_len=cfg.max_basket_len)
-    B, S = tokens.shape  # baskets, longest basket
-    price = torch.zeros(B, S, cfg.price_dim)
-    context = torch.zeros(B, cfg.context_dim)
-    if "context" in frame.columns:
-        for i, row in enumerate(frame["context"]):
-            if row is None or (isinstance(row, float) and math.isnan(row)):
-                continue
-            vec = np.asarray(row, dtype=np.float32)
-            if vec.shape != (cfg.context_dim,):
-                raise ValueError(f"row {i}: context has shape {vec.shape}, expected ({cfg.context_dim},)")
-            context[i] = torch.from_numpy(vec)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        ids = top_k_products(
-            model, tokens.to(device), price.to(device), context.to(device), attention_mask.to(device), k
-        )
-    return [[vocabulary[int(t)] for t in row] for row in ids.cpu()]
+    vocabulary = features.product_codes
+    V = len(vocabulary)
+    if V != model.config.n_products:
+        raise ValueError(f"the serving features hold {V} tokens, the model {model.config.n_products}")
+    k = max(1, min(int(k), V - N_SPECIAL))
+    unknown = features.count_unknown(requests)
+    top, scores = [], []
+    for rows, logits, tokens in request_logits(model, features, requests, batch_size=batch_size, device=device):
+        logits[:, :N_SPECIAL] = float("-inf")
+        logits.scatter_(1, tokens, float("-inf"))  # the basket's own products (PAD and MASK are specials)
+        allowed = torch.isfinite(logits).sum(dim=1)
+        if int(allowed.min()) < k:
+            i = int(rows[int(allowed.argmin())])
+            raise ValueError(f"k={k} exceeds the {int(allowed.min())} products outside request row {i}'s basket")
+        value, index = logits.topk(k, dim=1)
+        top += [[vocabulary[int(t)] for t in row] for row in index.cpu()]
+        scores += value.cpu().tolist()
+    return pd.DataFrame({"top_k": top, "scores": scores, "unknown_products": unknown})
 
 
 class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
-    """Serves the world model as "basket (+ context) → top-k next products" (see the module docstring).
+    """Serves the world model as "what the client knows about a basket → top-k next products" (see the
+    module docstring).
 
-    ``load_context`` rebuilds the torch module from the logged artifacts; ``predict`` is
-    :func:`top_k_codes`. The instance holds no state before ``load_context``, so the cloudpickled
-    wrapper is a reference to this class and nothing more.
+    ``load_context`` rebuilds the torch module and reads the serving features from the logged artifacts;
+    ``predict`` is :func:`rank_requests`. The instance holds no state before ``load_context``, so the
+    cloudpickled wrapper is a reference to this class and nothing more.
     """
 
     def load_context(self, context) -> None:
+        from retailsim_pipeline.prep.requests import ServingFeatures
+
         self.model, self.vocabulary = _read_artifacts(
             context.artifacts["config"], context.artifacts["weights"], context.artifacts["vocabulary"]
         )
-        self.token_of = {code: i for i, code in enumerate(self.vocabulary) if i >= N_SPECIAL}
+        self.features = ServingFeatures.load(Path(context.artifacts["features"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", DEFAULT_TOP_K))
-        top = top_k_codes(self.model, self.vocabulary, model_input, k, token_of=self.token_of)
-        return pd.DataFrame({"top_k": top})
+        return rank_requests(self.model, self.features, model_input, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,16 +188,21 @@ class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _signature(k: int = DEFAULT_TOP_K) -> ModelSignature:
-    """Input ``products`` (required) and ``context`` (optional), output ``top_k``, param ``k``.
-
-    Written out rather than inferred from the input example: inference would make ``context`` required.
-    """
+    """The request columns of :mod:`~retailsim_pipeline.prep.requests` in, ``top_k``/``scores``/
+    ``unknown_products`` out, param ``k``. Written out rather than inferred from the input example:
+    inference would make the optional columns required."""
     return ModelSignature(
         inputs=Schema([
+            ColSpec(DataType.string, "customer_code", required=False),
+            ColSpec(DataType.string, "store_code"),
+            ColSpec(DataType.string, "timestamp"),
             ColSpec(Array(DataType.string), "products"),
-            ColSpec(Array(DataType.double), "context", required=False),
+            ColSpec(Array(DataType.long), "quantities", required=False),
+            ColSpec(Array(DataType.double), "spend", required=False),
+            ColSpec(DataType.long, "basket_id", required=False),
         ]),
-        outputs=Schema([ColSpec(Array(DataType.string), "top_k")]),
+        outputs=Schema([ColSpec(Array(DataType.string), "top_k"), ColSpec(Array(DataType.double), "scores"),
+                        ColSpec(DataType.long, "unknown_products")]),
         params=ParamSchema([ParamSpec("k", DataType.long, k)]),
     )
 
@@ -195,7 +210,7 @@ def _signature(k: int = DEFAULT_TOP_K) -> ModelSignature:
 def _pip_requirements() -> list[str]:
     """Pinned to what is installed, so MLflow never pip-freezes or infers (slow, may hit the network)."""
     reqs = []
-    for dist in ("torch", "safetensors", "numpy", "pandas", "pydantic", "retailsim_pipeline"):
+    for dist in ("torch", "safetensors", "numpy", "pandas", "polars", "pydantic", "retailsim_pipeline"):
         try:
             reqs.append(f"{dist}=={importlib_metadata.version(dist)}")
         except importlib_metadata.PackageNotFoundError:
@@ -217,6 +232,20 @@ def _full_vocabulary(vocabulary: Sequence[str], n_products: int) -> list[str]:
     return vocab
 
 
+def _input_example(features) -> pd.DataFrame:
+    """One request: the log's last basket (customer, store, time, first two products, their spend)."""
+    last = features.baskets.sort("date", "hour", "basket_id").tail(1).row(0, named=True)
+    return pd.DataFrame({
+        "customer_code": [None if last["cust_code"] is None else str(last["cust_code"])],
+        "store_code": [str(last["store_code"])],
+        "timestamp": [f"{last['date'].isoformat()}T{int(last['hour']):02d}:00:00"],
+        "products": [[str(c) for c in last["products"][:2]]],
+        "quantities": [[int(q) for q in last["quantity"][:2]]],
+        "spend": [[float(v) for v in last["spend"][:2]]],
+    }) if features.baskets.height else pd.DataFrame({"store_code": ["0"], "timestamp": ["2007-01-01T10:00:00"],
+                                                        "products": [[]]})
+
+
 def _run_id_of(logger_or_run_id: MlflowLogger | str) -> tuple[str, str]:
     if isinstance(logger_or_run_id, MlflowLogger):
         return logger_or_run_id.run_id, logger_or_run_id.tracking_uri
@@ -227,7 +256,7 @@ def log_world_model(
     logger_or_run_id: MlflowLogger | str,
     model_config: Mapping[str, Any] | ModelConfig,
     state_dict: Mapping[str, Any],
-    vocabulary: Sequence[str],
+    features,
     *,
     name: str = "world_model",
     input_example=None,
@@ -236,11 +265,12 @@ def log_world_model(
     """Log the world model as a pyfunc LoggedModel of the training run; returns its ``models:/m-<id>`` URI.
 
     Artifacts: ``config.json`` (``model_config``), ``weights.safetensors`` (``state_dict`` as CPU copies:
-    safetensors refuses tensors that share storage) and ``vocabulary.json`` (code of
-    every token id; a products-only list gets the three specials prepended). The model carries the
-    signature of :func:`_signature`, an input example (two vocabulary products by default) and pinned
-    pip requirements. The LoggedModel is created in the run's experiment and recorded as the run's
-    output at ``step``, with the run's params.
+    safetensors refuses tensors that share storage), ``vocabulary.json`` (the code of every token id) and
+    ``features/`` (``features``: the :class:`~retailsim_pipeline.prep.requests.ServingFeatures` of the
+    tensor cache the model was trained on). The model carries the signature of :func:`_signature`, an
+    input example (by default the log's last basket's customer, store, time and first two products;
+    MLflow scores it, a check of the whole path) and pinned pip requirements. The LoggedModel is created
+    in the run's experiment and recorded as the run's output at ``step``, with the run's params.
     """
     from safetensors.torch import save_file
 
@@ -248,9 +278,9 @@ def log_world_model(
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     config = ModelConfig.model_validate(dict(model_config) if isinstance(model_config, Mapping) else model_config)
-    vocab = _full_vocabulary(vocabulary, config.n_products)
+    vocab = _full_vocabulary(features.product_codes, config.n_products)
     if input_example is None:
-        input_example = pd.DataFrame({"products": [vocab[N_SPECIAL : N_SPECIAL + 2]]})
+        input_example = _input_example(features)
 
     with tempfile.TemporaryDirectory(prefix="world_model_") as tmp:
         config_path = Path(tmp, _CONFIG)
@@ -259,6 +289,8 @@ def log_world_model(
         config_path.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
         vocabulary_path.write_text(json.dumps(vocab))
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(weights_path))
+        features_path = Path(tmp, _FEATURES)
+        features.save(features_path)
         # Rebuild once from the files (strict load) before anything is logged: MLflow's own check of the
         # input example only warns, so a config/weights mismatch would otherwise be registered silently.
         _build_world_model(config.model_dump(), weights_path)
@@ -283,6 +315,7 @@ def log_world_model(
                     "config": str(config_path),
                     "weights": str(weights_path),
                     "vocabulary": str(vocabulary_path),
+                    "features": str(features_path),
                 },
                 signature=_signature(),
                 input_example=input_example,

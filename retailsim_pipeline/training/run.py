@@ -115,9 +115,12 @@ def _export(metrics, trainer: Trainer, result, out_dir: Path) -> dict:
     metrics.log_dict(trainer.config.model_dump(mode="json"), "training_config.json")
     metrics.log_metrics({"best_val_loss": result.best_val_loss, "samples_per_s": result.samples_per_s,
                          "wall_seconds": result.wall_seconds, "parameters": result.parameters}, step=result.steps)
-    vocabulary = trainer.cache.vocabulary().get_column("PROD_CODE").to_list()
+    from retailsim_pipeline.prep.requests import ServingFeatures
+
+    # What the served model computes its inputs from: the cache's tables and the basket log of its samples.
+    features = ServingFeatures.from_cache(trainer.cache)
     model_config = trainer.model.config.model_dump(mode="json")
-    model_uri = tracking.log_world_model(metrics, model_config, checkpoint["ema"], vocabulary)
+    model_uri = tracking.log_world_model(metrics, model_config, checkpoint["ema"], features)
     return {"mlflow_run_id": metrics.run_id, "mlflow_run_url": metrics.run_url(), "model_uri": model_uri}
 
 

@@ -17,7 +17,6 @@ from retailsim_pipeline.model.world_model import (
     WorldModel,
     count_parameters,
     no_decay_parameter_names,
-    top_k_products,
 )
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
@@ -346,37 +345,6 @@ def test_product_table_from_a_read_only_numpy_array():
 def test_product_table_shape_is_checked():
     with pytest.raises(ValueError, match="n_products"):
         WorldModel(TINY, product_embeddings=torch.zeros(V + 1, TINY.product_dim))
-
-
-def test_top_k_products_excludes_visible_and_special_tokens():
-    model, batch = make_model(), make_batch()
-    k = 10
-    model.train()  # top_k_products switches to eval itself and restores the mode
-    top = top_k_products(model, batch.tokens, batch.price, batch.context, batch.attention_mask, k)
-    assert model.training
-    assert top.shape == (len(batch), k) and top.dtype == torch.int64
-    for b in range(len(batch)):
-        ids = top[b].tolist()
-        assert len(set(ids)) == k
-        visible = set(batch.tokens[b][batch.attention_mask[b]].tolist())
-        assert not set(ids) & (visible | {PAD, MASK, UNK})
-    # It ranks exactly the logits of a MASK appended at position len.
-    B, S = batch.tokens.shape
-    lengths = batch.attention_mask.sum(1)
-    tokens = torch.cat([batch.tokens, torch.zeros(B, 1, dtype=torch.long)], dim=1)
-    tokens[torch.arange(B), lengths] = MASK
-    mask = torch.arange(S + 1)[None] <= lengths[:, None]
-    predict = torch.arange(S + 1)[None] == lengths[:, None]
-    price = torch.cat([batch.price, torch.zeros(B, 1, 64)], dim=1)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens, price, batch.context, mask, predict_mask=predict)["product_logits"]
-    best = logits.gather(1, top[:, :1]).squeeze(1)
-    for b in range(B):
-        allowed = torch.ones(V, dtype=torch.bool)
-        allowed[:N_SPECIAL] = False
-        allowed[batch.tokens[b][batch.attention_mask[b]]] = False
-        assert best[b] == logits[b][allowed].max()
 
 
 def test_demo_preset_step_time_on_cpu():
