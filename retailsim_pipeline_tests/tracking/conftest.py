@@ -1,4 +1,5 @@
-"""A real sqlite MLflow store in tmp_path for every tracking test, and two logged tiny models."""
+"""A real sqlite MLflow store in tmp_path for every tracking test, and two logged tiny models with the
+serving features of the tiny data's tensor cache."""
 
 import shutil
 from dataclasses import dataclass
@@ -8,8 +9,23 @@ import pytest
 from mlflow import MlflowClient
 
 from retailsim_pipeline.model.world_model import WorldModel
+from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.requests import ServingFeatures
 from retailsim_pipeline.tracking import MlflowLogger, log_world_model
-from retailsim_pipeline_tests.tracking.world_models import VOCABULARY, tiny_model
+from retailsim_pipeline_tests.tracking.world_models import tiny_model
+
+
+@dataclass
+class TinyServing:
+    cache: TensorCache
+    features: ServingFeatures
+    samples: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_serving(tiny_prepped) -> TinyServing:
+    cache = TensorCache.latest(tiny_prepped.cache)
+    return TinyServing(cache, ServingFeatures.from_cache(cache, tiny_prepped.samples), tiny_prepped.samples)
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +53,15 @@ class LoggedModels:
     experiment_id: str
     models: list[WorldModel]  # seeds 0 and 1, same config
     uris: list[str]  # their models:/m-<id>, in the same order
+    serving: TinyServing
 
 
 @pytest.fixture
-def logged_models(tracking_uri) -> LoggedModels:
+def logged_models(tracking_uri, tiny_serving) -> LoggedModels:
     """Two tiny models logged by :func:`log_world_model` in one finished training run."""
-    models = [tiny_model(0), tiny_model(1)]
+    models = [tiny_model(0, tiny_serving.cache), tiny_model(1, tiny_serving.cache)]
     with MlflowLogger(tracking_uri, system_metrics=False) as logger:
         logger.log_params({"model": models[0].config.model_dump()})
-        uris = [log_world_model(logger, models[0].config.model_dump(), m.state_dict(), VOCABULARY) for m in models]
-    return LoggedModels(logger.run_id, logger.experiment_id, models, uris)
+        uris = [log_world_model(logger, models[0].config.model_dump(), m.state_dict(), tiny_serving.features)
+                for m in models]
+    return LoggedModels(logger.run_id, logger.experiment_id, models, uris, tiny_serving)

@@ -3,23 +3,20 @@
 import shutil
 
 import mlflow
-import pandas as pd
 import pytest
 import torch
 
 from retailsim_pipeline import tracking
-from retailsim_pipeline.config import SPECIAL_CODES
 from retailsim_pipeline.model.world_model import WorldModel
 from retailsim_pipeline.tracking import (
     REGISTERED_MODEL,
     get_alias_version,
     load_world_model,
+    rank_requests,
     register_world_model,
     set_alias,
 )
-from retailsim_pipeline_tests.tracking.world_models import VOCABULARY
-
-FULL_VOCABULARY = [*SPECIAL_CODES, *VOCABULARY]
+from retailsim_pipeline_tests.tracking.world_models import client_requests
 
 
 def test_versions_and_aliases(tracking_uri, logged_models):
@@ -39,12 +36,12 @@ def test_versions_and_aliases(tracking_uri, logged_models):
     assert tracking.registered_model_uri(v2.version) == "models:/retailsim-world-model/2"
 
     # Serving by alias: the alias really moved to v2's model.
-    baskets = pd.DataFrame({"products": [VOCABULARY[:3], [VOCABULARY[5]], []]})
+    requests = client_requests(logged_models.serving.samples, n=3)
     served = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@challenger")
-    top = [list(t) for t in served.predict(baskets)["top_k"]]
-    models = logged_models.models
-    assert top == tracking.top_k_codes(models[1], FULL_VOCABULARY, baskets)
-    assert top != tracking.top_k_codes(models[0], FULL_VOCABULARY, baskets)
+    top = [list(t) for t in served.predict(requests)["top_k"]]
+    models, features = logged_models.models, logged_models.serving.features
+    assert top == [list(t) for t in rank_requests(models[1], features, requests)["top_k"]]
+    assert top != [list(t) for t in rank_requests(models[0], features, requests)["top_k"]]
 
 
 def test_load_world_model_from_the_explicit_store(tracking_uri, logged_models, empty_store, tmp_path, monkeypatch):
@@ -57,7 +54,7 @@ def test_load_world_model_from_the_explicit_store(tracking_uri, logged_models, e
     assert get_alias_version("champion") is None
     module, vocabulary = load_world_model(f"models:/{REGISTERED_MODEL}@champion", tracking_uri=tracking_uri)
     assert isinstance(module, WorldModel) and not module.training
-    assert vocabulary == FULL_VOCABULARY
+    assert vocabulary == logged_models.serving.features.product_codes
     for key, value in models[0].state_dict().items():
         torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
     for uri in (uris[1], v2.uri):
@@ -82,8 +79,9 @@ def test_a_champion_of_an_older_layout_is_reported_not_loaded(tracking_uri, logg
     from retailsim_pipeline.model import world_model
 
     version = register_world_model(logged_models.uris[0], tracking_uri=tracking_uri).version
-    model, why = tracking.load_champion(version, tracking_uri=tracking_uri)
-    assert why is None and isinstance(model, WorldModel)
+    served, why = tracking.load_champion(version, tracking_uri=tracking_uri)
+    assert why is None and isinstance(served.model, WorldModel)
+    assert served.features.product_codes == logged_models.serving.features.product_codes
 
     class Newer(WorldModel):  # today's code, one parameter more than the logged weights hold
         def __init__(self, *args, **kwargs):
