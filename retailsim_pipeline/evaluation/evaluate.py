@@ -279,7 +279,10 @@ def rank_served(setup: EvalSetup, model: torch.nn.Module, features, *, batch_siz
         offsets = np.concatenate([[0], np.cumsum(counts)])
         known = target[lo:hi] >= N_SPECIAL
         ranks = target_ranks(scores, np.where(known, target[lo:hi], N_SPECIAL), offsets, seen.flatten().numpy())
-        n_candidates = ranks.n_candidates
+        # A miss is ranked with N_SPECIAL standing in for its target, which makes that token a candidate
+        # even where it is one of the request's own products: then it is one candidate too many.
+        stand_in_seen = (seen == N_SPECIAL).any(dim=1).numpy()
+        n_candidates = np.where(known, ranks.n_candidates, ranks.n_candidates - stand_in_seen)
         # A product the model never saw: behind every candidate, so a miss at every K.
         parts.append(Ranks(np.where(known, ranks.n_greater, n_candidates), np.where(known, ranks.n_ties, 0),
                            n_candidates))

@@ -183,6 +183,9 @@ class ServingFeatures:
                 if row is None:
                     out.append([default] * int(k))
                     continue
+                if isinstance(row, str) or not hasattr(row, "__len__"):
+                    raise ValueError(f"requests row {i}, column {name!r}: expected a list (one value per product), "
+                                     f"got {row!r}")
                 if len(row) != k:
                     raise ValueError(f"requests row {i}, column {name!r}: {len(row)} values for {k} products")
                 out.append([default if v is None else v for v in row])
@@ -330,6 +333,12 @@ def _frame_of(requests) -> pl.DataFrame:
     if extra:
         raise ValueError(f"requests: unknown column(s) {extra}; expected {list(REQUEST_COLUMNS)}")
     data = {c: [plain(r.get(c)) for r in records] for c in columns}
+    # polars would read a text cell of a list column as a list of characters, and fail on a number
+    # without naming the row: reject both here.
+    for c in ("products", "quantities", "spend"):
+        for i, value in enumerate(data.get(c, ())):
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"requests row {i}, column {c!r}: expected a list, got {value!r}")
     schema = {"customer_code": pl.String, "store_code": pl.String, "products": pl.List(pl.String),
               "quantities": pl.List(pl.Int64), "spend": pl.List(pl.Float64), "basket_id": pl.Int64}
     try:
