@@ -193,12 +193,15 @@ class ServingFeatures:
 
         timestamp = frame.get_column("timestamp")
         if timestamp.dtype == pl.String:
-            parsed = timestamp.str.to_datetime(strict=False)
+            # The store's local time as written: a trailing UTC offset is dropped, not applied.
+            parsed = timestamp.str.replace(r"(Z|[+-]\d{2}:?\d{2})$", "").str.to_datetime(strict=False)
             bad = parsed.is_null() & timestamp.is_not_null()
             if bad.any() or timestamp.is_null().any():
                 i = int((bad | timestamp.is_null()).arg_max())
                 raise ValueError(f"requests row {i}, column 'timestamp': {timestamp[i]!r} is not an ISO date-time")
             timestamp = parsed
+        elif isinstance(timestamp.dtype, pl.Datetime) and timestamp.dtype.time_zone is not None:
+            timestamp = timestamp.dt.replace_time_zone(None)  # the wall-clock time in its own zone
         elif timestamp.dtype == pl.Date:
             timestamp = timestamp.cast(pl.Datetime)
         elif not isinstance(timestamp.dtype, pl.Datetime):

@@ -19,6 +19,7 @@ from retailsim_pipeline.defs.resources import RetailSimData
 from retailsim_pipeline.defs.runner import materialize_selection
 from retailsim_pipeline.evaluation.schema import BASELINES, validate_metrics
 from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.requests import ServingFeatures
 from retailsim_pipeline.training.trainer import build_model
 
 RULE = dict(metric="recall@10", margin=0.01)
@@ -145,7 +146,7 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     untrained = build_model(training_preset("tiny"), cache)
     with tracking.MlflowLogger(tracking_uri=uri, run_name="untrained", system_metrics=False) as logger:
         logged = tracking.log_world_model(logger, untrained.config, untrained.state_dict(),
-                                          cache.vocabulary().get_column("PROD_CODE").to_list())
+                                          ServingFeatures.from_cache(cache))
         run_id = logger.run_id
     registered = tracking.register_world_model(logged, tracking_uri=uri)
     stored = tiny_copy.dagster / "values" / "trained_world_model" / "__all__.json"
