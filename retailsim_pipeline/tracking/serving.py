@@ -52,7 +52,9 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd  # an mlflow dependency; the pyfunc's input type
 from mlflow.entities import LoggedModelOutput
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
@@ -160,6 +162,14 @@ def rank_requests(model, features, requests, k: int = DEFAULT_TOP_K, *, batch_si
     return pd.DataFrame({"top_k": top, "scores": scores, "unknown_products": unknown})
 
 
+class RequestError(MlflowException, ValueError):
+    """A request the model cannot score (the message names the row and column): HTTP 400 from
+    ``mlflow models serve``, a ``ValueError`` in process."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
     """Serves the world model as "what the client knows about a basket → top-k next products" (see the
     module docstring).
@@ -179,7 +189,13 @@ class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", DEFAULT_TOP_K))
-        return rank_requests(self.model, self.features, model_input, k)
+        try:
+            return rank_requests(self.model, self.features, model_input, k)
+        except ValueError as err:
+            # The scoring server answers any other exception with a generic message and a stack trace:
+            # an MlflowException of INVALID_PARAMETER_VALUE becomes an HTTP 400 that carries our message
+            # (row and column). Still a ValueError for in-process callers.
+            raise RequestError(str(err)) from err
 
 
 # --------------------------------------------------------------------------------------------
