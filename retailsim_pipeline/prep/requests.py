@@ -190,7 +190,14 @@ class ServingFeatures:
 
         timestamp = frame.get_column("timestamp")
         if timestamp.dtype == pl.String:
-            parsed = timestamp.str.to_datetime(strict=False)
+            try:
+                parsed = timestamp.str.to_datetime(strict=False)
+            except pl.exceptions.ComputeError:
+                # polars infers the format from the first non-null value and raises when that one is not a
+                # date-time (say, a one-row request with a bad timestamp): that value is the bad one.
+                i = int(timestamp.is_not_null().arg_max())
+                raise ValueError(f"requests row {i}, column 'timestamp': {timestamp[i]!r} is not an ISO date-time") \
+                    from None
             bad = parsed.is_null() & timestamp.is_not_null()
             if bad.any() or timestamp.is_null().any():
                 i = int((bad | timestamp.is_null()).arg_max())
