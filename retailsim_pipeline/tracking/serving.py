@@ -23,7 +23,11 @@ The contract of a served model, which every serving model added here keeps:
 - **Input**: what a store system knows while a basket is filled, one row per basket: ``customer_code``
   (optional), ``store_code``, ``timestamp`` (ISO text, date and hour), ``products`` (the basket so far,
   product codes), optionally ``quantities`` and ``spend`` per line and the till's ``basket_id``
-  (:mod:`~retailsim_pipeline.prep.requests` has the exact rules). The customer's memory, trip context,
+  (:mod:`~retailsim_pipeline.prep.requests` has the exact rules). Over HTTP (``mlflow models serve``) an
+  optional column goes in every record of a request or in none: MLflow's schema enforcement runs before
+  ``predict`` and rejects a record that lacks it (NaN); a null list (``quantities``, ``spend``) is "not
+  given", a null ``basket_id`` is rejected too. A request the model cannot read
+  raises :class:`RequestError` (HTTP 400, the message names row and column). The customer's memory, trip context,
   profile, the store and the time features are computed from the model's own ``features/`` by the
   functions that built its tensor cache.
 - **Output**: a DataFrame with ``top_k`` (per row K product codes, best first, never a special token and
