@@ -9,6 +9,8 @@
 - ``retailsim train [...]``: train standalone from a tensor cache (``--help`` for its options).
 - ``retailsim evaluate MODEL_URI [--split test]``: rich tables of the model vs the baselines (and the
   oracle on generated data), and the same report as the ``evaluation_report`` asset.
+- ``retailsim predict --model URI --input FILE --out FILE [--k 10]``: batch scoring of requests (csv or
+  parquet) by a logged or registered model, the served model's own ranking; writes parquet atomically.
 - ``retailsim ui``: the Dagster UI and the MLflow UI on 127.0.0.1, printing both URLs; Ctrl-C stops both.
 - ``retailsim where``: where the outputs are and how to open the UI.
 """
@@ -16,9 +18,12 @@
 import argparse
 import logging
 import os
+import re
+import sys
+import time
 from pathlib import Path
 
-from retailsim_pipeline.config import DATA_DIR_ENV, DataPaths, data_root, generator_preset
+from retailsim_pipeline.config import DATA_DIR_ENV, N_SPECIAL, DataPaths, data_root, generator_preset
 
 log = logging.getLogger("retailsim")
 
@@ -115,6 +120,85 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else paths.root / "reports" / f"cli-{label}"
     written = write_report(doc, out)
     print(f"report: {written.get('report.html', out)}")
+    return 0
+
+
+PREDICTION_COLUMNS = ("top_k", "scores", "unknown_products")
+
+
+def _shift_rows(message: str, offset: int, csv: bool) -> str:
+    """``row i`` of a chunk's message → the file's row (and, for a csv, its line)."""
+    def sub(match: re.Match) -> str:
+        i = int(match[1]) + offset
+        return f"row {i} (line {i + 2})" if csv else f"row {i}"
+
+    return re.sub(r"\brow (\d+)", sub, message)
+
+
+def _input_error(message: str) -> int:
+    print(f"retailsim predict: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score every request of ``--input`` with the model's own ranking (:func:`~retailsim_pipeline.tracking.
+    rank_requests`, what ``mlflow models serve`` answers) and write the rows with ``top_k``, ``scores`` and
+    ``unknown_products`` to ``--out``. Bad input: exit 2, a message naming the file, row and column, and
+    nothing written."""
+    import polars as pl
+
+    from retailsim_pipeline import tracking
+    from retailsim_pipeline.prep.files import write_parquet_atomic
+    from retailsim_pipeline.prep.requests import REQUEST_COLUMNS, read_requests
+
+    started = time.perf_counter()
+    source, out = Path(args.input), Path(args.out)
+    csv = source.suffix.lower() == ".csv"
+    if args.k < 1 or args.chunk_size < 1:
+        return _input_error(f"--k and --chunk-size must be at least 1, got {args.k} and {args.chunk_size}")
+    try:
+        frame = read_requests(source)
+    except ValueError as err:
+        return _input_error(str(err))
+    clash = [c for c in PREDICTION_COLUMNS if c in frame.columns]
+    if clash:
+        return _input_error(f"{source}: the input already has the output column(s) {clash}")
+    if frame.height == 0:
+        return _input_error(f"{source}: no rows")
+    requests = frame.select(c for c in REQUEST_COLUMNS if c in frame.columns)
+    log.info("read %s requests from %s", f"{frame.height:,}", source)
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # progress via logging only
+    uri = tracking.default_tracking_uri(DataPaths(data_root()))
+    served = tracking.load_served_model(args.model, tracking_uri=uri, device=args.device)
+    if served.features is None:
+        print(f"retailsim predict: error: {args.model} was logged without its serving features and cannot "
+              "score requests", file=sys.stderr, flush=True)
+        return 1
+    log.info("model %s: %s products", args.model, f"{len(served.vocabulary) - N_SPECIAL:,}")
+    try:
+        served.features.normalize(requests)  # every row checked before any scoring; rows are the file's rows
+    except ValueError as err:
+        return _input_error(f"{source}: {_shift_rows(str(err), 0, csv)}")
+
+    parts = []
+    for lo in range(0, frame.height, args.chunk_size):
+        chunk = requests.slice(lo, args.chunk_size)
+        try:
+            parts.append(served.rank(chunk, args.k))
+        except ValueError as err:
+            return _input_error(f"{source}: {_shift_rows(str(err), lo, csv)}")
+        log.info("scored %s/%s requests", f"{lo + chunk.height:,}", f"{frame.height:,}")
+    top = [list(t) for p in parts for t in p["top_k"]]
+    scores = [list(map(float, v)) for p in parts for v in p["scores"]]
+    unknown = [int(u) for p in parts for u in p["unknown_products"]]
+    result = frame.with_columns(pl.Series("top_k", top, dtype=pl.List(pl.String)),
+                                pl.Series("scores", scores, dtype=pl.List(pl.Float64)),
+                                pl.Series("unknown_products", unknown, dtype=pl.Int64))
+    write_parquet_atomic(result, out)
+    k = len(top[0])
+    print(f"wrote {result.height:,} predictions (top {k}) of {args.model} to {out} "
+          f"({time.perf_counter() - started:.1f}s)")
     return 0
 
 
@@ -221,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=None, help="tensor cache folder (default: the latest)")
     ev.add_argument("--out", default=None, help="report folder (default: DATA/reports/cli-<model>)")
     ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser(
+        "predict", help="score baskets (csv or parquet) with a logged or registered model, write parquet",
+        description="Score one request per row with the model's served ranking (what `mlflow models serve` "
+        "answers) and write the input rows plus top_k, scores and unknown_products to --out (parquet, "
+        "written atomically). Columns: customer_code (optional; empty = anonymous), store_code, timestamp "
+        "(ISO date-time), products, optional quantities and spend (one value per product), optional "
+        "basket_id; other columns are carried through. Parquet: products/quantities/spend are list columns. "
+        "CSV: every value is text, and products/quantities/spend hold the basket's values separated by "
+        "spaces, e.g. 'PRD0900001 PRD0900002', '1 2', '1.50 0.99' (an empty products cell is an empty "
+        "basket). A bad value exits with code 2, naming the file, row (from 0, header excluded) and "
+        "column, and writes nothing.")
+    pr.add_argument("--model", required=True,
+                    help="models:/retailsim-world-model@champion, models:/retailsim-world-model/3 or models:/m-<id>")
+    pr.add_argument("--input", required=True, help="requests, .csv or .parquet")
+    pr.add_argument("--out", required=True, help="predictions .parquet (replaced atomically)")
+    pr.add_argument("--k", type=int, default=10, help="products per basket (default 10)")
+    pr.add_argument("--chunk-size", type=int, default=10_000, help="requests scored per chunk (default 10000)")
+    pr.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    pr.set_defaults(func=cmd_predict)
 
     ui = sub.add_parser("ui", help="the Dagster UI and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
     ui.add_argument("--dagster-port", type=int, default=3000)

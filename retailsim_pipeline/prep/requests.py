@@ -194,7 +194,14 @@ class ServingFeatures:
         timestamp = frame.get_column("timestamp")
         if timestamp.dtype == pl.String:
             # The store's local time as written: a trailing UTC offset is dropped, not applied.
-            parsed = timestamp.str.replace(r"(Z|[+-]\d{2}:?\d{2})$", "").str.to_datetime(strict=False)
+            try:
+                parsed = timestamp.str.replace(r"(Z|[+-]\d{2}:?\d{2})$", "").str.to_datetime(strict=False)
+            except pl.exceptions.ComputeError:
+                # polars infers the format from the first non-null value and raises when that one is not a
+                # date-time (say, a one-row request with a bad timestamp): that value is the bad one.
+                i = int(timestamp.is_not_null().arg_max())
+                raise ValueError(f"requests row {i}, column 'timestamp': {timestamp[i]!r} is not an ISO date-time") \
+                    from None
             bad = parsed.is_null() & timestamp.is_not_null()
             if bad.any() or timestamp.is_null().any():
                 i = int((bad | timestamp.is_null()).arg_max())
@@ -348,6 +355,65 @@ def _frame_of(requests) -> pl.DataFrame:
         return pl.DataFrame(data, schema={c: schema.get(c) for c in columns}, strict=False)
     except (TypeError, ValueError, pl.exceptions.PolarsError) as err:
         raise ValueError(f"requests: {err}") from err
+
+
+#: The per-line columns of a CSV of requests: one cell holds the basket's values separated by spaces.
+CSV_LIST_COLUMNS: dict[str, type] = {"products": str, "quantities": int, "spend": float}
+
+
+def read_requests(path: Path) -> pl.DataFrame:
+    """Requests from a file (``retailsim predict --input``): every column, in file order; raises
+    ``ValueError`` naming the file, and the row and column of a bad value.
+
+    - **parquet**: read as is (``products``, ``quantities``, ``spend`` are list columns).
+    - **csv** (header row, comma-separated, every value read as text): the per-line columns
+      (:data:`CSV_LIST_COLUMNS`) hold the basket's values **separated by spaces**, e.g.
+      ``PRD0900001 PRD0900002`` and ``1 2`` and ``1.50 0.99``; an empty ``products`` cell is an empty
+      basket, an empty ``quantities``/``spend`` cell means "not given". ``basket_id`` must be an integer.
+      Rows are counted from 0, the header excluded (row *i* is line *i* + 2 of the file).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise ValueError(f"{path}: expected a .csv or .parquet file")
+    try:
+        frame = pl.read_parquet(path) if suffix != ".csv" else pl.read_csv(path, infer_schema=False)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        raise ValueError(f"{path}: cannot read it: {err}") from err
+    if suffix != ".csv":
+        return frame
+
+    def where(i: int, column: str) -> str:
+        return f"{path}: row {i} (line {i + 2}), column {column!r}"
+
+    columns = []
+    for name, kind in CSV_LIST_COLUMNS.items():
+        if name not in frame.columns:
+            continue
+        values = []
+        for i, cell in enumerate(frame.get_column(name).to_list()):
+            text = (cell or "").strip()
+            if text.startswith("["):
+                raise ValueError(f"{where(i, name)}: {cell!r}: write the values separated by spaces, not as a list")
+            if not text:
+                values.append([] if name == "products" else None)
+                continue
+            try:
+                values.append([kind(v) for v in text.split()])
+            except ValueError:
+                raise ValueError(f"{where(i, name)}: {cell!r} is not a list of {kind.__name__} separated by "
+                                 f"spaces") from None
+        dtype = {str: pl.String, int: pl.Int64, float: pl.Float64}[kind]
+        columns.append(pl.Series(name, values, dtype=pl.List(dtype)))
+    if "basket_id" in frame.columns:
+        raw = frame.get_column("basket_id")
+        ids = raw.str.strip_chars().cast(pl.Int64, strict=False)
+        bad = ids.is_null() & raw.is_not_null() & (raw.str.strip_chars() != "")
+        if bad.any():
+            i = int(bad.arg_max())
+            raise ValueError(f"{where(i, 'basket_id')}: {raw[i]!r} is not an integer")
+        columns.append(ids)
+    return frame.with_columns(columns)
 
 
 def request_time(date: dt.date, hour: int) -> dt.datetime:

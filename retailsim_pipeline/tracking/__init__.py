@@ -42,6 +42,7 @@ from retailsim_pipeline.tracking.runs import (
 )
 from retailsim_pipeline.tracking.serving import (
     DEFAULT_TOP_K,
+    RequestError,
     ServedModel,
     WorldModelPyfunc,
     log_world_model,
@@ -59,6 +60,7 @@ __all__ = [
     "MetricsLogger",
     "MlflowLogger",
     "RegisteredVersion",
+    "RequestError",
     "ServedModel",
     "WorldModelPyfunc",
     "close_orphaned_runs",

@@ -23,7 +23,11 @@ The contract of a served model, which every serving model added here keeps:
 - **Input**: what a store system knows while a basket is filled, one row per basket: ``customer_code``
   (optional), ``store_code``, ``timestamp`` (ISO text, date and hour), ``products`` (the basket so far,
   product codes), optionally ``quantities`` and ``spend`` per line and the till's ``basket_id``
-  (:mod:`~retailsim_pipeline.prep.requests` has the exact rules). The customer's memory, trip context,
+  (:mod:`~retailsim_pipeline.prep.requests` has the exact rules). Over HTTP (``mlflow models serve``) an
+  optional column goes in every record of a request or in none: MLflow's schema enforcement runs before
+  ``predict`` and rejects a record that lacks it (NaN); a null list (``quantities``, ``spend``) is "not
+  given", a null ``basket_id`` is rejected too. A request the model cannot read
+  raises :class:`RequestError` (HTTP 400, the message names row and column). The customer's memory, trip context,
   profile, the store and the time features are computed from the model's own ``features/`` by the
   functions that built its tensor cache.
 - **Output**: a DataFrame with ``top_k`` (per row K product codes, best first, never a special token and
@@ -52,7 +56,9 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd  # an mlflow dependency; the pyfunc's input type
 from mlflow.entities import LoggedModelOutput
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
@@ -160,6 +166,14 @@ def rank_requests(model, features, requests, k: int = DEFAULT_TOP_K, *, batch_si
     return pd.DataFrame({"top_k": top, "scores": scores, "unknown_products": unknown})
 
 
+class RequestError(MlflowException, ValueError):
+    """A request the model cannot score (the message names the row and column): HTTP 400 from
+    ``mlflow models serve``, a ``ValueError`` in process."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
     """Serves the world model as "what the client knows about a basket → top-k next products" (see the
     module docstring).
@@ -179,7 +193,13 @@ class WorldModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", DEFAULT_TOP_K))
-        return rank_requests(self.model, self.features, model_input, k)
+        try:
+            return rank_requests(self.model, self.features, model_input, k)
+        except ValueError as err:
+            # The scoring server answers any other exception with a generic message and a stack trace:
+            # an MlflowException of INVALID_PARAMETER_VALUE becomes an HTTP 400 that carries our message
+            # (row and column). Still a ValueError for in-process callers.
+            raise RequestError(str(err)) from err
 
 
 # --------------------------------------------------------------------------------------------
