@@ -293,3 +293,15 @@ def test_pandas_frames_with_array_cells_read_like_polars_and_dicts(features, tes
     assert_same_rows(served(features, frame), want)
     assert_same_rows(served(features, requests.to_dicts()), want)
     assert_same_rows(served(features, requests.to_pandas()), want)  # ISO text time in pandas too
+
+
+def test_a_timestamps_utc_offset_is_dropped_not_applied(tiny_prepped):
+    """Store data has no time zone: '09:00+02:00' is 9 o'clock at the store, as '09:00' is."""
+    from retailsim_pipeline.prep.cache import TensorCache
+    from retailsim_pipeline.prep.requests import ServingFeatures
+
+    features = ServingFeatures.from_cache(TensorCache.latest(tiny_prepped.cache), tiny_prepped.samples)
+    base = {"store_code": "1", "products": []}
+    frame = features.normalize([{**base, "timestamp": t} for t in
+                                ("2007-03-01T09:00:00+02:00", "2007-03-01T09:00:00Z", "2007-03-01T09:00")])
+    assert frame.get_column("hour").to_list() == [9, 9, 9]
