@@ -2,7 +2,7 @@
 
 - :mod:`~retailsim_pipeline.tracking.runs`: the store (tracking URI, client), the experiment, one run
   per training with its metrics (:class:`MlflowLogger`), system metrics, orphaned runs, and the
-  evaluation's record on the training run.
+  evaluation's record on the training run and its child runs, one per scorer.
 - :mod:`~retailsim_pipeline.tracking.serving`: the world model as an MLflow pyfunc (its contract:
   artifacts, input, output), logged by :func:`log_world_model`.
 - :mod:`~retailsim_pipeline.tracking.registry`: registered versions, aliases, loading a model back.
@@ -26,19 +26,28 @@ from retailsim_pipeline.tracking.registry import (
 )
 from retailsim_pipeline.tracking.runs import (
     EXPERIMENT,
+    EXPERIMENT_DESCRIPTION,
     HOST_TAG,
+    NOTE_TAG,
+    PARENT_RUN_TAG,
     PID_TAG,
+    SCORER_ORDER,
+    SCORER_TAG,
     MetricsLogger,
     MlflowLogger,
     close_orphaned_runs,
     default_tracking_uri,
     flatten_params,
+    gate_metrics,
     get_or_create_experiment,
     global_tracking_uri,
+    interval_text,
     log_evaluation,
     metric_history,
     metric_name,
     mlflow_client,
+    scorer_metrics,
+    weeks_text,
 )
 from retailsim_pipeline.tracking.serving import (
     DEFAULT_TOP_K,
@@ -54,9 +63,14 @@ from retailsim_pipeline.tracking.serving import (
 __all__ = [
     "DEFAULT_TOP_K",
     "EXPERIMENT",
+    "EXPERIMENT_DESCRIPTION",
     "HOST_TAG",
+    "NOTE_TAG",
+    "PARENT_RUN_TAG",
     "PID_TAG",
     "REGISTERED_MODEL",
+    "SCORER_ORDER",
+    "SCORER_TAG",
     "MetricsLogger",
     "MlflowLogger",
     "RegisteredVersion",
@@ -66,9 +80,11 @@ __all__ = [
     "close_orphaned_runs",
     "default_tracking_uri",
     "flatten_params",
+    "gate_metrics",
     "get_alias_version",
     "get_or_create_experiment",
     "global_tracking_uri",
+    "interval_text",
     "load_champion",
     "load_served_model",
     "load_world_model",
@@ -83,5 +99,7 @@ __all__ = [
     "read_world_model",
     "register_world_model",
     "registered_model_uri",
+    "scorer_metrics",
     "set_alias",
+    "weeks_text",
 ]
