@@ -5,7 +5,8 @@
   evaluation's record on the training run and its child runs, one per scorer.
 - :mod:`~retailsim_pipeline.tracking.serving`: the world model as an MLflow pyfunc (its contract:
   artifacts, input, output), logged by :func:`log_world_model`.
-- :mod:`~retailsim_pipeline.tracking.registry`: registered versions, aliases, loading a model back.
+- :mod:`~retailsim_pipeline.tracking.registry`: registered versions, aliases, the evaluation's record on
+  a version (tags, description), loading a model back.
 
 Callers use the names re-exported here (``tracking.register_world_model(...)``).
 :class:`WorldModelPyfunc` stays importable from here as well: models logged before this package was
@@ -13,13 +14,20 @@ split pickled it as ``retailsim_pipeline.tracking.WorldModelPyfunc``.
 """
 
 from retailsim_pipeline.tracking.registry import (
+    MODEL_VERSIONS_TAG,
+    REGISTERED_DESCRIPTION,
     REGISTERED_MODEL,
     RegisteredVersion,
+    ensure_registered_model,
+    evaluation_description,
+    evaluation_tags,
     get_alias_version,
+    link_logged_model,
     load_champion,
     load_served_model,
     load_world_model,
     model_artifact_location,
+    record_evaluation,
     register_world_model,
     registered_model_uri,
     set_alias,
@@ -65,9 +73,11 @@ __all__ = [
     "EXPERIMENT",
     "EXPERIMENT_DESCRIPTION",
     "HOST_TAG",
+    "MODEL_VERSIONS_TAG",
     "NOTE_TAG",
     "PARENT_RUN_TAG",
     "PID_TAG",
+    "REGISTERED_DESCRIPTION",
     "REGISTERED_MODEL",
     "SCORER_ORDER",
     "SCORER_TAG",
@@ -79,12 +89,16 @@ __all__ = [
     "WorldModelPyfunc",
     "close_orphaned_runs",
     "default_tracking_uri",
+    "ensure_registered_model",
+    "evaluation_description",
+    "evaluation_tags",
     "flatten_params",
     "gate_metrics",
     "get_alias_version",
     "get_or_create_experiment",
     "global_tracking_uri",
     "interval_text",
+    "link_logged_model",
     "load_champion",
     "load_served_model",
     "load_world_model",
@@ -97,6 +111,7 @@ __all__ = [
     "rank_requests",
     "read_served_model",
     "read_world_model",
+    "record_evaluation",
     "register_world_model",
     "registered_model_uri",
     "scorer_metrics",
