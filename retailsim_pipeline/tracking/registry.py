@@ -173,11 +173,11 @@ def record_evaluation(version: str | int, doc: Mapping[str, Any], *, name: str =
                       weeks: Sequence[int] | None = None, tracking_uri: str | None = None) -> RegisteredVersion:
     """What the evaluation ``doc`` (``metrics.json``) found, on registered version ``version`` of ``name``.
 
-    Tags (:func:`evaluation_tags`): the model's test metrics under the run's metric keys
+    Tags (:func:`evaluation_tags`): the model's main test metrics under the run's metric keys
     (``test/recall_at_10`` …), the data (``retailsim.cache_key``, ``retailsim.<split>_weeks`` from
     ``weeks``, the split's first and last week), the gate (``retailsim.promotion.gate``: model − strongest
-    baseline with its 95 % interval, and its parts) and the decision; the version's description says the
-    same in sentences (:func:`evaluation_description`), and so does the LoggedModel's description (unless
+    baseline with its 95 % interval) and the decision; the version's description says the same and more
+    in sentences (:func:`evaluation_description`), and so does the LoggedModel's description (unless
     someone wrote another). Also lists the version on its LoggedModel
     (:func:`link_logged_model`: versions registered before that was done) and updates the registered
     model's description (:func:`ensure_registered_model`). The metrics themselves are linked to the
@@ -202,33 +202,22 @@ def record_evaluation(version: str | int, doc: Mapping[str, Any], *, name: str =
     return registered
 
 
+#: The model's metrics a version carries as tags (all of them are on its LoggedModel and training run).
+VERSION_METRICS = ("recall@10", "recall@20", "mrr", "ndcg@10")
+
+
 def evaluation_tags(doc: Mapping[str, Any], weeks: Sequence[int] | None = None) -> dict[str, str]:
-    """Model-version tags of an evaluation (values as text; metrics with 4 decimals)."""
+    """Model-version tags of an evaluation, few enough for the registered model's version table: the
+    model's :data:`VERSION_METRICS` (4 decimals), the data, the gate and the decision. The rest (every
+    metric, the champion it was compared with) is in the description, on the LoggedModel and on the runs."""
     meta, promotion = doc["meta"], doc["promotion"]
     split = meta["split"]
-    strongest = doc["baseline_choice"]["strongest"]
-    comparison = doc["significance"][strongest]
-    tags = {f"{split}/{metric_name(k)}": f"{v:.4f}" for k, v in doc["model"].items()
-            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags = {f"{split}/{metric_name(k)}": f"{doc['model'][k]:.4f}" for k in VERSION_METRICS}
     tags |= {
         "retailsim.cache_key": str(meta["cache_key"]),
-        "retailsim.split": split,
-        f"retailsim.{split}_positions": str(meta["n_positions"]),
-        "retailsim.evaluated": str(meta["created"]),
         "retailsim.promotion.decision": promotion["decision"],
-        "retailsim.promotion.reason": promotion["reason"],
         "retailsim.promotion.gate": interval_text(doc),
-        "retailsim.promotion.strongest_baseline": strongest,
-        f"retailsim.promotion.strongest_baseline_{metric_name(doc['baseline_choice']['metric'])}":
-            f"{doc['baselines'][strongest][doc['baseline_choice']['metric']]:.4f}",
-        "retailsim.promotion.difference": f"{comparison['difference']:+.4f}",
-        "retailsim.promotion.ci_low": f"{comparison['ci_low']:+.4f}",
-        "retailsim.promotion.ci_high": f"{comparison['ci_high']:+.4f}",
-        "retailsim.promotion.passed_baseline_check": str(bool(promotion["passed_baseline_check"])).lower(),
-        "retailsim.promotion.champion_version": str(promotion["champion_version"] or "none"),
     }
-    if promotion.get("champion") is not None:
-        tags[f"retailsim.promotion.champion_{metric_name(promotion['metric'])}"] = f"{promotion['champion']:.4f}"
     if (span := weeks_text(weeks)) is not None:
         tags[f"retailsim.{split}_weeks"] = span
     return tags
