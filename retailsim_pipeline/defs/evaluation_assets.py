@@ -15,8 +15,9 @@ from retailsim_pipeline.evaluation.report import write_report
 from retailsim_pipeline.prep.cache import TensorCache
 
 # 2: blend and TIFU-KNN baselines, the significance gate; 3: the baselines' own history and the
-# cold-start/repeat buckets as of the basket (issue 11 §3)
-EVALUATION_CODE_VERSION = "4"
+# cold-start/repeat buckets as of the basket (issue 11 §3); 5: the evaluation recorded on the registered
+# version, the logged model and one MLflow child run per scorer (issue 12 §5)
+EVALUATION_CODE_VERSION = "5"
 CHECK = "model_beats_baselines"
 
 
@@ -56,8 +57,10 @@ def evaluation_report(
     of the three and a TIFU-KNN-style neighbour baseline (their settings chosen on validation) and, on
     generated data, the generator's oracle — on exactly the same masked positions; per cold-start,
     basket-length and repeat/explore bucket; model − each baseline with a paired bootstrap interval. Writes `reports/<version>/` (report.md, a self-contained
-    report.html, metrics.json) and `reports/latest/`, logs test metrics to the training run, and
-    promotes the model to `champion` when it beats the current champion (re-scored on this split).
+    report.html, metrics.json) and `reports/latest/`; in MLflow, logs the test metrics to the training run
+    (linked to the logged model) with one child run per scorer, records the evaluation on the registered
+    version (tags, description); promotes the model to `champion` when it beats the current champion
+    (re-scored on this split).
     """
     paths = retailsim_data.paths()
     uri = tracking.default_tracking_uri(paths)
@@ -93,7 +96,9 @@ def evaluation_report(
     history = tracking.metric_history(run_id, tracking_uri=uri)
     reports = paths.root / "reports"
     written = write_report(doc, reports / version, history=history, latest_dir=reports / "latest")
-    tracking.log_evaluation(run_id, doc, written, tracking_uri=uri)
+    weeks = cache.manifest["splits"][config.split].get("weeks")
+    registered = tracking.record_evaluation(version, doc, weeks=weeks, tracking_uri=uri)
+    tracking.log_evaluation(run_id, doc, written, model_id=registered.model_id, weeks=weeks, tracking_uri=uri)
     context.log.info(f"model v{version}: recall@10 {result['model']['recall@10']:.4f}; {promotion['reason']}")
     return dg.MaterializeResult(
         value=str(reports / version),

@@ -10,9 +10,12 @@
   id, asset key, cache version), dict/file artifacts, and system metrics (``system/cpu_…``, GPU ones
   when ``pynvml`` is importable). The training loop only sees the :class:`MetricsLogger` protocol, so
   it never imports mlflow. :func:`close_orphaned_runs` ends the runs of crashed trainings.
+- **Experiment.** :func:`get_or_create_experiment` also gives :data:`EXPERIMENT` its description
+  (:data:`EXPERIMENT_DESCRIPTION`, what the runs hold and how to compare model and baselines).
 - **Evaluation.** :func:`metric_history` reads a run's training curves back for the report;
-  :func:`log_evaluation` records the test metrics, the report files and the promotion decision on the
-  training run.
+  :func:`log_evaluation` records the test metrics (linked to the LoggedModel), the gate, the report
+  files and the promotion decision on the training run, and one child run per scorer (model, baselines,
+  oracle) with the same metric keys, so the UI compares them in one table or chart.
 
 All run-level calls go through an explicit :class:`mlflow.MlflowClient` with an explicit tracking
 URI, never the fluent ``mlflow.start_run`` state, so nothing leaks between runs, threads or tests.
@@ -40,6 +43,27 @@ from retailsim_pipeline.config import DataPaths
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "retailsim"
+
+#: MLflow's description of an experiment or a run (a tag, rendered as markdown in the UI).
+NOTE_TAG = "mlflow.note.content"
+#: Tags of the evaluation's child runs: MLflow's parent link, and which scorer the run holds.
+PARENT_RUN_TAG, SCORER_TAG = "mlflow.parentRunId", "retailsim.scorer"
+
+EXPERIMENT_DESCRIPTION = """\
+RetailSim world model: each basket being filled (customer card, store, date and hour, products so far) \
+is completed by ranking the products most likely to be added.
+
+- **One run per training**: the config as params (`model.d_model`, `cache_path`, …), the curves \
+(`train/…`, `val/…`), system metrics, and the logged model `world_model`, registered as a version of \
+`retailsim-world-model` (Models tab; the alias `champion` marks the version that serves).
+- **After evaluation** the training run also holds the test metrics (`test/recall_at_10`, …), the gate \
+(`test/gate/difference`, `ci_low`, `ci_high`: model − strongest baseline on recall@10, 95 % paired \
+bootstrap), the decision (`promotion/champion`: 1 or 0) and the report under artifacts `evaluation/`.
+- **Model against baselines**: under each training run, one child run per scorer (`model`, `blend`, \
+`tifu_knn`, `personal_frequency`, `cooccurrence`, `popularity`, and `oracle` on generated data), all \
+scored on the same masked test positions and with the same metric keys. Expand the training run, tick \
+its child runs and open the chart view: `test/recall_at_10` shows the model beside every baseline.
+"""
 
 #: Tags that say which process owns a run, so a later start can tell a crashed run from a live one.
 PID_TAG, HOST_TAG = "retailsim.pid", "retailsim.host"
@@ -112,17 +136,32 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return folder.as_uri()
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created (with our artifact location) if it does not exist yet."""
-    if (exp := client.get_experiment_by_name(name)) is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
-    except MlflowException as err:
-        # Another process (a parallel Dagster run) created it between our two calls.
-        if (exp := client.get_experiment_by_name(name)) is not None:
-            return exp.experiment_id
-        raise err
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str,
+                             description: str | None = None) -> str:
+    """The id of experiment ``name``, created (with our artifact location) if it does not exist yet.
+
+    ``description`` (for :data:`EXPERIMENT`, :data:`EXPERIMENT_DESCRIPTION` unless given) is the
+    experiment's description in the UI (tag :data:`NOTE_TAG`): set at creation, and filled in on an
+    existing experiment that has none. A description someone wrote in the UI is left alone.
+    """
+    if description is None and name == EXPERIMENT:
+        description = EXPERIMENT_DESCRIPTION
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri),
+                                            tags={NOTE_TAG: description} if description else None)
+        except MlflowException as err:
+            # Another process (a parallel Dagster run) created it between our two calls.
+            if (exp := client.get_experiment_by_name(name)) is None:
+                raise err
+    _fill_description(client, exp, description)
+    return exp.experiment_id
+
+
+def _fill_description(client: MlflowClient, experiment, description: str | None) -> None:
+    if description and not (experiment.tags or {}).get(NOTE_TAG, "").strip():
+        client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,23 +385,166 @@ def metric_history(run_id: str, *, tracking_uri: str | None = None,
     return [rows[s] for s in sorted(rows)]
 
 
-def log_evaluation(run_id: str, doc: Mapping[str, Any], files: Mapping[str, Path], *,
-                   tracking_uri: str | None = None) -> None:
-    """Test metrics (``test/…``) on the training run, the report files as artifacts, the decision as tags."""
-    client = mlflow_client(tracking_uri)
+#: The scorers of an evaluation in the order their child runs are listed: the model, the baselines from
+#: the most elaborate to the simplest, the oracle (generated data only).
+SCORER_ORDER = ("model", "blend", "tifu_knn", "personal_frequency", "cooccurrence", "popularity", "oracle")
+
+
+def scorer_metrics(doc: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Each scorer's ranking metrics of ``doc`` (``metrics.json``) under MLflow keys ``<split>/<metric>``
+    (``test/recall_at_10``, ``test/mrr`` …): the same keys for every scorer, so MLflow's run comparison
+    and charts put them side by side. Scorers in :data:`SCORER_ORDER`; the oracle only where it was scored;
+    ``n`` and the model's auxiliary heads are left out (the heads are the model's alone)."""
     split = doc["meta"]["split"]
-    model = doc["model"]
-    metrics = [Metric(f"{split}/{metric_name(k)}", float(v), int(time.time() * 1000), 0)
-               for k, v in model.items() if isinstance(v, (int, float)) and k != "n"]
-    for name, values in doc["baselines"].items():
-        metrics.append(Metric(f"{split}/{name}/recall_at_10", float(values["recall@10"]), int(time.time() * 1000), 0))
+    scorers = {"model": doc["model"], **doc["baselines"]}
     if doc.get("oracle"):
-        metrics.append(Metric(f"{split}/oracle/recall_at_10", float(doc["oracle"]["recall@10"]),
-                              int(time.time() * 1000), 0))
+        scorers["oracle"] = doc["oracle"]
+    order = [s for s in SCORER_ORDER if s in scorers] + [s for s in scorers if s not in SCORER_ORDER]
+    return {
+        name: {f"{split}/{metric_name(k)}": float(v) for k, v in scorers[name].items()
+               if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name in order
+    }
+
+
+def gate_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
+    """The promotion gate and decision as metrics of the training run (what the model-version compare view
+    shows): model − strongest baseline on the gate metric with its interval (``<split>/gate/difference``,
+    ``ci_low``, ``ci_high``), whether the gate passed (1/0) and whether the version became champion (1/0)."""
+    split = doc["meta"]["split"]
+    comparison = doc["significance"][doc["baseline_choice"]["strongest"]]
+    promotion = doc["promotion"]
+    return {
+        f"{split}/gate/difference": float(comparison["difference"]),
+        f"{split}/gate/ci_low": float(comparison["ci_low"]),
+        f"{split}/gate/ci_high": float(comparison["ci_high"]),
+        f"{split}/gate/passed": float(bool(promotion["passed_baseline_check"])),
+        "promotion/champion": 1.0 if promotion["decision"] == "champion" else 0.0,
+    }
+
+
+def interval_text(doc: Mapping[str, Any], baseline: str | None = None) -> str:
+    """``recall@10 model − blend: +0.0170 [+0.0110, +0.0230] 95%`` (``baseline``: the strongest by default)."""
+    baseline = baseline or doc["baseline_choice"]["strongest"]
+    c = doc["significance"][baseline]
+    return (f"{doc['baseline_choice']['metric']} model − {baseline}: {c['difference']:+.4f} "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] {c['confidence']:.0%}")
+
+
+def weeks_text(weeks: Sequence[int] | None) -> str | None:
+    """``(200643, 200646)`` → ``200643–200646`` (first and last week of a split, YYYYWW)."""
+    if not weeks:
+        return None
+    return str(weeks[0]) if len(weeks) == 1 or weeks[0] == weeks[-1] else f"{weeks[0]}–{weeks[-1]}"
+
+
+def log_evaluation(run_id: str, doc: Mapping[str, Any], files: Mapping[str, Path], *,
+                   tracking_uri: str | None = None, model_id: str | None = None,
+                   weeks: Sequence[int] | None = None) -> dict[str, str]:
+    """Record an evaluation (``doc``, the ``metrics.json`` document) on the training run ``run_id``.
+
+    - The training run: the model's test metrics (``test/recall_at_10`` …) and the gate
+      (:func:`gate_metrics`), linked to the LoggedModel ``model_id`` when given (MLflow 3 attaches a
+      metric logged with a ``model_id`` to that model too: its page's Metrics tab); each baseline's and
+      the oracle's ``test/<scorer>/recall_at_10`` (kept for older dashboards); the decision as tags
+      ``retailsim.promotion.*``; the data scored as params ``evaluation.cache_key`` and
+      ``evaluation.<split>_weeks`` (``weeks``: first and last week of the split); the report ``files``
+      as artifacts under ``evaluation/``.
+    - One child run per scorer (tag ``mlflow.parentRunId``; run name = scorer, :data:`SCORER_ORDER`),
+      each with the same metric keys (:func:`scorer_metrics`), so model and baselines are compared in one
+      table or chart. A second evaluation of the same run updates its child runs instead of adding more.
+    - The experiment's description, when it has none.
+
+    Returns the child run id of each scorer.
+    """
+    client = mlflow_client(tracking_uri)
+    run = client.get_run(run_id)
+    split = doc["meta"]["split"]
+    now = int(time.time() * 1000)
+    per_scorer = scorer_metrics(doc)
+    own = {**per_scorer["model"], **gate_metrics(doc)}
+    metrics = [Metric(k, v, now, 0, model_id=model_id) for k, v in own.items()]
+    metrics += [Metric(f"{split}/{name}/recall_at_10", values[f"{split}/recall_at_10"], now, 0)
+                for name, values in per_scorer.items() if name != "model" and f"{split}/recall_at_10" in values]
     for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i: i + _MAX_METRICS_PER_BATCH])
     promotion = doc["promotion"]
-    for key in ("decision", "reason", "champion_version", "challenger_version"):
-        client.set_tag(run_id, f"retailsim.promotion.{key}", str(promotion.get(key)))
+    tags = {f"retailsim.promotion.{key}": str(promotion.get(key))
+            for key in ("decision", "reason", "champion_version", "challenger_version")}
+    tags["retailsim.promotion.gate"] = interval_text(doc)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    params = {"evaluation.cache_key": doc["meta"]["cache_key"]}
+    if (span := weeks_text(weeks)) is not None:
+        params[f"evaluation.{split}_weeks"] = span
+    _log_new_params(client, run, params)
     for path in files.values():
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    children = _log_scorer_runs(client, run, doc, per_scorer, now)
+    experiment = client.get_experiment(run.info.experiment_id)
+    if experiment.name == EXPERIMENT:
+        _fill_description(client, experiment, EXPERIMENT_DESCRIPTION)
+    return children
+
+
+def _log_new_params(client: MlflowClient, run, params: Mapping[str, str]) -> None:
+    """Params are immutable in MLflow: log those the run lacks; one logged with another value is kept (warned)."""
+    new = {}
+    for key, value in params.items():
+        old = run.data.params.get(key)
+        if old is None:
+            new[key] = value
+        elif old != value:
+            log.warning("run %s: param %s stays %r (MLflow params are immutable), not %r", run.info.run_id, key,
+                        old, value)
+    if new:
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in new.items()])
+
+
+def _log_scorer_runs(client: MlflowClient, parent, doc: Mapping[str, Any],
+                     per_scorer: Mapping[str, Mapping[str, float]], now: int) -> dict[str, str]:
+    """One finished child run per scorer under ``parent`` (reused when it exists); the model's is created
+    last so that the UI, newest first, lists it on top."""
+    parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+    existing = {r.data.tags.get(SCORER_TAG): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}'", max_results=1000)}
+    chosen = doc.get("baseline_choice", {}).get("params", {})
+    ids = {}
+    for i, name in enumerate(reversed(list(per_scorer))):
+        tags = {PARENT_RUN_TAG: parent_id, SCORER_TAG: name, **_scorer_tags(doc, name)}
+        if (child := existing.get(name)) is None:
+            child = client.create_run(experiment_id, start_time=now + i, tags=tags, run_name=name)
+        else:
+            client.log_batch(child.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        child_id = child.info.run_id
+        client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in per_scorer[name].items()])
+        if name in chosen:
+            _log_new_params(client, child, {k: str(v) for k, v in chosen[name].items()})
+        client.set_terminated(child_id, status="FINISHED", end_time=now + i)
+        ids[name] = child_id
+    return {name: ids[name] for name in per_scorer}
+
+
+def _scorer_tags(doc: Mapping[str, Any], name: str) -> dict[str, str]:
+    meta = doc["meta"]
+    where = (f"{meta['n_positions']:,} masked {meta['split']} positions ({meta['n_baskets']:,} baskets) of tensor "
+             f"cache {meta['cache_key']}")
+    tags = {"retailsim.model_version": str(meta["model_version"]), "retailsim.cache_key": str(meta["cache_key"])}
+    if name == "model":
+        tags["retailsim.role"] = "model"
+        note = f"The world model, version {meta['model_version']} of {meta['model_name']}, on {where}."
+    elif name == "oracle":
+        tags["retailsim.role"] = "oracle"
+        note = (f"The data generator's ground truth as a scorer, on the model's {where}: the ceiling any model "
+                "could reach on generated data.")
+    else:
+        tags["retailsim.role"] = "baseline"
+        strongest = name == doc["baseline_choice"]["strongest"]
+        tags["retailsim.strongest_baseline"] = str(strongest).lower()
+        note = f"Baseline {name}, scored on the model's {where}."
+        if name in doc.get("significance", {}):
+            tags["retailsim.model_minus_this"] = interval_text(doc, name)
+            note += f" {interval_text(doc, name)} (paired bootstrap over baskets)."
+        if strongest:
+            note += " The strongest baseline on validation: the promotion gate compares the model with it."
+    tags[NOTE_TAG] = note
+    return tags

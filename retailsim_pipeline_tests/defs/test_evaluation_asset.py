@@ -125,9 +125,27 @@ def test_evaluation_report_end_to_end(tiny_copy, tiny_raw, instance, tmp_path, m
     assert doc["promotion"]["passed_baseline_check"] == beats
     assert (tracking.get_alias_version("champion", tracking_uri=uri) == version) == beats
     assert check[1].value == ("champion" if beats else "challenger")
-    run = mlflow.MlflowClient(tracking_uri=uri).get_run(doc["meta"]["mlflow_run_id"])
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(doc["meta"]["mlflow_run_id"])
     assert run.data.metrics["test/recall_at_10"] == pytest.approx(doc["model"]["recall@10"])
     assert run.data.tags["retailsim.promotion.decision"] == doc["promotion"]["decision"]
+    # The registered version tells its evaluation; its logged model carries the metrics and lists it.
+    mv = client.get_model_version(tracking.REGISTERED_MODEL, version)
+    assert mv.tags["retailsim.promotion.decision"] == doc["promotion"]["decision"]
+    assert mv.tags["retailsim.cache_key"] == doc["meta"]["cache_key"] and "retailsim.test_weeks" in mv.tags
+    assert float(mv.tags["test/recall_at_10"]) == pytest.approx(doc["model"]["recall@10"], abs=1e-4)
+    assert mv.description and "DESIGN" not in mv.description
+    logged = client.get_logged_model(mv.model_id or mv.source.removeprefix("models:/"))  # sqlite: model_id None
+    assert {m.key: m.value for m in logged.metrics}["test/recall_at_10"] == pytest.approx(doc["model"]["recall@10"])
+    assert json.loads(logged.tags[tracking.MODEL_VERSIONS_TAG]) == [{"name": tracking.REGISTERED_MODEL,
+                                                                    "version": version}]
+    # One child run per scorer (the oracle too: generated data), the same metric keys in each.
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(["model", *BASELINES, "oracle"])
+    assert len({frozenset(r.data.metrics) for r in children}) == 1
+    assert {r.info.run_name: r for r in children}["oracle"].data.metrics["test/recall_at_10"] == \
+        pytest.approx(doc["oracle"]["recall@10"])
     # The CLI scores the same registered model and writes the same kind of report (no alias moves).
     from retailsim_pipeline.cli import main as cli_main
 
