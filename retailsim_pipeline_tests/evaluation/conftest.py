@@ -34,6 +34,10 @@ def comparison(difference: float, half_width: float = 0.006) -> dict:
 
 @pytest.fixture
 def doc() -> dict:
+    return sample_doc()
+
+
+def sample_doc() -> dict:
     recall = {"model": 0.213, "popularity": 0.12, "personal_frequency": 0.165, "cooccurrence": 0.184,
               "blend": 0.196, "tifu_knn": 0.191, "oracle": 0.335}
 

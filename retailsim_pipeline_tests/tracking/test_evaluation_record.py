@@ -10,7 +10,14 @@ from mlflow import MlflowClient
 
 from retailsim_pipeline import tracking
 from retailsim_pipeline.evaluation.schema import BASELINES, validate_metrics
-from retailsim_pipeline_tests.evaluation.conftest import doc  # noqa: F401  (the realistic metrics.json fixture)
+from retailsim_pipeline_tests.evaluation.conftest import sample_doc
+
+
+@pytest.fixture
+def doc() -> dict:
+    """The realistic metrics.json of the evaluation tests."""
+    return sample_doc()
+
 
 OLD_DESCRIPTION = "RetailSim world model: basket (+ context) → next products. See DESIGN §5."
 WEEKS = (200643, 200646)
