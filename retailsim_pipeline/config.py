@@ -361,6 +361,9 @@ class TrainingConfig(BaseModel):
     exclude_visible: bool = Field(True, description="Score each masked product against the products that can be "
                                   "the answer: the basket's visible products are excluded from its softmax, as "
                                   "the evaluation and serving exclude them from the ranking.")
+    shuffle_lines: bool = Field(True, description="Train and validate on each basket's lines in a random order "
+                                "(a basket is a set; the published LGSR files sort most baskets by product code, "
+                                "which a line masked in place would give away).")
     temperature: float = Field(0.07, description="InfoNCE τ.")
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     batch_size: int = Field(256, ge=1, description="Seed: 256 baskets.")

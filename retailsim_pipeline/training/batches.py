@@ -82,12 +82,23 @@ def _price_tables(product_log_price: np.ndarray, dim: int) -> tuple[np.ndarray, 
     return product_code, freqs
 
 
+#: Seed stream of the line shuffle, apart from the masking's draws (same mask_seed, other numbers).
+_SHUFFLE_STREAM = 0x5EED
+
+
 class BatchAssembler:
     """Bucketed batches of one split of a :class:`TensorCache`; see the module docstring for the contract.
 
     ``max_samples`` restricts the assembler to a fixed subset: the first ``max_samples`` samples of a
     permutation seeded by ``seed`` (kept in split order for locality), the same for every epoch — the
     fixed validation subset. ``index`` in a batch is always the row in the split.
+
+    ``shuffle_lines`` puts each basket's lines in a random order (seeded by ``mask_seed``, so a resumed
+    epoch sees the same order): a basket is a set, and the file's line order can carry information —
+    the published LGSR files list most baskets' products sorted by code, so a line hidden in place sits
+    between its neighbours' codes and gives its own code range away. Training and validation shuffle;
+    the evaluation and serving do not (they never hide a line in place, see
+    ``evaluation.positions.completion_batch``).
     """
 
     def __init__(
@@ -101,13 +112,14 @@ class BatchAssembler:
         buckets: Sequence[int] = BATCH_LENGTH_BOUNDS,
         max_samples: int | None = None,
         drop_last: bool = False,
+        shuffle_lines: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if list(buckets) != sorted(set(buckets)) or not buckets or buckets[0] < 1:
             raise ValueError(f"buckets must be strictly increasing positive upper bounds, got {tuple(buckets)}")
         self.split, self.batch_size, self.seed = split, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.shuffle, self.drop_last, self.shuffle_lines = shuffle, drop_last, shuffle_lines
         self.buckets = tuple(int(b) for b in buckets)
         arrays = cache.split(split)
 
@@ -199,6 +211,11 @@ class BatchAssembler:
         rows, cols = np.nonzero(valid)  # [M] real positions, row-major: line order within each basket
         flat = rows * S + cols  # [M] into the flattened [B * S]
         line = self._offsets[idx][rows] + cols  # [M] into the CSR line arrays
+        if self.shuffle_lines:  # each basket's lines in a random order, seeded like the masking
+            keys = np.random.default_rng([*mask_seed, _SHUFFLE_STREAM]).random((B, S))
+            keys[~valid] = np.inf
+            order = np.argsort(keys, axis=1, kind="stable")  # [B, S]: a permutation of 0..len-1 first
+            line = self._offsets[idx][rows] + order[rows, cols]
         original = self._tokens[line].astype(np.int64)  # [M]
 
         rng = np.random.default_rng(mask_seed)

@@ -167,9 +167,11 @@ class Trainer:
         self.eval_model = build_model(config, cache).to(self.device).eval()
         self.optimizer = _optimizer(self.model, config)
         self.loss_fn = WorldModelLoss(config)
-        self.train_data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=config.seed)
+        self.train_data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=config.seed,
+                                         shuffle_lines=config.shuffle_lines)
         self.val_data = BatchAssembler(cache, "validation", batch_size=config.batch_size, seed=config.seed,
-                                       shuffle=False, max_samples=config.val_samples)
+                                       shuffle=False, max_samples=config.val_samples,
+                                       shuffle_lines=config.shuffle_lines)
         self.steps_per_epoch = math.ceil(len(self.train_data) / self.world_size / config.grad_accum_steps)
         self.plan = phase_plan(config, self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

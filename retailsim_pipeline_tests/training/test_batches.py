@@ -292,3 +292,29 @@ def test_iterate_moves_to_the_device(train):
     (no, b), = list(train.iterate(0, mask_prob=0.15, start_batch=len(train) - 1, device="cpu", prefetch=1))
     assert no == len(train) - 1 and b.tokens.device.type == "cpu"
     _assert_batches_equal(b, train.assemble(train.epoch_batches(0)[-1], mask_prob=0.15, mask_seed=(7, 0, no)))
+
+
+def test_shuffled_lines_are_the_basket_in_another_order_with_their_own_prices(cache):
+    """``shuffle_lines``: each row holds exactly its basket's lines, each with its own price features, in a
+    seeded random order (the same for the same mask seed); most baskets of ≥ 3 lines change order."""
+    plain = BatchAssembler(cache, "train", batch_size=64, shuffle=False)
+    shuffled = BatchAssembler(cache, "train", batch_size=64, shuffle=False, shuffle_lines=True)
+    rows = np.arange(64)
+    a = plain.assemble(rows, mask_prob=0.0, mask_seed=(3,))
+    b = shuffled.assemble(rows, mask_prob=0.0, mask_seed=(3,))
+    again = shuffled.assemble(rows, mask_prob=0.0, mask_seed=(3,))
+    other = shuffled.assemble(rows, mask_prob=0.0, mask_seed=(4,))
+    _assert_batches_equal(b, again)
+    assert not torch.equal(b.tokens, other.tokens)
+    lengths = b.attention_mask.sum(1)
+    moved = 0
+    for i in range(len(rows)):
+        n = int(lengths[i])
+        pairs_a = sorted((int(t), tuple(p.tolist())) for t, p in zip(a.tokens[i, :n], a.price[i, :n]))
+        pairs_b = sorted((int(t), tuple(p.tolist())) for t, p in zip(b.tokens[i, :n], b.price[i, :n]))
+        assert pairs_a == pairs_b, i  # the same lines, each with its own price
+        assert torch.equal(b.tokens[i, n:], a.tokens[i, n:])  # padding stays padding
+        moved += n >= 3 and not torch.equal(a.tokens[i, :n], b.tokens[i, :n])
+    assert moved >= 0.5 * int((lengths >= 3).sum())
+    for name in ("context", "history_tokens", "history_counts", "labels", "index"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
