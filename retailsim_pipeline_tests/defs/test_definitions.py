@@ -33,12 +33,14 @@ def test_assets_carry_lineage_metadata():
 
 #: Which of the package's own layers each layer may import (defs/, cli, definitions: anything).
 #: defs/cli -> training/evaluation -> model/prep -> config; tracking (the MLflow package) sits beside
-#: training and reads the model. evaluation scores with the batch assembly it shares with training.
+#: training and reads the model. evaluation scores with the batch assembly it shares with training. The
+#: served model turns requests into inputs with prep.requests and scores them with the evaluation's own
+#: evaluation.positions.request_logits (one implementation for serving and evaluation).
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "prep": {"config", "prep"},
     "model": {"config", "model"},
-    "tracking": {"config", "model", "tracking"},
+    "tracking": {"config", "model", "tracking", "prep.requests", "evaluation.positions"},
     "training": {"config", "prep", "model", "training", "tracking"},
     "evaluation": {"config", "prep", "model", "evaluation", "training.batches", "training.curves"},
 }
