@@ -48,7 +48,6 @@ per-customer snapshot of the memory and trip state is the way to serve at that s
 built here).
 """
 
-import datetime as dt
 import json
 import logging
 from dataclasses import dataclass
@@ -415,8 +414,3 @@ def read_requests(path: Path) -> pl.DataFrame:
             raise ValueError(f"{where(i, 'basket_id')}: {raw[i]!r} is not an integer")
         columns.append(ids)
     return frame.with_columns(columns)
-
-
-def request_time(date: dt.date, hour: int) -> dt.datetime:
-    """The ``timestamp`` of a request for a basket on ``date`` at ``hour``."""
-    return dt.datetime(date.year, date.month, date.day, int(hour))

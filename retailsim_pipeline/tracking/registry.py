@@ -267,6 +267,20 @@ def set_alias(version: str | int, alias: str, name: str = REGISTERED_MODEL, trac
     mlflow_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
+def _read_artifacts(model_uri: str, tracking_uri: str | None, read):
+    """``read(local artifacts folder)`` on a logged or registered model's ``artifacts/``, downloaded to a
+    temporary folder (removed afterwards) from the explicit store."""
+    tracking_uri = tracking_uri or default_tracking_uri()
+    location = model_artifact_location(model_uri, tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="world_model_") as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=tmp, tracking_uri=tracking_uri
+            )
+        )
+        return read(local)
+
+
 def load_world_model(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu"):
     """``(torch module in eval mode, vocabulary)`` from a logged or registered model, for batched scoring.
 
@@ -278,30 +292,14 @@ def load_world_model(model_uri: str, *, tracking_uri: str | None = None, device:
     resolution asks the process-global registry and ignores the ``tracking_uri``/``registry_uri``
     passed to ``download_artifacts`` (mlflow 3.17, ``ModelsArtifactRepository._get_model_uri_infos``).
     """
-    tracking_uri = tracking_uri or default_tracking_uri()
-    location = model_artifact_location(model_uri, tracking_uri=tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="world_model_") as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=tmp, tracking_uri=tracking_uri
-            )
-        )
-        return read_world_model(local, device=device)
+    return _read_artifacts(model_uri, tracking_uri, lambda local: read_world_model(local, device=device))
 
 
 def load_served_model(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> ServedModel:
     """:class:`~retailsim_pipeline.tracking.serving.ServedModel` (module, vocabulary, serving features) of a
     logged or registered model: what its pyfunc serves, without unpickling the wrapper. URIs as
     :func:`load_world_model`."""
-    tracking_uri = tracking_uri or default_tracking_uri()
-    location = model_artifact_location(model_uri, tracking_uri=tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="world_model_") as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{location.rstrip('/')}/artifacts", dst_path=tmp, tracking_uri=tracking_uri
-            )
-        )
-        return read_served_model(local, device=device)
+    return _read_artifacts(model_uri, tracking_uri, lambda local: read_served_model(local, device=device))
 
 
 def load_champion(version: str, *, tracking_uri: str | None = None, device: str = "cpu"):
