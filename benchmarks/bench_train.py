@@ -52,7 +52,7 @@ def _timeit(fn, repeat: int) -> float:
 
 
 def bench_assembly(cache: TensorCache, batch_size: int, n_batches: int) -> float:
-    data = BatchAssembler(cache, "train", batch_size=batch_size, seed=0)
+    data = BatchAssembler(cache, "train", batch_size=batch_size, seed=0, shuffle_lines=True)  # as training
     batches = data.epoch_batches(0)[:n_batches]
     t = time.perf_counter()
     n = 0
@@ -74,7 +74,7 @@ def bench_steps(cache: TensorCache, preset: str, steps: int, device: torch.devic
     for g in opt.param_groups:
         g["lr"] = config.lr_main
     loss_fn = WorldModelLoss(config)
-    data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=0)
+    data = BatchAssembler(cache, "train", batch_size=config.batch_size, seed=0, shuffle_lines=config.shuffle_lines)
     batches = [data.assemble(idx, mask_prob=0.15, mask_seed=(0, 0, i)).to(device)
                for i, idx in enumerate(data.epoch_batches(0)[: steps + 2])]
 
