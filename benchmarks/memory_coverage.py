@@ -9,12 +9,16 @@ a ranking, so this measures, on the **validation** split's evaluation positions 
   frequency over the complete as-of history (``K`` = ∞), and the share of carded lines whose product is
   in the memory (the copy path's reach) beside the share bought before at all;
 * Recall@10 of co-occurrence summed over the visible products' top-``n`` neighbours, for several ``n``,
-  beside co-occurrence over every neighbour (``n`` = ∞).
+  beside co-occurrence over every neighbour (``n`` = ∞);
+* Recall@10 of the memory's decayed share (``CacheConfig.memory_decay``: each earlier basket holding the
+  product weighs ``decay ** age``) read from the ``K`` = ``history_items`` memory, for several decays,
+  beside the same share over the complete history (TIFU-KNN's personal vector, no neighbours).
 
 Run it on the real data to choose ``K`` and ``n`` (the generator plants at most 30 staples per
 customer, so the demo data cannot justify these sizes on its own)::
 
-    python benchmarks/memory_coverage.py --cache data/cache/<key> [--ks 16 32 64 128] [--ns 25 50 100 200]
+    python benchmarks/memory_coverage.py --cache data/cache/<key> [--ks 16 32 64 128] [--ns 25 50 100 200] \
+        [--decays 1.0 0.97 0.9]
 """
 
 import argparse
@@ -40,6 +44,7 @@ from retailsim_pipeline.evaluation.evaluate import prepare, rank_baseline  # noq
 from retailsim_pipeline.evaluation.metrics import ranking_metrics  # noqa: E402
 from retailsim_pipeline.prep.cache import TensorCache  # noqa: E402
 from retailsim_pipeline.prep.fitting import build_product_neighbours, product_sets  # noqa: E402
+from retailsim_pipeline.evaluation.strong_baselines import TifuKnnScorer  # noqa: E402
 from retailsim_pipeline.prep.history import point_in_time_memory  # noqa: E402
 
 log = logging.getLogger("memory_coverage")
@@ -78,7 +83,7 @@ class NeighbourCooccurrence:
         return torch.from_numpy((np.asarray(visible @ self.similarity) + self._tie).astype(np.float32))
 
 
-def measure(cache: TensorCache, ks: list[int], ns: list[int]) -> dict:
+def measure(cache: TensorCache, ks: list[int], ns: list[int], decays: list[float]) -> dict:
     setup = prepare(cache, cache.samples_dir, split=SPLIT)
     names = cache.split_names[: cache.split_names.index(SPLIT) + 1]
     splits = [cache.split(s) for s in names]
@@ -86,7 +91,8 @@ def measure(cache: TensorCache, ks: list[int], ns: list[int]) -> dict:
     past = np.concatenate([np.asarray(s.past_baskets) for s in splits])
     lengths = np.concatenate([np.diff(np.asarray(s.offsets)) for s in splits])
     tokens = np.concatenate([np.asarray(s.tokens) for s in splits])
-    memory, counts = point_in_time_memory(key, past, np.concatenate([[0], np.cumsum(lengths)]), tokens, max(ks))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    memory, counts, _, _ = point_in_time_memory(key, past, offsets, tokens, max(ks))
     first = sum(len(s) for s in splits[:-1])
     memory, counts = memory[first:], counts[first:]  # the validation baskets' memories
     train, scored = cache.split("train"), cache.split(SPLIT)
@@ -104,6 +110,17 @@ def measure(cache: TensorCache, ks: list[int], ns: list[int]) -> dict:
     full = CooccurrenceScorer(train, vocab)
     out["neighbours"] = {n: recall(NeighbourCooccurrence(full, n)) for n in ns}
     out["neighbours"]["all"] = recall(full)
+    k_memory = int(cache.manifest["config"]["history_items"])
+    history = as_of_history(cache, SPLIT)
+    out["decayed"] = {}
+    for decay in decays:
+        slots = point_in_time_memory(key, past, offsets, tokens, k_memory, decay=decay)
+        out["decayed"][decay] = {
+            # shares ≥ 6e-5 (float16's smallest normal): × 1e6 keeps popularity (< 1) a tie-breaker below them
+            "memory": recall(MemoryFrequency(slots.tokens[first:], slots.decayed[first:].astype(np.float64) * 1e6,
+                                             k_memory, popularity)),
+            "all": recall(TifuKnnScorer(train, scored, vocab, history=history, decay=decay, k=1, alpha=1.0)),
+        }
     return out
 
 
@@ -112,10 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", required=True, type=Path)
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--ns", type=int, nargs="+", default=[25, 50, 100, 200])
+    p.add_argument("--decays", type=float, nargs="+", default=[1.0, 0.97, 0.9])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
-    result = measure(TensorCache.open(args.cache), sorted(args.ks), sorted(args.ns))
+    result = measure(TensorCache.open(args.cache), sorted(args.ks), sorted(args.ns), args.decays)
     log.info("%s, %s split, %d positions (%.0f s)", args.cache, SPLIT, result["n_positions"], time.perf_counter() - t0)
     log.info("| memory slots K | personal frequency Recall@10 | carded targets in the memory |")
     log.info("|---:|---:|---:|")
@@ -125,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("|---:|---:|")
     for n in [*sorted(args.ns), "all"]:
         log.info("| %s | %.4f |", n, result["neighbours"][n])
+    log.info("| decay | decayed share from the memory, Recall@10 | over the complete history |")
+    log.info("|---:|---:|---:|")
+    for decay, r in result["decayed"].items():
+        log.info("| %s | %.4f | %.4f |", decay, r["memory"], r["all"])
 
 
 if __name__ == "__main__":

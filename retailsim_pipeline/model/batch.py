@@ -29,6 +29,10 @@ class Batch:
                                    itself, in any split)
     history_past    [B] f32        the customer's baskets strictly before this one (0: a first visit or an
                                    anonymous shopper), the denominator of the memory's re-buy rates
+    history_recency [B, K] f32     baskets of the customer since the slot's product was last bought
+                                   (0 = the previous basket; 0 at PAD)
+    history_decayed [B, K] f32     the slot's decayed share of the earlier baskets holding it, in (0, 1]
+                                   (TIFU-KNN's personal vector at the cache's memory_decay; 0 at PAD)
     """
 
     tokens: torch.Tensor
@@ -41,6 +45,8 @@ class Batch:
     history_tokens: torch.Tensor | None = None
     history_counts: torch.Tensor | None = None
     history_past: torch.Tensor | None = None
+    history_recency: torch.Tensor | None = None
+    history_decayed: torch.Tensor | None = None
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -59,7 +65,8 @@ class Batch:
         """Keyword arguments of ``WorldModel.forward`` (besides ``predict_mask``)."""
         return {"tokens": self.tokens, "price": self.price, "context": self.context,
                 "attention_mask": self.attention_mask, "history_tokens": self.history_tokens,
-                "history_counts": self.history_counts, "history_past": self.history_past}
+                "history_counts": self.history_counts, "history_past": self.history_past,
+                "history_recency": self.history_recency, "history_decayed": self.history_decayed}
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Features of a memory slot (WorldModel._slot_features) and the width of the context they are scored with.
-N_SLOT_FEATURES = 8
+N_SLOT_FEATURES = 12
 SLOT_CONTEXT = 16
 INIT_STD = 0.02  # GPT-2/BERT's init of linears and embeddings outside the Mamba blocks
 
@@ -114,8 +114,8 @@ class WorldModel(nn.Module):
     aux heads (1024→512→4/4/4/5)     2,107,921
     history gate (512→3)                 1,539
     co-occurrence gate (512→1)             513
-    slot scorer (512→16; 24→64→1)        9,873
-    **total**                       23,365,425
+    slot scorer (512→16; 28→64→1)       10,129
+    **total**                       23,365,681
     =============================  ===========
 
     The frozen ``product_table`` [V, 256] and ``product_neighbours`` / ``product_neighbour_weights``
@@ -244,12 +244,14 @@ class WorldModel(nn.Module):
     def forward(self, tokens: torch.Tensor, price: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor, predict_mask: torch.Tensor | None = None,
                 history_tokens: torch.Tensor | None = None, history_counts: torch.Tensor | None = None,
-                history_past: torch.Tensor | None = None) -> dict:
+                history_past: torch.Tensor | None = None, history_recency: torch.Tensor | None = None,
+                history_decayed: torch.Tensor | None = None) -> dict:
         """One pass over a padded batch.
 
         tokens [B, S] int64 (PAD 0 on the right, MASK 1 where hidden), price [B, S, 64], context [B, 400],
         attention_mask [B, S] bool (True at real positions), predict_mask [B, S] bool or None;
-        history_tokens / history_counts [B, K] and history_past [B]: the point-in-time memory (optional).
+        history_tokens / history_counts [B, K] and history_past [B]: the point-in-time memory (optional);
+        history_recency / history_decayed [B, K]: its recency and decayed share (optional: zeros stand in).
 
         Returns a dict:
         ``product_logits``: [N_pred, V] at the positions of ``predict_mask`` in row-major order
@@ -291,7 +293,7 @@ class WorldModel(nn.Module):
         cooccurrence = self._cooccurrence_scores(tokens, attention_mask)  # [B, V] in [0, 1]
         if history_tokens is not None and history_counts is not None:
             product_logits = self._add_history(product_logits, ctx, predict_mask, history_tokens, history_counts,
-                                               history_past, cooccurrence)
+                                               history_past, cooccurrence, history_recency, history_decayed)
         product_logits = self._add_cooccurrence(product_logits, ctx, predict_mask, cooccurrence)
 
         # Pooled: mean over real positions (padding is zero in `hidden`) ‖ fused context.
@@ -303,7 +305,8 @@ class WorldModel(nn.Module):
 
     def _add_history(self, logits: torch.Tensor, ctx: torch.Tensor, predict_mask: torch.Tensor | None,
                      history_tokens: torch.Tensor, history_counts: torch.Tensor, history_past: torch.Tensor | None,
-                     cooccurrence: torch.Tensor) -> torch.Tensor:
+                     cooccurrence: torch.Tensor, history_recency: torch.Tensor | None = None,
+                     history_decayed: torch.Tensor | None = None) -> torch.Tensor:
         """Copy path: raise the logits of the products the customer bought before this basket.
 
         bonus[b, k] = g₁(ctx_b) · log(1 + count) + g₂(ctx_b) · count / Σ counts + g₃(ctx_b) · [count > 0]
@@ -311,7 +314,8 @@ class WorldModel(nn.Module):
         ``history_gate(ctx)`` (how much *this* shopper, on *this* trip, re-buys) and the per-slot scorer
         (off when ``history_slot_hidden`` is 0; features: :meth:`_slot_features`), scattered onto the
         vocabulary. history_tokens [B, K] int64 (PAD where empty), history_counts [B, K] float: the
-        point-in-time memory; history_past [B]: the baskets it comes from; cooccurrence [B, V].
+        point-in-time memory; history_past [B]: the baskets it comes from; cooccurrence [B, V];
+        history_recency / history_decayed [B, K]: baskets since each slot's last purchase, decayed share.
         """
         counts = history_counts.clamp(min=0).to(torch.float32)
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, K]
@@ -319,7 +323,8 @@ class WorldModel(nn.Module):
         bonus = (gates[:, :1] * torch.log1p(counts) + gates[:, 1:2] * share
                  + gates[:, 2:3] * (counts > 0).to(torch.float32))  # [B, K]
         if self.config.history_slot_hidden > 0:
-            features = self._slot_features(history_tokens, counts, share, history_past, cooccurrence)  # [B, K, F]
+            features = self._slot_features(history_tokens, counts, share, history_past, cooccurrence,
+                                           history_recency, history_decayed)  # [B, K, F]
             slot_ctx = self.slot_context(ctx).to(torch.float32)  # [B, C]
             x = torch.cat([features, slot_ctx.unsqueeze(1).expand(-1, features.shape[1], -1)], dim=-1)
             bonus = bonus + self.slot_scorer(x.to(self.slot_context.weight.dtype)).squeeze(-1).to(torch.float32)
@@ -328,13 +333,18 @@ class WorldModel(nn.Module):
 
     @staticmethod
     def _slot_features(history_tokens: torch.Tensor, counts: torch.Tensor, share: torch.Tensor,
-                       history_past: torch.Tensor | None, cooccurrence: torch.Tensor) -> torch.Tensor:
+                       history_past: torch.Tensor | None, cooccurrence: torch.Tensor,
+                       history_recency: torch.Tensor | None = None,
+                       history_decayed: torch.Tensor | None = None) -> torch.Tensor:
         """[B, K, N_SLOT_FEATURES] float32 features of each memory slot, all bounded:
 
         log(1 + count), share of the memory, re-buy rate count / past baskets (≤ 1) and its log (≥ −5),
         log(1 + past baskets) / 5, the slot's rank in the memory (0 = most bought; ties: the more recent),
-        the slot's co-occurrence with the visible products (the co-occurrence path's score) and presence.
-        ``history_past`` None (a caller without it): the largest count stands in, a lower bound.
+        the slot's co-occurrence with the visible products (the co-occurrence path's score), presence;
+        then recency: log(1 + baskets since the last purchase) / 5 and [bought in the previous basket];
+        and the decayed share (TIFU-KNN's personal score) and its log, shifted to [0, 1] ((log + 7) / 7).
+        ``history_past`` None (a caller without it): the largest count stands in, a lower bound;
+        ``history_recency`` / ``history_decayed`` None: zeros (and no "previous basket" flag).
         """
         B, K = counts.shape
         if history_past is None:
@@ -348,7 +358,16 @@ class WorldModel(nn.Module):
         rank = (torch.arange(K, device=counts.device, dtype=torch.float32) / max(K - 1, 1)).expand(B, K)
         cooc = cooccurrence.gather(1, history_tokens.clamp(min=0))  # [B, K]
         presence = (counts > 0).to(torch.float32)
-        return torch.stack([torch.log1p(counts), share, rate, log_rate, depth, rank, cooc, presence], dim=-1)
+        if history_recency is None:
+            recency, last = torch.zeros_like(counts), torch.zeros_like(counts)
+        else:
+            gap = history_recency.to(torch.float32).clamp(min=0.0)
+            recency, last = torch.log1p(gap) / 5.0, (gap == 0).to(torch.float32) * presence
+        decayed = torch.zeros_like(counts) if history_decayed is None else \
+            history_decayed.to(torch.float32).clamp(0.0, 1.0) * presence
+        log_decayed = (torch.log(decayed.clamp(min=math.exp(-7.0))) + 7.0) / 7.0 * presence
+        return torch.stack([torch.log1p(counts), share, rate, log_rate, depth, rank, cooc, presence,
+                            recency, last, decayed, log_decayed], dim=-1)
 
     def _cooccurrence_scores(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """sums[b, v] = Σ over basket b's visible products i (real, not MASK/PAD/UNK) of sim(i, v), over

@@ -34,8 +34,10 @@ stores.parquet                        S - 1 rows          store_code → row
 <split>/customer_key.npy              [N] int32           the customer over every split (0 = anonymous)
 <split>/past_baskets.npy              [N] int32           the customer's baskets before this one
 <split>/history_tokens.npy,           [N, 32] int32,      the customer's most bought products before
-<split>/history_counts.npy            [N, 32] uint16      this basket, and their line counts
-                                                          (:mod:`~.history`: the point-in-time memory)
+<split>/history_counts.npy,           [N, 32] uint16,     this basket, their line counts, baskets since
+<split>/history_recency.npy,          [N, 32] uint16,     each was last bought, and decayed share of
+<split>/history_decayed.npy           [N, 32] float16     the earlier baskets holding it (:mod:`~.history`:
+                                                          the point-in-time memory)
 <split>/store_index.npy               [N] int32           row of store_context
 <split>/temporal.npy                  [N, 64] float16     :func:`~.features.temporal_features`
 <split>/trip.npy                      [N, 48] float16     :func:`~.features.trip_features`
@@ -72,7 +74,8 @@ if TYPE_CHECKING:
 
 #: Bump when the cache's layout or any feature definition changes: it is part of the content address,
 #: and :meth:`TensorCache.open` refuses a folder of another format.
-CACHE_FORMAT = 4  # 2: customer history items; 3: the vectors' widths; 4: point-in-time history, neighbours
+CACHE_FORMAT = 5  # 2: customer history items; 3: the vectors' widths; 4: point-in-time history, neighbours;
+#: 5: the memory's recency and decayed share
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 VOCABULARY_FILE = "vocabulary.parquet"
@@ -82,7 +85,8 @@ STORES_FILE = "stores.parquet"
 FITTED_ARRAYS: tuple[str, ...] = ("product_embeddings", "product_log_price", "customer_context", "store_context",
                                   "product_neighbours", "product_neighbour_weights")
 #: The per-sample arrays of the point-in-time history (the leakage check recomputes each).
-HISTORY_ARRAYS: tuple[str, ...] = ("customer_key", "past_baskets", "history_tokens", "history_counts")
+HISTORY_ARRAYS: tuple[str, ...] = ("customer_key", "past_baskets", "history_tokens", "history_counts",
+                                   "history_recency", "history_decayed")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class SplitArrays:
     past_baskets: np.ndarray
     history_tokens: np.ndarray
     history_counts: np.ndarray
+    history_recency: np.ndarray
+    history_decayed: np.ndarray
     store_index: np.ndarray
     temporal: np.ndarray
     trip: np.ndarray

@@ -110,10 +110,12 @@ def build_split_features(
     return out
 
 
-def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int) -> dict[str, dict[str, np.ndarray]]:
+def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int, decay: float
+                  ) -> dict[str, dict[str, np.ndarray]]:
     """Per split: ``customer_key``, ``past_baskets`` (:func:`~.history.customer_sequence` over every split)
-    and the point-in-time memory ``history_tokens`` [N, k] int32 / ``history_counts`` [N, k] uint16
-    (:func:`~.history.point_in_time_memory` over every split's lines under the train vocabulary)."""
+    and the point-in-time memory ``history_tokens`` [N, k] int32, ``history_counts`` / ``history_recency``
+    [N, k] uint16, ``history_decayed`` [N, k] float16 (:func:`~.history.point_in_time_memory` over every
+    split's lines under the train vocabulary, decayed shares at ``decay`` per basket)."""
     names = list(frames)
     sizes = [frames[s].height for s in names]
     seq = customer_sequence(pl.concat([frames[s].select("basket_id", pl.col("cust_code").cast(pl.String), "date",
@@ -122,11 +124,11 @@ def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int
     past = seq.get_column("past_baskets").to_numpy()
     tokens = np.concatenate([csr[s][1] for s in names])
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(csr[s][0]) for s in names]))])
-    hist_tokens, hist_counts = point_in_time_memory(key, past, offsets, tokens, k)
+    memory = point_in_time_memory(key, past, offsets, tokens, k, decay=decay)
     out, lo = {}, 0
     for s, n in zip(names, sizes):
         out[s] = {"customer_key": key[lo:lo + n].astype(np.int32), "past_baskets": past[lo:lo + n].astype(np.int32),
-                  "history_tokens": hist_tokens[lo:lo + n], "history_counts": hist_counts[lo:lo + n]}
+                  **{f"history_{name}": values[lo:lo + n] for name, values in memory._asdict().items()}}
         lo += n
     return out
 
@@ -179,7 +181,7 @@ def build_tensor_cache(
     train_weeks = sorted(train.get_column("week").unique().to_list())
     per_split = build_split_features(frames, tables.customers, tables.stores, trip,
                                      trend_scale=float(len(train_weeks)))
-    for s, arrays in build_history(frames, csr, config.history_items).items():
+    for s, arrays in build_history(frames, csr, config.history_items, config.memory_decay).items():
         per_split[s].update(arrays)
 
     cache_root.mkdir(parents=True, exist_ok=True)

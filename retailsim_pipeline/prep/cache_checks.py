@@ -55,7 +55,7 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
         **{f"{split}/{name}": (m["splits"][split]["n_samples"], w[name])
            for split in cache.split_names for name in ("temporal", "trip")},
         **{f"{split}/{name}": (m["splits"][split]["n_samples"], cfg.history_items)
-           for split in cache.split_names for name in ("history_tokens", "history_counts")},
+           for split in cache.split_names for name in _MEMORY},
     }
     for name, shape in expect.items():
         if tuple(cache[name].shape) != shape:
@@ -76,7 +76,7 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
             if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= bound):
                 failures.append(f"{split}/{name}: values outside [0, {bound})")
         for name in ("temporal", "trip", "labels", "customer_index", "basket_id", "n_lines", "week", "customer_key",
-                     "past_baskets", "history_tokens", "history_counts"):
+                     "past_baskets", *_MEMORY):
             if a.__getattribute__(name).shape[0] != n:
                 failures.append(f"{split}/{name}: {a.__getattribute__(name).shape[0]} rows for {n} samples")
         key, past = np.asarray(a.customer_key), np.asarray(a.past_baskets)
@@ -86,6 +86,12 @@ def check_manifest(cache: TensorCache, *, verify_hashes: bool = True) -> CheckOu
         if h_tok.shape == h_cnt.shape and h_tok.size and (
                 h_tok.min() < 0 or h_tok.max() >= v or ((h_tok == PAD) != (h_cnt == 0)).any()):
             failures.append(f"{split}/history_tokens: outside [0, {v}), or PAD slots and zero counts disagree")
+        h_rec, h_dec = np.asarray(a.history_recency), np.asarray(a.history_decayed)
+        if h_dec.shape == h_cnt.shape == h_rec.shape and len(past) == len(h_cnt) and h_dec.size and (
+                (h_dec < 0).any() or (h_dec > 1).any() or ((h_dec > 0) != (h_cnt > 0)).any()
+                or ((h_rec.astype(np.int64) >= past[:, None]) & (h_cnt > 0)).any()):
+            failures.append(f"{split}/history_decayed, history_recency: a decayed share outside (0, 1] at a filled "
+                            "slot (or non-zero at an empty one), or a recency of at least the customer's past baskets")
         if len(a.line_log_price_ratio) != len(a.tokens) or len(a.line_quantity) != len(a.tokens):
             failures.append(f"{split}: line arrays are not aligned with tokens")
     return CheckOutcome(not failures, failures, {"arrays": len(m["arrays"]), "vocab": v, "customers": c,
@@ -115,8 +121,8 @@ def check_leakage(cache: TensorCache, samples_dir: Path, *, n_probe: int = 200, 
        the array and how many rows differ: ``customer_key`` and ``past_baskets`` of every basket are
        recomputed (:func:`~.history.customer_sequence`), and ``past_baskets`` is also counted afresh
        (the customer's baskets strictly before, by date, hour, basket id) and ``customer_key`` must
-       name one customer per key (0 = anonymous). The memory (``history_tokens``, ``history_counts``)
-       is recomputed by the builder's own :func:`~.cache_build.build_history` for the probe customers'
+       name one customer per key (0 = anonymous). The memory (``history_tokens``, ``_counts``, ``_recency``,
+       ``_decayed``) is recomputed by the builder's own :func:`~.cache_build.build_history` for the probe customers'
        baskets of every split — or every basket with ``full_memory`` (as slow as the build's memory:
        ~25 s on the real data, hence not the default).
     3. Time rule, by perturbation: ``n_probe`` (≥ 1) carded customers with ≥ 3 baskets (seeded), one
@@ -160,7 +166,7 @@ def check_leakage(cache: TensorCache, samples_dir: Path, *, n_probe: int = 200, 
     failures += seq_failures
     if full_memory:
         csr = {s: refit.train_csr if s == "train" else basket_csr(frames[s], refit.vocabulary) for s in SPLITS}
-        fresh = cache_build.build_history(frames, csr, config.history_items)
+        fresh = cache_build.build_history(frames, csr, config.history_items, config.memory_decay)
         for s in SPLITS:
             rows = np.arange(frames[s].height)
             failures += _row_differences(cache, s, rows, {n: fresh[s][n] for n in _MEMORY}, "")
@@ -168,7 +174,7 @@ def check_leakage(cache: TensorCache, samples_dir: Path, *, n_probe: int = 200, 
                 "seconds_sequence": round(time.perf_counter() - t1, 2)}
 
     t2 = time.perf_counter()
-    probe_failures, probe_details = _time_rule(cache, frames, past, refit, config.history_items, n_probe, seed,
+    probe_failures, probe_details = _time_rule(cache, frames, past, refit, config, n_probe, seed,
                                                check_memory=not full_memory)
     details |= probe_details | {"seconds_time_rule": round(time.perf_counter() - t2, 2)}
     failures += probe_failures
@@ -209,7 +215,7 @@ def _refit_differences(cache: TensorCache, refit: FittedTables) -> list[str]:
 
 
 #: The memory part of the history arrays (recomputed for the probe customers, or with ``full_memory``).
-_MEMORY: tuple[str, ...] = ("history_tokens", "history_counts")
+_MEMORY: tuple[str, ...] = ("history_tokens", "history_counts", "history_recency", "history_decayed")
 
 
 def _row_differences(cache: TensorCache, split: str, rows: np.ndarray, fresh: dict[str, np.ndarray],
@@ -298,7 +304,7 @@ def _perturbed(frame: pl.DataFrame, hit: np.ndarray, later: np.ndarray, codes: l
     ).drop("__hit", "__later")
 
 
-def _history_features(frames: dict[str, pl.DataFrame], refit: FittedTables, k: int
+def _history_features(frames: dict[str, pl.DataFrame], refit: FittedTables, config: CacheConfig
                       ) -> tuple[dict[str, np.ndarray], list[str]]:
     """The builder's trip context (float32, not yet rounded to the cache's float16) and history arrays of
     ``frames`` (all splits concatenated, in order), with the trip columns' names."""
@@ -306,13 +312,14 @@ def _history_features(frames: dict[str, pl.DataFrame], refit: FittedTables, k: i
     trip = ids.join(cache_build.trip_features_all(frames, refit.customers.select("cust_code", "home_store")),
                     on="basket_id", how="left", maintain_order="left").drop("basket_id")
     csr = {s: basket_csr(f, refit.vocabulary) for s, f in frames.items()}
-    history = cache_build.build_history(frames, csr, k)
+    history = cache_build.build_history(frames, csr, config.history_items, config.memory_decay)
     out = {"trip": trip.to_numpy().astype(np.float32)}
     out |= {name: np.concatenate([history[s][name] for s in frames]) for name in HISTORY_ARRAYS}
     return out, trip.columns
 
 
-def _time_rule(cache: TensorCache, frames: dict[str, pl.DataFrame], past: np.ndarray, refit: FittedTables, k: int,
+def _time_rule(cache: TensorCache, frames: dict[str, pl.DataFrame], past: np.ndarray, refit: FittedTables,
+               config: CacheConfig,
                n_probe: int, seed: int, *, check_memory: bool) -> tuple[list[str], dict]:
     """Part 3 of :func:`check_leakage` (and part 2's memory comparison, on the probe customers): failures,
     details."""
@@ -351,7 +358,7 @@ def _time_rule(cache: TensorCache, frames: dict[str, pl.DataFrame], past: np.nda
     details |= {"probe_customers_baskets": int(len(after)), "perturbed_baskets": int(after.sum())}
 
     # Unperturbed: the builder's functions on the subset give the cache's values (part 2 on the probe customers).
-    base, trip_columns = _history_features(subset, refit, k)
+    base, trip_columns = _history_features(subset, refit, config)
     failures, lo = [], 0
     for s in frames:
         hi = lo + len(rows[s])
@@ -368,7 +375,7 @@ def _time_rule(cache: TensorCache, frames: dict[str, pl.DataFrame], past: np.nda
     for s, f in subset.items():
         changed_frames[s] = _perturbed(f, after[lo:lo + f.height], (after & ~probe)[lo:lo + f.height], codes)
         lo += f.height
-    changed, _ = _history_features(changed_frames, refit, k)
+    changed, _ = _history_features(changed_frames, refit, config)
     differs = {name: (base[name] != changed[name]).reshape(len(after), -1) for name in base}
     moved = np.zeros(len(after), dtype=bool)
     for name, d in differs.items():
@@ -387,7 +394,7 @@ def _time_rule(cache: TensorCache, frames: dict[str, pl.DataFrame], past: np.nda
     proved = np.bincount(customer[later & moved], minlength=customer.max() + 1) > 0
     details |= {"later_baskets_changed": int((later & moved).sum()), "later_baskets": int(later.sum()),
                 "later_trip_changed": int((later & differs["trip"].any(axis=1)).sum()),
-                "later_memory_changed": int((later & (differs["history_tokens"] | differs["history_counts"])
+                "later_memory_changed": int((later & np.logical_or.reduce([differs[name] for name in _MEMORY])
                                              .any(axis=1)).sum())}
     if not proved.all():
         failures.append(f"time rule: perturbing the probe basket and every later one changed no later basket's "

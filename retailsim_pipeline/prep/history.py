@@ -11,7 +11,8 @@ basket id) — the order :func:`~retailsim_pipeline.prep.features.trip_features`
   key and a smaller ``past_baskets``.
 * :func:`point_in_time_memory` — per basket, the customer's ``k`` most bought products before it
   (line counts; ties: the more recently bought, then the smaller token) as ``[N, k]`` tokens and counts,
-  PAD/0 where the history holds fewer products.
+  with each slot's recency (baskets since it was last bought) and time-decayed share of the customer's
+  baskets holding it (the personal vector of TIFU-KNN), PAD/0 where the history holds fewer products.
 * :class:`AsOfHistory` — the same history, complete (not truncated to ``k``), for any scored basket:
   line counts and time-decayed product sets over its customer's earlier baskets.
 
@@ -21,12 +22,13 @@ grows with the largest customer, not with the data.
 """
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from retailsim_pipeline.config import N_SPECIAL, PAD
+from retailsim_pipeline.config import MEMORY_DECAY, N_SPECIAL, PAD
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,19 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 8_000_000
 #: Counts are stored as uint16: a customer's count of one product saturates at this value.
 MAX_COUNT = np.iinfo(np.uint16).max
+#: exp(-_MAX_EXPONENT) still is a normal float64: the decayed sums are exact below that span.
+_MAX_EXPONENT = 600.0
+
+
+class Memory(NamedTuple):
+    """The point-in-time memory of N baskets, ``k`` slots each (PAD/0 in empty slots)."""
+
+    tokens: np.ndarray  #: [N, k] int32 the products, most bought first (ties: more recent, smaller token)
+    counts: np.ndarray  #: [N, k] uint16 their line counts before the basket (saturating at MAX_COUNT)
+    recency: np.ndarray  #: [N, k] uint16 baskets of the customer since the product was last bought
+    #: (0 = in the customer's previous basket; saturating)
+    decayed: np.ndarray  #: [N, k] float16 Σ over the earlier baskets holding it of decay ** age, divided
+    #: by Σ over all earlier baskets of decay ** age (age 0 = the previous basket): in (0, 1]
 
 
 def customer_sequence(baskets: pl.DataFrame) -> pl.DataFrame:
@@ -56,10 +71,12 @@ def customer_sequence(baskets: pl.DataFrame) -> pl.DataFrame:
 
 def point_in_time_memory(
     customer_key: np.ndarray, past_baskets: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, k: int,
-    *, chunk_rows: int = CHUNK_ROWS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` products each basket's customer bought most before it: (tokens [N, k] int32, counts
-    [N, k] uint16), most bought first (ties: the more recently bought, then the smaller token).
+    *, decay: float = MEMORY_DECAY, chunk_rows: int = CHUNK_ROWS,
+) -> Memory:
+    """The ``k`` products each basket's customer bought most before it (:class:`Memory`: tokens, line
+    counts, recency, decayed share), most bought first (ties: the more recently bought, then the smaller
+    token). The decayed share of a product for a basket with ``j`` earlier baskets is
+    ``Σ_{earlier baskets i holding it} decay ** (j - 1 - i) / Σ_{i < j} decay ** (j - 1 - i)``.
 
     ``customer_key`` [N], ``past_baskets`` [N] from :func:`customer_sequence`; ``offsets`` [N + 1] and
     ``tokens`` [L] the baskets' lines under the train vocabulary (special tokens, UNK among them, never
@@ -69,10 +86,13 @@ def point_in_time_memory(
     past_baskets = np.asarray(past_baskets, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(customer_key)
-    out_tokens = np.full((n, k), PAD, dtype=np.int32)
-    out_counts = np.zeros((n, k), dtype=np.uint16)
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    out = Memory(np.full((n, k), PAD, dtype=np.int32), np.zeros((n, k), dtype=np.uint16),
+                 np.zeros((n, k), dtype=np.uint16), np.zeros((n, k), dtype=np.float16))
     if n == 0 or k == 0:
-        return out_tokens, out_counts
+        return out
+    log_decay = float(np.log(decay))
     line_basket = np.repeat(np.arange(n), np.diff(offsets))
     keep = (customer_key[line_basket] > 0) & (np.asarray(tokens) >= N_SPECIAL)
     # One row per (customer, product, basket) with the lines bought: an "event".
@@ -84,18 +104,29 @@ def point_in_time_memory(
     n_baskets = pl.DataFrame({"key": customer_key, "seq": past_baskets}).filter(pl.col("key") > 0) \
         .group_by("key").agg((pl.col("seq").max() + 1).alias("n_baskets"))
     # After an event at basket p, the count holds for the customer's baskets p + 1 .. (the next event of
-    # the same product, inclusive; or the customer's last basket).
+    # the same product, inclusive; or the customer's last basket). ``held`` = Σ over the events e ≤ this one
+    # of decay ** (p - p_e), as decay ** (p - p₀) · Σ decay ** -(p_e - p₀) from the product's first event p₀.
+    rel = pl.col("seq") - pl.col("seq").first().over("key", "token")
     events = (
         events.sort("key", "token", "seq")
         .join(n_baskets, on="key", how="left")
         .with_columns(
             pl.col("lines").cum_sum().over("key", "token").alias("count"),
             pl.col("seq").shift(-1).over("key", "token").fill_null(pl.col("n_baskets") - 1).alias("until"),
+            (rel.cast(pl.Float64) * -log_decay).alias("exponent"),
         )
-        .with_columns((pl.col("until") - pl.col("seq")).alias("span"))
+        .with_columns(
+            ((pl.col("exponent").exp().cum_sum().over("key", "token")) * (-pl.col("exponent")).exp()).alias("held"),
+            (pl.col("until") - pl.col("seq")).alias("span"),
+        )
         .filter(pl.col("span") > 0)
-        .select("key", "token", "seq", "count", "until", "span")
+        .select("key", "token", "seq", "count", "held", "until", "span", "exponent")
     )
+    widest = events.get_column("exponent").max()
+    if widest is not None and widest > _MAX_EXPONENT:
+        raise ValueError(f"a customer's purchases of one product span {widest / -log_decay:.0f} baskets: the decayed "
+                         f"share at decay {decay} is exact over at most {_MAX_EXPONENT / -log_decay:.0f}; raise the "
+                         f"decay")
     # Chunks of whole customers, each expanding to at most ~chunk_rows rows.
     per_key = events.group_by("key").agg(pl.col("span").sum()).sort("key")
     keys, spans = per_key.get_column("key").to_numpy(), per_key.get_column("span").to_numpy()
@@ -115,10 +146,16 @@ def point_in_time_memory(
         )
         rows = expanded.get_column("row").to_numpy()
         slots = expanded.get_column("slot").to_numpy()
-        out_tokens[rows, slots] = expanded.get_column("token").to_numpy()
-        out_counts[rows, slots] = np.minimum(expanded.get_column("count").to_numpy(), MAX_COUNT)
+        j = expanded.get_column("j").to_numpy()
+        age = j - 1 - expanded.get_column("seq").to_numpy()  # baskets since the last purchase
+        out.tokens[rows, slots] = expanded.get_column("token").to_numpy()
+        out.counts[rows, slots] = np.minimum(expanded.get_column("count").to_numpy(), MAX_COUNT)
+        out.recency[rows, slots] = np.minimum(age, MAX_COUNT)
+        held = expanded.get_column("held").to_numpy() * np.exp(age * log_decay)
+        total = j.astype(np.float64) if decay == 1.0 else -np.expm1(j * log_decay) / -np.expm1(log_decay)
+        out.decayed[rows, slots] = np.minimum(held / total, 1.0)
     log.debug("point-in-time memory of %d baskets in %d chunk(s)", n, len(bounds) - 1)
-    return out_tokens, out_counts
+    return out
 
 
 def _chunk_bounds(cumulative: np.ndarray, limit: int) -> list[int]:

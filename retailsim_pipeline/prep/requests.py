@@ -289,7 +289,7 @@ class ServingFeatures:
             features = build_split_features({REQUEST_SPLIT: request}, self.customers, self.stores, trip,
                                             trend_scale=float(self.manifest["trend_scale"]))[REQUEST_SPLIT]
             csr = {name: basket_csr(f, vocab) for name, f in frames.items()}
-            features.update(build_history(frames, csr, config.history_items)[REQUEST_SPLIT])
+            features.update(build_history(frames, csr, config.history_items, config.memory_decay)[REQUEST_SPLIT])
             parts.append((rows, features, csr[REQUEST_SPLIT]))
         return self._assemble(frame.height, parts)
 

@@ -31,7 +31,8 @@ Contract
   of the sample's point-in-time memory (:func:`~retailsim_pipeline.prep.features.history_vector`).
 * **Memory.** ``history_tokens`` / ``history_counts`` [B, K]: the customer's most bought products
   strictly before the basket (:mod:`~retailsim_pipeline.prep.history`), read as stored: nothing of the
-  basket itself is in them, in any split; ``history_past`` [B]: how many baskets they come from.
+  basket itself is in them, in any split; ``history_past`` [B]: how many baskets they come from; ``history_recency`` /
+  ``history_decayed`` [B, K]: baskets since each was last bought, its decayed share of the earlier baskets.
 
 Everything is gathered with vectorized numpy indexing — no Python loop over samples. The small
 per-sample arrays (offsets, lengths, customer/store index, labels) and the small tables (customer,
@@ -137,6 +138,8 @@ class BatchAssembler:
         self._trip = np.asarray(arrays.trip)  # [N, 48] float16
         self._history_tokens = np.asarray(arrays.history_tokens)  # [N, K] int32: the point-in-time memory
         self._history_counts = np.asarray(arrays.history_counts)  # [N, K] uint16
+        self._history_recency = np.asarray(arrays.history_recency)  # [N, K] uint16
+        self._history_decayed = np.asarray(arrays.history_decayed)  # [N, K] float16
         self._past_baskets = np.ascontiguousarray(arrays.past_baskets, dtype=np.float32)  # [N]
         # Small tables: in RAM (numpy gathers beat torch.index_select at these sizes, see the report).
         self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 32]
@@ -257,6 +260,8 @@ class BatchAssembler:
             history_tokens=torch.from_numpy(history_tokens),
             history_counts=torch.from_numpy(history_counts),
             history_past=torch.from_numpy(self._past_baskets[idx]),
+            history_recency=torch.from_numpy(self._history_recency[idx].astype(np.float32)),
+            history_decayed=torch.from_numpy(self._history_decayed[idx].astype(np.float32)),
             tokens=torch.from_numpy(tokens.reshape(B, S)),
             targets=torch.from_numpy(targets.reshape(B, S)),
             attention_mask=torch.from_numpy(valid),

@@ -22,7 +22,8 @@ def micro_split(baskets: list[list[int]], customers: list[int], weeks: list[int]
         offsets=offsets, tokens=tokens, line_log_price_ratio=np.zeros(n_lines, np.float32),
         line_quantity=np.ones(n_lines, np.int16), customer_index=customer, customer_key=customer.copy(),
         past_baskets=_past([customer], [week])[0], history_tokens=np.zeros((n, 32), np.int32),
-        history_counts=np.zeros((n, 32), np.uint16),
+        history_counts=np.zeros((n, 32), np.uint16), history_recency=np.zeros((n, 32), np.uint16),
+        history_decayed=np.zeros((n, 32), np.float16),
         store_index=np.zeros(n, np.int32), temporal=np.zeros((n, 64), np.float16),
         trip=np.zeros((n, 48), np.float16), labels=np.zeros((n, 4), np.int8),
         basket_id=np.arange(n, dtype=np.int64), week=week, n_lines=lengths.astype(np.int32))

@@ -105,7 +105,8 @@ def test_completion_batch_is_the_visible_lines_then_one_slot(assembler, use_mask
     else:
         np.testing.assert_array_equal(n_visible, lengths)
     assert (np.abs(full.price.numpy()).sum(-1) > 0).sum() > 0  # the prices compared are real
-    for name in ("context", "history_tokens", "history_counts", "history_past", "labels", "index"):
+    for name in ("context", "history_tokens", "history_counts", "history_past", "history_recency",
+                 "history_decayed", "labels", "index"):
         torch.testing.assert_close(getattr(batch, name), getattr(full, name), rtol=0, atol=0, msg=name)
 
 
@@ -124,7 +125,8 @@ def test_completion_batch_does_not_depend_on_batching(assembler):
         for batch, row in ((whole, r), (half, h)):  # beyond the slot: padding only
             assert (batch.tokens[row, n:] == PAD).all() and (batch.price[row, n:] == 0).all()
             assert (batch.targets[row, n:] == -100).all()
-        for name in ("context", "history_tokens", "history_counts", "history_past"):
+        for name in ("context", "history_tokens", "history_counts", "history_past", "history_recency",
+                     "history_decayed"):
             torch.testing.assert_close(getattr(whole, name)[r], getattr(half, name)[h], rtol=0, atol=0, msg=name)
 
 

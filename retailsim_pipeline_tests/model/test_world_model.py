@@ -43,9 +43,11 @@ def make_batch(B: int = 5, S: int = 7, seed: int = 0, n_products: int = V, mask_
     history_counts = torch.randint(1, 5, (B, 4), generator=g).float().masked_fill(history_tokens == PAD, 0.0)
     history_past = history_counts.amax(dim=1) + torch.randint(0, 6, (B,), generator=g).float()
     history_past[-1] = 0.0
+    history_recency = torch.randint(0, 3, (B, 4), generator=g).float().masked_fill(history_tokens == PAD, 0.0)
+    history_decayed = torch.rand(B, 4, generator=g).clamp(min=1e-4).masked_fill(history_tokens == PAD, 0.0)
     return Batch(tokens=tokens, targets=targets, attention_mask=attention_mask, price=price, context=context,
                  labels=labels, index=torch.arange(B), history_tokens=history_tokens, history_counts=history_counts,
-                 history_past=history_past)
+                 history_past=history_past, history_recency=history_recency, history_decayed=history_decayed)
 
 
 def make_model(config=TINY, seed: int = 0) -> WorldModel:
@@ -92,16 +94,19 @@ def test_slot_scorer_reads_each_slots_features_and_touches_only_the_memory():
     counts = batch.history_counts
     share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)
     cooc = model._cooccurrence_scores(batch.tokens, batch.attention_mask)
-    features = model._slot_features(batch.history_tokens, counts, share, batch.history_past, cooc)
+    features = model._slot_features(batch.history_tokens, counts, share, batch.history_past, cooc,
+                                    batch.history_recency, batch.history_decayed)
     K = counts.shape[1]
     for b in range(len(batch)):
         n = max(batch.history_past[b].item(), 1.0)
         for k in range(K):
             c, t = counts[b, k].item(), batch.history_tokens[b, k].item()
             rate = min(c / n, 1.0)
+            gap, decayed = batch.history_recency[b, k].item(), batch.history_decayed[b, k].item()
             expected = [math.log1p(c), share[b, k].item(), rate, math.log(max(rate, math.exp(-5.0))),
                         math.log1p(n) / 5.0, k / (K - 1), cooc[b, t].item() if t >= N_SPECIAL else cooc[b, 0].item(),
-                        float(c > 0)]
+                        float(c > 0), math.log1p(gap) / 5.0, float(gap == 0 and c > 0), decayed,
+                        (math.log(max(decayed, math.exp(-7.0))) + 7.0) / 7.0 if c > 0 else 0.0]
             assert features[b, k].tolist() == pytest.approx(expected, abs=1e-6), (b, k)
     with torch.no_grad():
         off = run(model, batch)["product_logits"]
@@ -201,9 +206,7 @@ def test_padding_does_not_reach_real_positions():
     price = torch.where(pad[..., None], torch.randn(batch.price.shape, generator=g), batch.price)
     with torch.no_grad():
         a = run(model, batch)
-        b = model(tokens, price, batch.context, batch.attention_mask, predict_mask=batch.predict_mask,
-                  history_tokens=batch.history_tokens, history_counts=batch.history_counts,
-                  history_past=batch.history_past)
+        b = model(**{**batch.model_inputs(), "tokens": tokens, "price": price}, predict_mask=batch.predict_mask)
     real = batch.attention_mask
     torch.testing.assert_close(a["hidden"][real], b["hidden"][real], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=0, atol=1e-6)
@@ -223,8 +226,8 @@ def test_padding_does_not_change_a_basket_padded_further():
     predict = torch.cat([batch.predict_mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
     with torch.no_grad():
         a = run(model, batch)
-        b = model(tokens, price, batch.context, mask, predict_mask=predict, history_tokens=batch.history_tokens,
-                  history_counts=batch.history_counts, history_past=batch.history_past)
+        b = model(**{**batch.model_inputs(), "tokens": tokens, "price": price, "attention_mask": mask},
+                  predict_mask=predict)
     torch.testing.assert_close(a["product_logits"], b["product_logits"], rtol=1e-5, atol=1e-5)
     for name in AUX_HEADS:
         torch.testing.assert_close(a["aux"][name], b["aux"][name], rtol=1e-5, atol=1e-5)
@@ -287,7 +290,7 @@ def test_seed_preset_has_about_23m_parameters():
         model = WorldModel(MODEL_PRESETS["seed"])
     n = count_parameters(model)
     assert 0.9 * 23e6 <= n <= 1.1 * 23e6, n
-    assert n == 23_365_425  # the breakdown in WorldModel's docstring
+    assert n == 23_365_681  # the breakdown in WorldModel's docstring
     assert "product_table" in dict(model.named_buffers())
     assert "product_table" not in dict(model.named_parameters())
     assert {"product_neighbours", "product_neighbour_weights"} <= set(dict(model.named_buffers()))

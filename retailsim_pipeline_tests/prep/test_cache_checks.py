@@ -14,6 +14,7 @@ from retailsim_pipeline.prep.cache_build import build_tensor_cache
 from retailsim_pipeline.prep.cache_checks import check_leakage, check_manifest
 from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.fitting import FittedTables, fit_train_tables
+from retailsim_pipeline.prep.history import Memory
 from retailsim_pipeline.prep.samples import PRODUCTS_FILE, SPLITS, read_samples
 
 
@@ -100,11 +101,11 @@ def _memory_after_each_basket(honest):
         np.maximum.at(last, key, past)
         ext_key, ext_past = np.r_[key, carded], np.r_[past, last[carded] + 1]
         ext_offsets = np.r_[offsets, np.full(len(carded), offsets[-1])]
-        mem_tokens, mem_counts = honest(ext_key, ext_past, ext_offsets, tokens, k, **kw)
+        memory = honest(ext_key, ext_past, ext_offsets, tokens, k, **kw)
         row = {(a, b): i for i, (a, b) in enumerate(zip(ext_key.tolist(), ext_past.tolist()))}
         nxt = np.array([row[(a, b + 1)] if a > 0 else i for i, (a, b) in enumerate(zip(key.tolist(), past.tolist()))],
                        dtype=np.int64)
-        return mem_tokens[nxt], mem_counts[nxt]
+        return type(memory)(*(a[nxt] for a in memory))
     return leaky
 
 
@@ -115,7 +116,8 @@ def test_a_memory_that_holds_the_basket_itself_fails_by_name(tiny_prepped, tmp_p
     assert np.asarray(train.history_counts)[np.asarray(train.past_baskets) == 0].any()  # the leak is real
     outcome = check_leakage(leaky_cache, tiny_prepped.samples)
     assert not outcome.passed and outcome.details["recomputed_equal"]
-    assert {f.split(" of ")[0] for f in outcome.failures} == {"time rule: history_tokens", "time rule: history_counts"}
+    assert {f.split(" of ")[0] for f in outcome.failures} == {f"time rule: history_{name}" for name in
+                                                              ("tokens", "counts", "recency", "decayed")}
     assert all("probe baskets change" in f and "the basket itself or a later one leaks" in f
                for f in outcome.failures), outcome.failures
 
@@ -147,8 +149,9 @@ def test_a_perturbation_that_changes_nothing_proves_nothing(tiny_prepped, tmp_pa
     honest = build_mod.trip_features_all
     monkeypatch.setattr(build_mod, "trip_features_all", lambda frames, home: honest(frames, home).select(
         "basket_id", pl.all().exclude("basket_id") * 0.0))
-    monkeypatch.setattr(build_mod, "point_in_time_memory", lambda key, past, offsets, tokens, k, **kw: (
-        np.zeros((len(key), k), np.int32), np.zeros((len(key), k), np.uint16)))
+    monkeypatch.setattr(build_mod, "point_in_time_memory", lambda key, past, offsets, tokens, k, **kw: Memory(
+        np.zeros((len(key), k), np.int32), np.zeros((len(key), k), np.uint16), np.zeros((len(key), k), np.uint16),
+        np.zeros((len(key), k), np.float16)))
     outcome = check_leakage(_rebuild(tiny_prepped.samples, tmp_path / "cache"), tiny_prepped.samples)
     assert not outcome.passed and outcome.details["later_baskets_changed"] == 0
     n = outcome.details["probed_baskets"]
@@ -166,7 +169,8 @@ def _tamper_row(arr: np.ndarray, row: int) -> np.ndarray:
     return arr
 
 
-@pytest.mark.parametrize("name", ["customer_key", "past_baskets", "history_tokens", "history_counts"])
+@pytest.mark.parametrize("name", ["customer_key", "past_baskets", "history_tokens", "history_counts",
+                                  "history_recency", "history_decayed"])
 def test_a_history_array_that_differs_from_its_recomputation_fails_by_name(cache, tiny_prepped, tmp_path, name):
     a = cache.split("validation")
     # a basket with a memory, of a customer with 3 baskets or more (probed: every such customer is, below)
@@ -214,7 +218,26 @@ def test_manifest_check_reads_the_memory_arrays(cache, tmp_path):
     np.save(copy / "test/history_counts.npy", counts)
     outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
     assert outcome.failures == [f"test/history_tokens: outside [0, {cache.manifest['sizes']['vocab']}), or PAD slots "
-                                "and zero counts disagree"]
+                                "and zero counts disagree", _RECENCY_DECAYED]
+
+
+_RECENCY_DECAYED = ("test/history_decayed, history_recency: a decayed share outside (0, 1] at a filled slot (or "
+                    "non-zero at an empty one), or a recency of at least the customer's past baskets")
+
+
+@pytest.mark.parametrize("name, plant", [("history_decayed", 1.5), ("history_decayed", 0.0),
+                                         ("history_recency", "past")])
+def test_manifest_check_bounds_recency_and_decayed_share(cache, tmp_path, name, plant):
+    """A filled slot's decayed share lies in (0, 1]; its product was bought in one of the earlier baskets."""
+    copy = tmp_path / cache.path.name
+    shutil.copytree(cache.path, copy)
+    counts, past = np.load(copy / "test/history_counts.npy"), np.load(copy / "test/past_baskets.npy")
+    values = np.load(copy / f"test/{name}.npy")
+    row = int(np.argmax(counts[:, 0] > 0))
+    values[row, 0] = past[row] if plant == "past" else plant
+    np.save(copy / f"test/{name}.npy", values)
+    outcome = check_manifest(TensorCache.open(copy), verify_hashes=False)
+    assert outcome.failures == [_RECENCY_DECAYED]
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,52 +41,78 @@ def _earlier(b: SimpleNamespace, i: int) -> list[int]:
             if b.customer_key[j] == b.customer_key[i] and b.past_baskets[j] < b.past_baskets[i]]
 
 
-def _brute_memory(b: SimpleNamespace, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _brute_memory(b: SimpleNamespace, k: int, decay: float = 0.97) -> tuple[np.ndarray, ...]:
+    """tokens, counts, recency, decayed share: the definitions of history.Memory, basket by basket."""
     n = len(b.customer_key)
     out_tokens, out_counts = np.full((n, k), PAD, np.int32), np.zeros((n, k), np.uint16)
+    out_recency, out_decayed = np.zeros((n, k), np.uint16), np.zeros((n, k), np.float64)
     for i in range(n):
-        count, last = {}, {}
-        for j in _earlier(b, i):
+        count, last, held = {}, {}, {}
+        earlier = _earlier(b, i)
+        for j in earlier:
+            age = int(b.past_baskets[i]) - 1 - int(b.past_baskets[j])  # 0 = the previous basket
             for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist():
                 if t >= N_SPECIAL:
                     count[t] = count.get(t, 0) + 1
                     last[t] = max(last.get(t, -1), int(b.past_baskets[j]))
+            for t in {t for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist() if t >= N_SPECIAL}:
+                held[t] = held.get(t, 0.0) + decay ** age
+        total = sum(decay ** age for age in range(len(earlier)))
         top = sorted(count, key=lambda t: (-count[t], -last[t], t))[:k]
         out_tokens[i, :len(top)] = top
         out_counts[i, :len(top)] = [count[t] for t in top]
-    return out_tokens, out_counts
+        out_recency[i, :len(top)] = [int(b.past_baskets[i]) - 1 - last[t] for t in top]
+        out_decayed[i, :len(top)] = [held[t] / total for t in top]
+    return out_tokens, out_counts, out_recency, out_decayed
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 50, 10**9])
 @pytest.mark.parametrize("seed", range(4))
 def test_point_in_time_memory_is_the_brute_force_top_k(seed, chunk_rows):
     b = _random_baskets(seed)
-    for k in (1, 3, 8, 20):
-        tokens, counts = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, k,
-                                              chunk_rows=chunk_rows)
-        want_tokens, want_counts = _brute_memory(b, k)
-        assert tokens.dtype == np.int32 and counts.dtype == np.uint16
-        assert np.array_equal(tokens, want_tokens), (k, chunk_rows)
-        assert np.array_equal(counts, want_counts), (k, chunk_rows)
+    for k, decay in ((1, 0.97), (3, 1.0), (8, 0.5), (20, 0.97)):
+        memory = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, k, decay=decay,
+                                      chunk_rows=chunk_rows)
+        want_tokens, want_counts, want_recency, want_decayed = _brute_memory(b, k, decay)
+        assert memory.tokens.dtype == np.int32 and memory.counts.dtype == np.uint16
+        assert memory.recency.dtype == np.uint16 and memory.decayed.dtype == np.float16
+        assert np.array_equal(memory.tokens, want_tokens), (k, chunk_rows)
+        assert np.array_equal(memory.counts, want_counts), (k, chunk_rows)
+        assert np.array_equal(memory.recency, want_recency), (k, chunk_rows)
+        np.testing.assert_allclose(memory.decayed, want_decayed, rtol=1e-3, atol=0)  # float16
+        assert ((memory.decayed > 0) == (memory.counts > 0)).all()
     first = (b.past_baskets == 0) | (b.customer_key == 0)
-    assert first.any() and not tokens[first].any() and not counts[first].any()  # nothing before: empty
+    assert first.any() and not any(a[first].any() for a in memory)  # nothing before: empty
+
+
+def test_point_in_time_memory_refuses_a_decay_it_cannot_compute_exactly():
+    b = _random_baskets(0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, 4, decay=0.0)
+    # A product bought in baskets 1 .. 1999 of 2,001: 1,998 baskets apart, at decay 0.5 they underflow.
+    n = 2001
+    with pytest.raises(ValueError, match="span 1998 baskets"):
+        point_in_time_memory(np.ones(n, np.int64), np.arange(n), np.arange(n + 1),
+                             np.where(np.isin(np.arange(n), [0, n - 1]), N_SPECIAL, N_SPECIAL + 1), 2, decay=0.5)
 
 
 def test_point_in_time_memory_edge_cases():
     empty = point_in_time_memory(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64),
                                  np.zeros(0, np.int32), 4)
-    assert empty[0].shape == empty[1].shape == (0, 4)
+    assert all(a.shape == (0, 4) for a in empty)
     # Only anonymous baskets, or only special tokens: every memory is empty.
     b = _random_baskets(0)
     anonymous = point_in_time_memory(np.zeros_like(b.customer_key), np.zeros_like(b.past_baskets), b.offsets,
                                      b.tokens, 4)
     specials = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens % N_SPECIAL, 4)
-    for tokens, counts in (anonymous, specials):
-        assert not tokens.any() and not counts.any()
-    # One product bought on every line of 3 baskets: counts 0, then the lines of the baskets before.
-    tokens, counts = point_in_time_memory(np.array([1, 1, 1]), np.array([2, 0, 1]), np.array([0, 2, 5, 6]),
-                                          np.full(6, N_SPECIAL, np.int32), 2)
+    for memory in (anonymous, specials):
+        assert not any(a.any() for a in memory)
+    # One product bought on every line of 3 baskets: counts 0, then the lines of the baskets before; it
+    # is in every earlier basket (decayed share 1) and in the previous one (recency 0).
+    tokens, counts, recency, decayed = point_in_time_memory(
+        np.array([1, 1, 1]), np.array([2, 0, 1]), np.array([0, 2, 5, 6]), np.full(6, N_SPECIAL, np.int32), 2)
     assert counts[:, 0].tolist() == [4, 0, 3] and tokens[:, 0].tolist() == [N_SPECIAL, PAD, N_SPECIAL]
+    assert recency[:, 0].tolist() == [0, 0, 0] and decayed[:, 0].tolist() == [1.0, 0.0, 1.0]
     assert not counts[:, 1].any()
 
 
@@ -146,5 +172,9 @@ def test_as_of_history_is_the_brute_force_over_earlier_baskets(seed):
         assert np.array_equal(counts[i], want_counts), i
         np.testing.assert_allclose(sets[i], want_sets / total if total else want_sets, rtol=1e-12, atol=1e-12)
     # The memory is the top of these counts.
-    tokens, top = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, VOCAB)
+    tokens, top, _, decayed = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, VOCAB,
+                                                   decay=decay)
     assert np.array_equal(np.sort(top, axis=1)[:, ::-1], -np.sort(-counts, axis=1).astype(np.uint16))
+    # ... and its decayed shares are the decayed product sets' entries at the memory's products.
+    rows = np.arange(len(tokens))[:, None]
+    np.testing.assert_allclose(decayed, np.where(top > 0, sets[rows, tokens], 0.0), rtol=1e-3, atol=0)
