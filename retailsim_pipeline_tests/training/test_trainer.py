@@ -19,7 +19,14 @@ from retailsim_pipeline.training.batches import BatchAssembler
 from retailsim_pipeline.training.checkpoint import LAST, load_checkpoint, save_checkpoint
 from retailsim_pipeline.training.run import apply_overrides
 from retailsim_pipeline.model.losses import PHASES
-from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_lr, phase_plan
+from retailsim_pipeline.training.schedule import (
+    learning_rate,
+    mask_prob,
+    phase_lr,
+    phase_plan,
+    rank_batches,
+    steps_per_epoch,
+)
 from retailsim_pipeline.training.trainer import Trainer, TrainingAborted, build_model
 
 
@@ -70,6 +77,20 @@ def test_the_schedule_follows_the_seed():
     assert learning_rate(17000, cfg, plan) == pytest.approx(1e-5)
     demo = phase_plan(training_preset("demo"), steps_per_epoch=100)  # a 2-epoch run still has all three
     assert (demo.warmup_end, demo.finetune_start, demo.total_steps) == (30, 150, 200)
+
+
+def test_every_rank_gets_an_equal_whole_number_of_steps():
+    """45 batches, 2 ranks, 2 micro-batches a step: 11 steps per epoch on each rank, from disjoint
+    shares; step k uses batches 4k..4k+3 of the epoch's order; one process keeps every batch."""
+    assert steps_per_epoch(45, world_size=2, grad_accum_steps=2) == 11
+    shares = [rank_batches(45, rank, world_size=2, grad_accum_steps=2) for rank in (0, 1)]
+    assert [len(s) for s in shares] == [22, 22]
+    assert not set(shares[0]) & set(shares[1]) and sorted([*shares[0], *shares[1]]) == list(range(44))
+    assert sorted(share[2 * 3 + i] for share in shares for i in (0, 1)) == list(range(12, 16))  # step 3
+    assert (steps_per_epoch(45), rank_batches(45)) == (45, range(45))  # one process: unchanged
+    assert rank_batches(45, grad_accum_steps=2) == range(44)  # a partial step is not carried over
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        rank_batches(45, rank=2, world_size=2)
 
 
 def test_overrides_are_validated():
