@@ -160,6 +160,35 @@ def test_non_finite_loss_is_skipped_then_aborts(cache, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_a_non_finite_micro_batch_skips_its_step(cache, tmp_path, monkeypatch):
+    """grad_accum_steps=2: a NaN in the first micro-batch of the second step (the last one finite)
+    skips that step; the run goes on to max_steps with finite weights."""
+    calls = []
+
+    class NanOnThirdCall(trainer_mod.WorldModelLoss):
+        def __call__(self, outputs, batch, phase):
+            total, parts = super().__call__(outputs, batch, phase)
+            if not torch.is_grad_enabled():  # validation
+                return total, parts
+            calls.append(len(batch))
+            return (total * float("nan"), parts) if len(calls) == 3 else (total, parts)
+
+    class Recorder:
+        def __init__(self):
+            self.records = []
+
+        def log_metrics(self, metrics, step):
+            self.records.append((step, metrics))
+
+    monkeypatch.setattr(trainer_mod, "WorldModelLoss", NanOnThirdCall)
+    metrics = Recorder()
+    trainer = Trainer(_config(max_steps=3, grad_accum_steps=2), cache, tmp_path, metrics=metrics, resume=None)
+    result = trainer.fit()
+    assert (result.steps, len(calls)) == (3, 8)  # 4 steps' micro-batches, one step skipped
+    assert (1, {"train/skipped_steps": 1}) in metrics.records
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_prepped, tmp_path):
     cache_dir = TensorCache.latest(tiny_prepped.cache).path
     out = tmp_path / "run"
