@@ -226,3 +226,97 @@ def test_ddp_under_torchrun_on_cpu(tiny_prepped, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert load_checkpoint(out / LAST)["step"] == 6
     assert json.loads((out / "result.json").read_text())["stopped"] == "max_steps"
+
+
+# ---------------------------------------------------------------- exact DDP: two CPU ranks on gloo
+
+#: dropout: the ranks' RNG streams then matter (and differ: their batches differ in shape), so an exact
+#: resume needs each rank's own; val_every / checkpoint_every: the gathers inside the loop run too.
+DDP = {"model.dropout": 0.1, "val_every": 5, "checkpoint_every": 4, "log_every": 1000, "patience": 1000}
+
+
+def _torchrun(cache: TensorCache, out, overrides: dict, *, resume=None, nan_at=None, sigterm_at=None) -> list[dict]:
+    """Train the tiny preset on two CPU ranks (:mod:`.ddp_worker`); each rank's weights and record."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    params = {"cache": str(cache.path), "out": str(out), "overrides": {**DDP, **overrides}, "resume": resume,
+              "nan_at": nan_at, "sigterm_at": sigterm_at}
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "retailsim_pipeline_tests.training.ddp_worker",
+         json.dumps(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)  # a hung collective times out in the ranks after 60 s
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its ranks
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    """Model and EMA weights bit-identical."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(cache, tmp_path_factory) -> list[dict]:
+    """The whole tiny run straight on two ranks: 2 epochs of 22 steps, crossing warm-up → main (step 7),
+    the epoch (22) and main → fine-tune (33)."""
+    return _torchrun(cache, tmp_path_factory.mktemp("ddp_straight"), {})
+
+
+def test_ddp_ranks_hold_identical_weights_and_assemble_only_their_share(ddp_straight):
+    """After 44 steps both ranks hold bit-identical weights; each assembled only its own batches."""
+    rank0, rank1 = ddp_straight
+    assert rank0["steps"] == rank1["steps"] == 44 and rank0["stopped"] == rank1["stopped"] == "completed"
+    _assert_same_weights(rank0, rank1)
+    for rank, record in enumerate(ddp_straight):  # 44 batches an epoch: 22 per rank
+        share = list(rank_batches(44, rank, world_size=2))
+        assert record["assembled"] == [[0, b] for b in share] + [[1, b] for b in share]
+
+
+def test_ddp_resume_is_exact(cache, ddp_straight, tmp_path):
+    """17 steps, a stop (max_steps), a resume from last.pt and the 27 steps to the end == 44 straight,
+    bit for bit, and no batch is assembled twice."""
+    first = _torchrun(cache, tmp_path, {"max_steps": 17})
+    state = load_checkpoint(tmp_path / LAST)
+    assert (state["step"], state["world_size"]) == (17, 2)
+    assert [(r["rank"], r["batch"]) for r in state["ranks"]] == [(0, 17), (1, 17)]
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    second = _torchrun(cache, tmp_path, {}, resume="auto")
+    for rank in (0, 1):
+        assert (second[rank]["steps"], second[rank]["stopped"]) == (44, "completed")
+        _assert_same_weights(second[rank], ddp_straight[rank])
+        assert first[rank]["assembled"] + second[rank]["assembled"] == ddp_straight[rank]["assembled"]
+
+
+def test_ddp_resume_is_exact_with_grad_accumulation_after_sigterm(cache, tmp_path):
+    """grad_accum_steps=2 (11 steps an epoch): 18 steps straight == a SIGTERM to rank 1 in step 9 (both
+    ranks stop after it), a resume and 9 more steps; the run crosses the epoch (11) and fine-tune (16)."""
+    accum = {"grad_accum_steps": 2, "max_steps": 18}
+    straight = _torchrun(cache, tmp_path / "straight", accum)
+    stopped = _torchrun(cache, tmp_path / "resumed", accum, sigterm_at=[1, 17])  # step 9's first micro-batch
+    assert [r["stopped"] for r in stopped] == ["signal", "signal"] and stopped[0]["steps"] == stopped[1]["steps"] == 9
+    assert load_checkpoint(tmp_path / "resumed" / LAST)["step"] == 9
+    resumed = _torchrun(cache, tmp_path / "resumed", accum, resume="auto")
+    for rank in (0, 1):
+        assert resumed[rank]["steps"] == 18
+        _assert_same_weights(resumed[rank], straight[rank])
+        assert stopped[rank]["assembled"] + resumed[rank]["assembled"] == straight[rank]["assembled"]
+    _assert_same_weights(straight[0], straight[1])
+
+
+def test_ddp_nan_on_one_rank_skips_the_step_on_both(cache, tmp_path):
+    """A NaN loss in rank 1's first micro-batch of step 2 (grad_accum_steps=2, its second micro-batch
+    finite) skips that step on both ranks; the run goes on to max_steps with identical, finite weights."""
+    rank0, rank1 = _torchrun(cache, tmp_path, {"grad_accum_steps": 2, "max_steps": 6}, nan_at=[1, 3])
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == [[1, 1]]  # at step 1, the first in a row
+    assert rank0["steps"] == rank1["steps"] == 6 and len(rank0["assembled"]) == len(rank1["assembled"]) == 14
+    _assert_same_weights(rank0, rank1)
+    assert all(torch.isfinite(v).all() for v in rank0["model"].values())
