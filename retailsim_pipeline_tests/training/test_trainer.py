@@ -142,6 +142,25 @@ def test_resume_is_exact(cache, tmp_path):
         torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_resume_under_another_world_size_continues_from_the_same_point(cache, tmp_path, caplog):
+    """A checkpoint of two ranks 5 batches each into epoch 1, resumed by one process: it goes on after
+    the 10 batches used, warning that the resume is not exact; an old checkpoint (no per-rank states)
+    resumes as one process's."""
+    Trainer(_config(max_steps=5), cache, tmp_path, resume=None).fit()
+    state = load_checkpoint(tmp_path / LAST)
+    (mine,) = state["ranks"]
+    assert (mine["rank"], mine["batch"], state["batch"], state["world_size"]) == (0, 5, 5, 1)
+    assert torch.equal(mine["rng"]["torch"], state["rng"]["torch"])
+    save_checkpoint(tmp_path / "two.pt", {**state, "world_size": 2, "ranks": [state["ranks"][0], {
+        **state["ranks"][0], "rank": 1}]})
+    with caplog.at_level("WARNING"):
+        assert Trainer(_config(), cache, tmp_path, resume=tmp_path / "two.pt").batch_in_epoch == 10
+    assert "written by 2 rank(s)" in caplog.text and "not exactly" in caplog.text
+    old = {k: v for k, v in state.items() if k not in ("ranks", "world_size", "grad_accum_steps", "format")}
+    save_checkpoint(tmp_path / "old.pt", old)
+    assert Trainer(_config(), cache, tmp_path, resume=tmp_path / "old.pt").batch_in_epoch == 5
+
+
 def test_non_finite_loss_is_skipped_then_aborts(cache, tmp_path, monkeypatch):
     class NanLoss:
         def __init__(self, config):
