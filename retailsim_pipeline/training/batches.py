@@ -305,10 +305,11 @@ class BatchAssembler:
         are assembled).
 
         ``mask_seed = (seed, epoch, batch_no)``, so resuming at ``start_batch`` (or with the rest of
-        ``batch_numbers``) reproduces the rest of the epoch exactly, whichever rank assembles a batch. With ``prefetch > 0`` a background thread assembles up to ``prefetch``
-        batches ahead (numpy releases the GIL in its kernels); its exceptions are re-raised here, and
-        breaking out of the loop (or closing the generator) stops and joins it. ``pin_memory``
-        defaults to ``device`` being CUDA; pinned batches are moved with ``non_blocking=True``.
+        ``batch_numbers``) reproduces the rest of the epoch exactly, whichever rank assembles a
+        batch. With ``prefetch > 0`` a background thread assembles up to ``prefetch`` batches ahead
+        (numpy releases the GIL in its kernels); its exceptions are re-raised here, and breaking out
+        of the loop (or closing the generator) stops and joins it. ``pin_memory`` defaults to
+        ``device`` being CUDA; pinned batches are moved with ``non_blocking=True``.
         """
         device = torch.device(device) if device is not None else None
         pin = (device is not None and device.type == "cuda") if pin_memory is None else pin_memory

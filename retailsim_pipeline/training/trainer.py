@@ -283,9 +283,10 @@ class Trainer:
         self.best_val_loss, self.bad_validations = state["best_val_loss"], state["bad_validations"]
         self.history = list(state["history"])
         # Checkpoints from before per-rank states: one process, or rank 0's view of a DDP run.
-        saved_world, saved_accum = state.get("world_size", 1), state.get("grad_accum_steps", self.config.grad_accum_steps)
+        accum = self.config.grad_accum_steps
+        saved_world, saved_accum = state.get("world_size", 1), state.get("grad_accum_steps", accum)
         ranks = state.get("ranks") or [{"batch": state["batch"], "rng": state["rng"]}]
-        if (saved_world, saved_accum) == (self.world_size, self.config.grad_accum_steps) and len(ranks) == saved_world:
+        if (saved_world, saved_accum) == (self.world_size, accum) and len(ranks) == saved_world:
             mine = ranks[self.rank]
             set_rng_state(mine["rng"])
             self.batch_in_epoch = mine["batch"]
@@ -293,12 +294,11 @@ class Trainer:
             # Another split of the epoch: continue after the batches the saved run had used (the same
             # point of the epoch), rounded down to a whole step; the RNG stream is rank 0's.
             used = ranks[0]["batch"] * saved_world
-            per_step = self.world_size * self.config.grad_accum_steps
-            self.batch_in_epoch = min(used // per_step, self.steps_per_epoch) * self.config.grad_accum_steps
+            self.batch_in_epoch = min(used // (self.world_size * accum), self.steps_per_epoch) * accum
             set_rng_state(ranks[0]["rng"])
             log.warning("%s was written by %d rank(s) with grad_accum_steps = %d, this run has %d and %d: resuming "
                         "at batch %d of this rank's share of epoch %d, not exactly", path, saved_world, saved_accum,
-                        self.world_size, self.config.grad_accum_steps, self.batch_in_epoch, self.epoch + 1)
+                        self.world_size, accum, self.batch_in_epoch, self.epoch + 1)
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
 
     def save(self, name: str = LAST, ranks: list[dict] | None = None) -> Path:
