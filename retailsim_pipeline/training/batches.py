@@ -295,17 +295,21 @@ class BatchAssembler:
         *,
         mask_prob: float,
         start_batch: int = 0,
+        batch_numbers: Sequence[int] | None = None,
         prefetch: int = 2,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
     ) -> Iterator[tuple[int, Batch]]:
-        """Yield ``(batch_no, batch)`` for the batches ``start_batch..`` of ``epoch``.
+        """Yield ``(batch_no, batch)`` for the batches ``start_batch..`` of ``epoch``, or for exactly
+        ``batch_numbers`` (positions in the epoch's order, e.g. one rank's share under DDP: only these
+        are assembled).
 
-        ``mask_seed = (seed, epoch, batch_no)``, so resuming at ``start_batch`` reproduces the rest of
-        the epoch exactly. With ``prefetch > 0`` a background thread assembles up to ``prefetch``
-        batches ahead (numpy releases the GIL in its kernels); its exceptions are re-raised here, and
-        breaking out of the loop (or closing the generator) stops and joins it. ``pin_memory``
-        defaults to ``device`` being CUDA; pinned batches are moved with ``non_blocking=True``.
+        ``mask_seed = (seed, epoch, batch_no)``, so resuming at ``start_batch`` (or with the rest of
+        ``batch_numbers``) reproduces the rest of the epoch exactly, whichever rank assembles a
+        batch. With ``prefetch > 0`` a background thread assembles up to ``prefetch`` batches ahead
+        (numpy releases the GIL in its kernels); its exceptions are re-raised here, and breaking out
+        of the loop (or closing the generator) stops and joins it. ``pin_memory`` defaults to
+        ``device`` being CUDA; pinned batches are moved with ``non_blocking=True``.
         """
         device = torch.device(device) if device is not None else None
         pin = (device is not None and device.type == "cuda") if pin_memory is None else pin_memory
@@ -318,7 +322,15 @@ class BatchAssembler:
         def deliver(batch: Batch) -> Batch:
             return batch.to(device, non_blocking=pin) if device is not None else batch
 
-        numbers = range(max(start_batch, 0), len(batches))
+        if batch_numbers is None:
+            numbers: Sequence[int] = range(max(start_batch, 0), len(batches))
+        elif start_batch:
+            raise ValueError("give start_batch or batch_numbers, not both")
+        else:
+            numbers = batch_numbers
+            if len(numbers) and not 0 <= min(numbers) <= max(numbers) < len(batches):
+                raise ValueError(f"batch_numbers {min(numbers)}..{max(numbers)} outside the epoch's "
+                                 f"{len(batches)} batches")
         if prefetch <= 0:
             for batch_no in numbers:
                 yield batch_no, deliver(make(batch_no))

@@ -7,7 +7,12 @@ weights_only=True)`` can read it safely):
 - ``optimizer``, ``scheduler``: state dicts
 - ``rng``: torch CPU (and CUDA) generator states; batches and masks need none: they are seeded by
   (seed, epoch, batch number)
-- ``step`` (optimizer steps done), ``epoch`` and ``batch`` (the next batch to run in that epoch)
+- ``step`` (optimizer steps done), ``epoch`` and ``batch`` (how many of its share of that epoch's
+  batches the rank has trained on: with one process, the next batch number to run)
+- ``ranks``: one ``{"rank", "batch", "rng"}`` per rank, in rank order (``rng`` and ``batch`` above
+  are rank 0's), gathered when the checkpoint is taken so each rank resumes from its own;
+  ``world_size`` and ``grad_accum_steps``, which decide how an epoch is shared out (a checkpoint
+  without these keys is read as one process's)
 - ``best_val_loss``, ``bad_validations``, ``history`` (logged metrics), ``config`` (TrainingConfig
   as a dict), ``cache_key``, ``format``
 """
@@ -59,9 +64,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # .cpu(): generator states must be CPU byte tensors, and a checkpoint may be loaded onto a GPU.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class EMA:

@@ -1,16 +1,37 @@
 """The training loop (DESIGN §6; seeds 001–004): one readable class.
 
 Per optimizer step: a bucketed batch from the tensor cache (masking seeded by seed/epoch/batch) →
-forward under bf16 autocast on CUDA → phase-weighted loss → backward (gradient accumulation) →
-NaN/Inf guard → grad-norm clip 1.0 → AdamW (no decay on norms, biases, ``A_log``, ``D``) → LR from
+forward under bf16 autocast on CUDA → phase-weighted loss → backward (gradient accumulation over
+``grad_accum_steps`` micro-batches) → NaN/Inf guard (any non-finite micro-batch loss skips the step)
+→ grad-norm clip 1.0 → AdamW (no decay on norms, biases, ``A_log``, ``D``) → LR from
 the phase table → EMA update. Every ``log_every`` steps the injected logger gets each loss part, LR,
 grad norm and samples/s; every ``val_every`` steps the EMA weights are scored on a fixed validation
 subset (same masked positions every time), the best is checkpointed, and ``patience`` validations
 without improvement stop training. ``checkpoint_every`` steps (and on SIGINT/SIGTERM, and at the end)
-``last.pt`` is written atomically with everything needed to resume exactly.
+``last.pt`` is written atomically with everything needed to resume exactly: N steps, a stop, a
+resume and N more steps give the weights of 2N steps straight.
 
-Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank takes
-every WORLD_SIZE-th batch, and only rank 0 logs, validates and writes checkpoints.
+Batches and steps (one process or several):
+
+* An epoch's order of batches is a pure function of (seed, epoch) and a batch's masking of (seed,
+  epoch, batch number), so a batch is the same whichever rank assembles it and whenever.
+* Each rank assembles only its own share of the epoch
+  (:func:`~retailsim_pipeline.training.schedule.rank_batches`: every WORLD_SIZE-th batch of the
+  order, from its rank on). All shares are equally long and a whole number of optimizer steps, so
+  every rank takes the same steps, and ``steps_per_epoch`` — behind the phase boundaries and the
+  LR — is the number of steps actually taken (the last few batches of an epoch's order that do not
+  fill a step on every rank are left out; the order is reshuffled every epoch).
+* Gradients are zeroed whenever the batches are (re)opened (a new epoch, or a phase change inside
+  one), so nothing of an unfinished step carries over.
+* Every micro-batch's loss is checked; a non-finite one skips the optimizer step, on every rank
+  (the flag is all-reduced), and ``max_bad_steps`` skipped steps in a row abort the run.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel; only rank 0 logs,
+validates and writes files, and a stop of any rank (``max_steps``, a signal, early stopping) stops
+all of them at the same step. Checkpoints are taken between optimizer steps by all ranks together:
+rank 0 gathers every rank's position in its share and its RNG states (``ranks`` in the checkpoint)
+and writes the one file, atomically; on resume each rank restores its own. Resuming under another
+world size continues from the same point of the epoch, but not exactly (a warning says so).
 """
 
 import logging
@@ -42,7 +63,7 @@ from retailsim_pipeline.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_plan
+from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_plan, rank_batches, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +193,16 @@ class Trainer:
         self.val_data = BatchAssembler(cache, "validation", batch_size=config.batch_size, seed=config.seed,
                                        shuffle=False, max_samples=config.val_samples,
                                        shuffle_lines=config.shuffle_lines)
-        self.steps_per_epoch = math.ceil(len(self.train_data) / self.world_size / config.grad_accum_steps)
+        # One number for the schedule and the loop: the steps each rank takes per epoch.
+        self.steps_per_epoch = steps_per_epoch(len(self.train_data), self.world_size, config.grad_accum_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{cache.path}: the train split has {len(self.train_data)} batches of {config.batch_size} per epoch, "
+                f"fewer than one optimizer step on each of {self.world_size} rank(s) with grad_accum_steps = "
+                f"{config.grad_accum_steps}; lower batch_size or grad_accum_steps, or use fewer ranks")
+        # This rank's batches of every epoch (positions in the epoch's order); ``batch_in_epoch`` counts
+        # how many of them it has trained on in the current epoch.
+        self.rank_batches = rank_batches(len(self.train_data), self.rank, self.world_size, config.grad_accum_steps)
         self.plan = phase_plan(config, self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate(step, config, self.plan))
@@ -204,17 +234,43 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
 
-    def state(self) -> dict:
+    def _rank_state(self) -> dict:
+        """What this rank alone knows and needs to resume exactly: its position in its share of the
+        epoch and its RNG states."""
+        return {"rank": self.rank, "batch": self.batch_in_epoch, "rng": rng_state()}
+
+    def rank_states(self) -> list[dict]:
+        """Every rank's :meth:`_rank_state`, in rank order, on rank 0 (``[]`` on the others).
+
+        A collective under DDP: every rank must call it at the same step.
+        """
+        if self.world_size == 1:
+            return [self._rank_state()]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(self._rank_state(), gathered, dst=0)
+        return gathered or []
+
+    def state(self, ranks: list[dict] | None = None) -> dict:
+        """The checkpoint of rank 0; ``ranks`` from :meth:`rank_states` (needed under DDP)."""
+        if ranks is None:
+            if self.world_size > 1:
+                raise RuntimeError("under DDP a checkpoint needs every rank's state: pass Trainer.rank_states(), "
+                                   "called by all ranks at the same step")
+            ranks = [self._rank_state()]
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(), "step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
+            "rng": ranks[0]["rng"], "step": self.step, "epoch": self.epoch, "batch": ranks[0]["batch"],
+            "world_size": self.world_size, "grad_accum_steps": self.config.grad_accum_steps, "ranks": ranks,
             "best_val_loss": self.best_val_loss, "bad_validations": self.bad_validations,
             "history": self.history, "config": self.config.model_dump(mode="json"),
             "cache_key": self.cache.manifest["key"],
         }
 
     def load(self, path: Path) -> None:
+        """Resume from the checkpoint ``path`` (every rank reads it and restores its own position and RNG)."""
         state = load_checkpoint(path, map_location=self.device)
         if state.get("cache_key") != self.cache.manifest["key"]:
             log.warning("resuming from %s trained on cache %s, now %s", path, state.get("cache_key"),
@@ -223,14 +279,35 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch"]
+        self.step, self.epoch = state["step"], state["epoch"]
         self.best_val_loss, self.bad_validations = state["best_val_loss"], state["bad_validations"]
         self.history = list(state["history"])
+        # Checkpoints from before per-rank states: one process, or rank 0's view of a DDP run.
+        accum = self.config.grad_accum_steps
+        saved_world, saved_accum = state.get("world_size", 1), state.get("grad_accum_steps", accum)
+        ranks = state.get("ranks") or [{"batch": state["batch"], "rng": state["rng"]}]
+        if (saved_world, saved_accum) == (self.world_size, accum) and len(ranks) == saved_world:
+            mine = ranks[self.rank]
+            set_rng_state(mine["rng"])
+            self.batch_in_epoch = mine["batch"]
+        else:
+            # Another split of the epoch: continue after the batches the saved run had used (the same
+            # point of the epoch), rounded down to a whole step; the RNG stream is rank 0's.
+            used = ranks[0]["batch"] * saved_world
+            self.batch_in_epoch = min(used // (self.world_size * accum), self.steps_per_epoch) * accum
+            set_rng_state(ranks[0]["rng"])
+            log.warning("%s was written by %d rank(s) with grad_accum_steps = %d, this run has %d and %d: resuming "
+                        "at batch %d of this rank's share of epoch %d, not exactly", path, saved_world, saved_accum,
+                        self.world_size, accum, self.batch_in_epoch, self.epoch + 1)
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
 
-    def save(self, name: str = LAST) -> Path:
-        return save_checkpoint(self.out_dir / name, self.state())
+    def save(self, name: str = LAST, ranks: list[dict] | None = None) -> Path:
+        """Rank 0 writes the checkpoint ``name`` (atomically); the other ranks only return its path.
+        ``ranks``: :meth:`rank_states` of the same step (needed under DDP)."""
+        path = self.out_dir / name
+        if self.is_main:
+            save_checkpoint(path, self.state(ranks))
+        return path
 
     # ---------------------------------------------------------------- loop
 
@@ -273,22 +350,22 @@ class Trainer:
                 # position with the new phase's masking (still seeded by epoch and batch number).
                 phase = self.plan.phase(self.step)
                 self.model.train()
+                # Batches are (re)opened at a step boundary: nothing of an unfinished step may carry over.
+                self.optimizer.zero_grad(set_to_none=True)
                 accum = 0
+                bad_micro = torch.zeros((), dtype=torch.int32, device=self.device)  # non-finite losses in this step
+                # This rank's own batches only (the shares of all ranks are equally long, a whole number of steps).
                 batches = self.train_data.iterate(self.epoch, mask_prob=mask_prob(phase, cfg),
-                                                  start_batch=self.batch_in_epoch, prefetch=self.prefetch,
-                                                  device=self.device)
-                # Every rank must take the same number of steps (DDP all-reduces each backward):
-                # the last len % world_size batches of an epoch are left out under torchrun.
-                usable = len(self.train_data) // self.world_size * self.world_size
-                for batch_no, batch in batches:
-                    if self.world_size > 1 and (batch_no >= usable or batch_no % self.world_size != self.rank):
-                        continue
+                                                  batch_numbers=self.rank_batches[self.batch_in_epoch:],
+                                                  prefetch=self.prefetch, device=self.device)
+                for _batch_no, batch in batches:
                     with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext():
                         outputs = self.forward_model(**batch.model_inputs(), predict_mask=batch.predict_mask)
                         total, parts = self.loss_fn(outputs, batch, phase)
+                    bad_micro += ~torch.isfinite(total.detach())
                     (total / cfg.grad_accum_steps).backward()
                     accum += 1
-                    self.batch_in_epoch = batch_no + 1
+                    self.batch_in_epoch += 1
                     samples_seen += len(batch)
                     window_samples += len(batch)
                     for k, v in parts.items():
@@ -296,10 +373,14 @@ class Trainer:
                     if accum < cfg.grad_accum_steps:
                         continue
                     accum = 0
-                    if not torch.isfinite(total):
+                    local_bad = int(bad_micro.item())
+                    bad_micro.zero_()
+                    # Agreed by all ranks: under DDP a NaN on one rank has already reached every rank's gradients.
+                    if self._any_rank(local_bad > 0):
                         bad_steps += 1
                         self.optimizer.zero_grad(set_to_none=True)
-                        log.warning("non-finite loss at step %d (%d in a row): step skipped", self.step, bad_steps)
+                        log.warning("non-finite loss at step %d (%d in a row; %d of this rank's %d micro-batches): "
+                                    "step skipped", self.step, bad_steps, local_bad, cfg.grad_accum_steps)
                         self.metrics.log_metrics({"train/skipped_steps": bad_steps}, step=self.step)
                         if bad_steps >= cfg.max_bad_steps:
                             raise TrainingAborted(
@@ -319,15 +400,19 @@ class Trainer:
                         record = {f"train/{k}": float(np.mean(v)) for k, v in running.items()}
                         record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                                        "train/samples_per_s": window_samples * self.world_size / (now - window_t),
-                                       "train/epoch": self.epoch + self.batch_in_epoch / max(len(self.train_data), 1)})
+                                       "train/epoch": self.epoch + self.batch_in_epoch / len(self.rank_batches)})
                         running.clear()
                         window_samples, window_t = 0, now
                         self._record(record, bar)
-                    if self.is_main and self.step % cfg.val_every == 0:
-                        if self._validate_and_maybe_stop():
+                    validate = self.step % cfg.val_every == 0
+                    checkpoint = self.step % cfg.checkpoint_every == 0
+                    # Every rank's position and RNG go into a checkpoint: gathered by all ranks together.
+                    ranks = self.rank_states() if validate or checkpoint else None
+                    if self.is_main and validate:
+                        if self._validate_and_maybe_stop(ranks):
                             stopped = "early_stopping"
-                    if self.is_main and self.step % cfg.checkpoint_every == 0:
-                        self.save(LAST)
+                    if checkpoint:
+                        self.save(LAST, ranks)
                     if self._stop_signal is not None:
                         stopped = "signal"
                     if cfg.max_steps and self.step >= cfg.max_steps:
@@ -341,14 +426,15 @@ class Trainer:
                     self.batch_in_epoch = 0
                 if hasattr(batches, "close"):
                     batches.close()
+            ranks = self.rank_states()  # all ranks leave the loop at the same step
             if self.is_main and stopped in ("completed", "max_steps") and (
                     not self.history or self.history[-1].get("step") != self.step or "val/loss" not in self.history[-1]):
-                self._validate_and_maybe_stop()
+                self._validate_and_maybe_stop(ranks)
         finally:
             bar.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-        last = self.save(LAST) if self.is_main else self.out_dir / LAST
+        last = self.save(LAST, ranks)
         wall = time.perf_counter() - t0
         best = self.out_dir / BEST
         result = TrainResult(
@@ -362,6 +448,16 @@ class Trainer:
         return result
 
     _STOP_CODES = ("completed", "max_steps", "early_stopping", "signal")
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` of this rank, or (under DDP) of any rank: a decision every rank takes alike."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        agreed = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return bool(agreed.item())
 
     def _agree_on_stop(self, stopped: str) -> str:
         """Under DDP every rank must stop at the same step: take the strongest reason of any rank."""
@@ -418,13 +514,14 @@ class Trainer:
         out["val/recall_at_10"] = hits10 / max(n_pred, 1)
         return out
 
-    def _validate_and_maybe_stop(self) -> bool:
+    def _validate_and_maybe_stop(self, ranks: list[dict]) -> bool:
+        """Rank 0: validate the EMA weights, checkpoint the best (with ``ranks``, :meth:`rank_states`)."""
         metrics = self.evaluate()
         improved = metrics["val/loss"] < self.best_val_loss - self.config.min_delta
         if improved:
             self.best_val_loss = metrics["val/loss"]
             self.bad_validations = 0
-            self.save(BEST)
+            self.save(BEST, ranks)
         else:
             self.bad_validations += 1
         metrics["val/best_loss"] = self.best_val_loss

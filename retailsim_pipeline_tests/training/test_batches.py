@@ -11,6 +11,7 @@ from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.prep.features import history_vector, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 from retailsim_pipeline.training.batches import BatchAssembler
+from retailsim_pipeline.training.schedule import rank_batches
 
 BUCKETS = (10, 20, 30, 50)
 
@@ -216,6 +217,32 @@ def test_resume_yields_exactly_the_remaining_batches(train):
     for (_, x), (_, y) in zip(full[k:], resumed, strict=True):
         _assert_batches_equal(x, y)
     assert list(train.iterate(4, mask_prob=0.15, start_batch=len(train))) == []
+
+
+def test_a_rank_assembles_only_its_share(cache, monkeypatch):
+    """``batch_numbers`` (a DDP rank's share, resumed after its first batch) are the only batches
+    assembled, each the batch the whole epoch gives at that position, with or without prefetching."""
+    train = BatchAssembler(cache, "train", batch_size=32, seed=7)
+    full = dict(train.iterate(4, mask_prob=0.15, prefetch=0))
+    assembled = []
+    real = train.assemble
+
+    def counting(indices, *, mask_prob, mask_seed):
+        assembled.append(mask_seed[2])  # (seed, epoch, batch_no)
+        return real(indices, mask_prob=mask_prob, mask_seed=mask_seed)
+
+    monkeypatch.setattr(train, "assemble", counting)
+    share = rank_batches(len(train), rank=1, world_size=2, grad_accum_steps=2)[1:]
+    for prefetch in (0, 2):
+        assembled.clear()
+        got = list(train.iterate(4, mask_prob=0.15, batch_numbers=share, prefetch=prefetch))
+        assert [no for no, _ in got] == assembled == list(share)
+        for no, batch in got:
+            _assert_batches_equal(batch, full[no])
+    with pytest.raises(ValueError, match="not both"):
+        list(train.iterate(4, mask_prob=0.15, start_batch=1, batch_numbers=share))
+    with pytest.raises(ValueError, match="outside the epoch"):
+        list(train.iterate(4, mask_prob=0.15, batch_numbers=[len(train)]))
 
 
 def test_prefetch_thread_matches_synchronous(train):

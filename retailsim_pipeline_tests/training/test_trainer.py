@@ -19,7 +19,14 @@ from retailsim_pipeline.training.batches import BatchAssembler
 from retailsim_pipeline.training.checkpoint import LAST, load_checkpoint, save_checkpoint
 from retailsim_pipeline.training.run import apply_overrides
 from retailsim_pipeline.model.losses import PHASES
-from retailsim_pipeline.training.schedule import learning_rate, mask_prob, phase_lr, phase_plan
+from retailsim_pipeline.training.schedule import (
+    learning_rate,
+    mask_prob,
+    phase_lr,
+    phase_plan,
+    rank_batches,
+    steps_per_epoch,
+)
 from retailsim_pipeline.training.trainer import Trainer, TrainingAborted, build_model
 
 
@@ -72,6 +79,20 @@ def test_the_schedule_follows_the_seed():
     assert (demo.warmup_end, demo.finetune_start, demo.total_steps) == (30, 150, 200)
 
 
+def test_every_rank_gets_an_equal_whole_number_of_steps():
+    """45 batches, 2 ranks, 2 micro-batches a step: 11 steps per epoch on each rank, from disjoint
+    shares; step k uses batches 4k..4k+3 of the epoch's order; one process keeps every batch."""
+    assert steps_per_epoch(45, world_size=2, grad_accum_steps=2) == 11
+    shares = [rank_batches(45, rank, world_size=2, grad_accum_steps=2) for rank in (0, 1)]
+    assert [len(s) for s in shares] == [22, 22]
+    assert not set(shares[0]) & set(shares[1]) and sorted([*shares[0], *shares[1]]) == list(range(44))
+    assert sorted(share[2 * 3 + i] for share in shares for i in (0, 1)) == list(range(12, 16))  # step 3
+    assert (steps_per_epoch(45), rank_batches(45)) == (45, range(45))  # one process: unchanged
+    assert rank_batches(45, grad_accum_steps=2) == range(44)  # a partial step is not carried over
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        rank_batches(45, rank=2, world_size=2)
+
+
 def test_overrides_are_validated():
     cfg = apply_overrides(training_preset("tiny"), ["epochs=3", "model.d_model=48", "loss_weights.focal=0.5"])
     assert (cfg.epochs, cfg.model.d_model, cfg.loss_weights.focal) == (3, 48, 0.5)
@@ -121,6 +142,25 @@ def test_resume_is_exact(cache, tmp_path):
         torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_resume_under_another_world_size_continues_from_the_same_point(cache, tmp_path, caplog):
+    """A checkpoint of two ranks 5 batches each into epoch 1, resumed by one process: it goes on after
+    the 10 batches used, warning that the resume is not exact; an old checkpoint (no per-rank states)
+    resumes as one process's."""
+    Trainer(_config(max_steps=5), cache, tmp_path, resume=None).fit()
+    state = load_checkpoint(tmp_path / LAST)
+    (mine,) = state["ranks"]
+    assert (mine["rank"], mine["batch"], state["batch"], state["world_size"]) == (0, 5, 5, 1)
+    assert torch.equal(mine["rng"]["torch"], state["rng"]["torch"])
+    save_checkpoint(tmp_path / "two.pt", {**state, "world_size": 2, "ranks": [state["ranks"][0], {
+        **state["ranks"][0], "rank": 1}]})
+    with caplog.at_level("WARNING"):
+        assert Trainer(_config(), cache, tmp_path, resume=tmp_path / "two.pt").batch_in_epoch == 10
+    assert "written by 2 rank(s)" in caplog.text and "not exactly" in caplog.text
+    old = {k: v for k, v in state.items() if k not in ("ranks", "world_size", "grad_accum_steps", "format")}
+    save_checkpoint(tmp_path / "old.pt", old)
+    assert Trainer(_config(), cache, tmp_path, resume=tmp_path / "old.pt").batch_in_epoch == 5
+
+
 def test_non_finite_loss_is_skipped_then_aborts(cache, tmp_path, monkeypatch):
     class NanLoss:
         def __init__(self, config):
@@ -137,6 +177,35 @@ def test_non_finite_loss_is_skipped_then_aborts(cache, tmp_path, monkeypatch):
         trainer.fit()
     assert trainer.step == 0
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_non_finite_micro_batch_skips_its_step(cache, tmp_path, monkeypatch):
+    """grad_accum_steps=2: a NaN in the first micro-batch of the second step (the last one finite)
+    skips that step; the run goes on to max_steps with finite weights."""
+    calls = []
+
+    class NanOnThirdCall(trainer_mod.WorldModelLoss):
+        def __call__(self, outputs, batch, phase):
+            total, parts = super().__call__(outputs, batch, phase)
+            if not torch.is_grad_enabled():  # validation
+                return total, parts
+            calls.append(len(batch))
+            return (total * float("nan"), parts) if len(calls) == 3 else (total, parts)
+
+    class Recorder:
+        def __init__(self):
+            self.records = []
+
+        def log_metrics(self, metrics, step):
+            self.records.append((step, metrics))
+
+    monkeypatch.setattr(trainer_mod, "WorldModelLoss", NanOnThirdCall)
+    metrics = Recorder()
+    trainer = Trainer(_config(max_steps=3, grad_accum_steps=2), cache, tmp_path, metrics=metrics, resume=None)
+    result = trainer.fit()
+    assert (result.steps, len(calls)) == (3, 8)  # 4 steps' micro-batches, one step skipped
+    assert (1, {"train/skipped_steps": 1}) in metrics.records
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_prepped, tmp_path):
@@ -176,3 +245,97 @@ def test_ddp_under_torchrun_on_cpu(tiny_prepped, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert load_checkpoint(out / LAST)["step"] == 6
     assert json.loads((out / "result.json").read_text())["stopped"] == "max_steps"
+
+
+# ---------------------------------------------------------------- exact DDP: two CPU ranks on gloo
+
+#: dropout: the ranks' RNG streams then matter (and differ: their batches differ in shape), so an exact
+#: resume needs each rank's own; val_every / checkpoint_every: the gathers inside the loop run too.
+DDP = {"model.dropout": 0.1, "val_every": 5, "checkpoint_every": 4, "log_every": 1000, "patience": 1000}
+
+
+def _torchrun(cache: TensorCache, out, overrides: dict, *, resume=None, nan_at=None, sigterm_at=None) -> list[dict]:
+    """Train the tiny preset on two CPU ranks (:mod:`.ddp_worker`); each rank's weights and record."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    params = {"cache": str(cache.path), "out": str(out), "overrides": {**DDP, **overrides}, "resume": resume,
+              "nan_at": nan_at, "sigterm_at": sigterm_at}
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "retailsim_pipeline_tests.training.ddp_worker",
+         json.dumps(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)  # a hung collective times out in the ranks after 60 s
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its ranks
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    """Model and EMA weights bit-identical."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(cache, tmp_path_factory) -> list[dict]:
+    """The whole tiny run straight on two ranks: 2 epochs of 22 steps, crossing warm-up → main (step 7),
+    the epoch (22) and main → fine-tune (33)."""
+    return _torchrun(cache, tmp_path_factory.mktemp("ddp_straight"), {})
+
+
+def test_ddp_ranks_hold_identical_weights_and_assemble_only_their_share(ddp_straight):
+    """After 44 steps both ranks hold bit-identical weights; each assembled only its own batches."""
+    rank0, rank1 = ddp_straight
+    assert rank0["steps"] == rank1["steps"] == 44 and rank0["stopped"] == rank1["stopped"] == "completed"
+    _assert_same_weights(rank0, rank1)
+    for rank, record in enumerate(ddp_straight):  # 44 batches an epoch: 22 per rank
+        share = list(rank_batches(44, rank, world_size=2))
+        assert record["assembled"] == [[0, b] for b in share] + [[1, b] for b in share]
+
+
+def test_ddp_resume_is_exact(cache, ddp_straight, tmp_path):
+    """17 steps, a stop (max_steps), a resume from last.pt and the 27 steps to the end == 44 straight,
+    bit for bit, and no batch is assembled twice."""
+    first = _torchrun(cache, tmp_path, {"max_steps": 17})
+    state = load_checkpoint(tmp_path / LAST)
+    assert (state["step"], state["world_size"]) == (17, 2)
+    assert [(r["rank"], r["batch"]) for r in state["ranks"]] == [(0, 17), (1, 17)]
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    second = _torchrun(cache, tmp_path, {}, resume="auto")
+    for rank in (0, 1):
+        assert (second[rank]["steps"], second[rank]["stopped"]) == (44, "completed")
+        _assert_same_weights(second[rank], ddp_straight[rank])
+        assert first[rank]["assembled"] + second[rank]["assembled"] == ddp_straight[rank]["assembled"]
+
+
+def test_ddp_resume_is_exact_with_grad_accumulation_after_sigterm(cache, tmp_path):
+    """grad_accum_steps=2 (11 steps an epoch): 18 steps straight == a SIGTERM to rank 1 in step 9 (both
+    ranks stop after it), a resume and 9 more steps; the run crosses the epoch (11) and fine-tune (16)."""
+    accum = {"grad_accum_steps": 2, "max_steps": 18}
+    straight = _torchrun(cache, tmp_path / "straight", accum)
+    stopped = _torchrun(cache, tmp_path / "resumed", accum, sigterm_at=[1, 17])  # step 9's first micro-batch
+    assert [r["stopped"] for r in stopped] == ["signal", "signal"] and stopped[0]["steps"] == stopped[1]["steps"] == 9
+    assert load_checkpoint(tmp_path / "resumed" / LAST)["step"] == 9
+    resumed = _torchrun(cache, tmp_path / "resumed", accum, resume="auto")
+    for rank in (0, 1):
+        assert resumed[rank]["steps"] == 18
+        _assert_same_weights(resumed[rank], straight[rank])
+        assert stopped[rank]["assembled"] + resumed[rank]["assembled"] == straight[rank]["assembled"]
+    _assert_same_weights(straight[0], straight[1])
+
+
+def test_ddp_nan_on_one_rank_skips_the_step_on_both(cache, tmp_path):
+    """A NaN loss in rank 1's first micro-batch of step 2 (grad_accum_steps=2, its second micro-batch
+    finite) skips that step on both ranks; the run goes on to max_steps with identical, finite weights."""
+    rank0, rank1 = _torchrun(cache, tmp_path, {"grad_accum_steps": 2, "max_steps": 6}, nan_at=[1, 3])
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == [[1, 1]]  # at step 1, the first in a row
+    assert rank0["steps"] == rank1["steps"] == 6 and len(rank0["assembled"]) == len(rank1["assembled"]) == 14
+    _assert_same_weights(rank0, rank1)
+    assert all(torch.isfinite(v).all() for v in rank0["model"].values())
