@@ -8,6 +8,7 @@ Paths are kept as ``str`` (Dagster config accepts str, not Path).
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -399,6 +400,69 @@ class TrainingConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model.")
     prefetch: int = Field(2, ge=0, description="Batches assembled ahead in a background thread.")
     n_gpus: int = Field(1, ge=1, description="GPUs for the training process: > 1 launches it under torchrun (DDP).")
+
+
+#: ``HOST:PORT`` of a rendezvous: a host name, an IPv4 address or a bracketed IPv6 address, and a port.
+_ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
+_RDZV_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class LaunchConfig(BaseModel):
+    """Where the ranks of a training run: one machine (``torchrun --standalone``), or several machines
+    that meet at a rendezvous (``torchrun --nnodes N --node-rank K --rdzv-backend … --rdzv-endpoint …``).
+
+    Each node runs ``TrainingConfig.n_gpus`` ranks; the world size is ``nnodes × n_gpus``. Kept out of
+    :class:`TrainingConfig` on purpose: the recipe's hash names the checkpoint folder, which every node
+    must share, so neither the node's rank nor the rendezvous address may change it.
+    """
+
+    nnodes: int = Field(1, ge=1, description="Machines taking part; > 1 launches torchrun with a rendezvous "
+                                             "even for n_gpus = 1.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank among the nodes, 0 .. nnodes-1. The Dagster "
+                                                "op launches node 0 (whose rank 0 reports the model); the others "
+                                                "run the same command with their own rank. c10d ignores it.")
+    rdzv_backend: Literal["static", "c10d"] = Field(
+        "static", description="static: node_rank decides the ranks and node 0 hosts the store at rdzv_endpoint, "
+        "so the op's node holds rank 0 (the one that reports to Dagster and MLflow). c10d: torch assigns the "
+        "node ranks in the sorted order of the hosts' names and ignores node_rank; the op then fails at start "
+        "unless its node came first.")
+    rdzv_endpoint: str = Field("", description="HOST:PORT every node can reach: node 0's address for static, "
+                                               "the rendezvous server for c10d. Required when nnodes > 1.")
+    rdzv_id: str = Field("", description="c10d: the job id shared by all nodes of one run (empty: torchrun's "
+                                         "default, 'none'). Letters, digits, '.', '_', '-'.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank = {self.node_rank} with nnodes = {self.nnodes}: node ranks run from 0 to "
+                             f"{self.nnodes - 1}")
+        if self.nnodes == 1:
+            for name in ("rdzv_endpoint", "rdzv_id"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} = {getattr(self, name)!r} with nnodes = 1: a single machine needs no "
+                                     f"rendezvous (torchrun --standalone); leave {name} empty or set nnodes")
+            return self
+        if not self.rdzv_endpoint:
+            raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint, the HOST:PORT every node can reach "
+                             "(node 0's address for the static backend, e.g. 10.0.0.1:29500)")
+        match = _ENDPOINT.match(self.rdzv_endpoint)
+        if match is None or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError(f"rdzv_endpoint = {self.rdzv_endpoint!r} is not HOST:PORT with a port from 1 to 65535 "
+                             "(an IPv6 host goes in brackets: [fd00::1]:29500)")
+        if self.rdzv_id and self.rdzv_backend == "static":
+            raise ValueError(f"rdzv_id = {self.rdzv_id!r} with rdzv_backend = 'static', which has no job id; leave "
+                             "it empty or use c10d")
+        if self.rdzv_id and not _RDZV_ID.match(self.rdzv_id):
+            raise ValueError(f"rdzv_id = {self.rdzv_id!r}: use letters, digits, '.', '_' and '-' only")
+        return self
+
+    def torchrun_args(self, nproc_per_node: int) -> list[str]:
+        """torchrun's options for this node, ``nproc_per_node`` ranks on it (``--standalone`` for one node)."""
+        if self.nnodes == 1:
+            return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+        args = [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--nproc-per-node={nproc_per_node}",
+                f"--rdzv-backend={self.rdzv_backend}", f"--rdzv-endpoint={self.rdzv_endpoint}"]
+        return args + ([f"--rdzv-id={self.rdzv_id}"] if self.rdzv_id else [])
 
 
 def training_preset(name: str) -> TrainingConfig:

@@ -7,7 +7,7 @@ the Dagster run itself (e.g. a progress bar).
 import dagster as dg
 from pydantic import Field
 
-from retailsim_pipeline.config import CacheConfig, IngestConfig, SplitConfig
+from retailsim_pipeline.config import CacheConfig, IngestConfig, LaunchConfig, SplitConfig
 
 
 class IngestSettings(IngestConfig, dg.Config):
@@ -23,3 +23,7 @@ class SplitSettings(SplitConfig, dg.Config):
 
 class CacheSettings(CacheConfig, dg.Config):
     """Dimensions and fitting of the tensor cache (``tensor_cache``)."""
+
+
+class LaunchSettings(LaunchConfig, dg.Config):
+    """Where the training's ranks run: this machine, or several meeting at a torchrun rendezvous."""

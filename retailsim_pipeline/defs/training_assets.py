@@ -11,8 +11,16 @@ import dagster as dg
 from pydantic import Field, create_model
 
 from retailsim_pipeline import tracking
-from retailsim_pipeline.config import LossWeights, ModelConfig, TrainingConfig, config_hash, training_preset
+from retailsim_pipeline.config import (
+    LaunchConfig,
+    LossWeights,
+    ModelConfig,
+    TrainingConfig,
+    config_hash,
+    training_preset,
+)
 from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.settings import LaunchSettings
 from retailsim_pipeline.training.pipes import PARAMS_ENV
 from retailsim_pipeline.training.run import PARENT_PID_ENV, apply_overrides
 
@@ -44,6 +52,8 @@ class TrainSettings(_TrainingOverrides):
     """Training preset (tiny, demo, seed) plus any field of TrainingConfig to override."""
 
     preset: str = Field("demo", description="tiny (tests), demo (CPU, minutes), seed (GPU, the seed recipe)")
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="Several machines: torchrun's "
+                                   "nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id (not part of the recipe).")
 
 
 def resolve_training_config(settings: dg.Config) -> TrainingConfig:
@@ -51,7 +61,7 @@ def resolve_training_config(settings: dg.Config) -> TrainingConfig:
     base = training_preset(settings.preset)
     flat: dict = {}
     for key, value in settings.model_dump().items():
-        if key == "preset" or value is None:
+        if key in ("preset", "launch") or value is None:
             continue
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items() if v is not None})
@@ -60,12 +70,43 @@ def resolve_training_config(settings: dg.Config) -> TrainingConfig:
     return apply_overrides(base, flat)
 
 
-def training_command(config: TrainingConfig) -> list[str]:
-    """``python -m retailsim_pipeline.training``, or ``torchrun --nproc_per_node=N -m …`` for N > 1 GPUs."""
-    if config.n_gpus > 1:
-        torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-        return [torchrun, "--standalone", f"--nproc_per_node={config.n_gpus}", "-m", "retailsim_pipeline.training"]
-    return [sys.executable, "-m", "retailsim_pipeline.training"]
+#: The training process's entry point, the same under every launcher.
+TRAINING_MODULE = "retailsim_pipeline.training"
+
+
+def training_command(config: TrainingConfig, launch: LaunchConfig | None = None, *,
+                     in_image: bool = False) -> list[str]:
+    """The training process's argv: ``python -m retailsim_pipeline.training`` for one GPU on one machine,
+    else ``torchrun <options> -m retailsim_pipeline.training`` with ``config.n_gpus`` ranks per node and
+    :meth:`LaunchConfig.torchrun_args` for the machines.
+
+    ``in_image``: ``python`` and ``torchrun`` by name, as a container image's PATH finds them; otherwise
+    this interpreter and the torchrun installed beside it (one on the PATH could belong to another Python).
+    """
+    launch = launch or LaunchConfig()
+    if config.n_gpus == 1 and launch.nnodes == 1:
+        return ["python" if in_image else sys.executable, "-m", TRAINING_MODULE]
+    beside = Path(sys.executable).parent / "torchrun"
+    torchrun = "torchrun" if in_image else str(beside) if beside.exists() else shutil.which("torchrun") or str(beside)
+    return [torchrun, *launch.torchrun_args(nproc_per_node=config.n_gpus), "-m", TRAINING_MODULE]
+
+
+def _launch_subprocess(context: dg.OpExecutionContext, client: dg.PipesSubprocessClient, training: TrainingConfig,
+                       launch: LaunchConfig, params: dict, env: dict) -> dg.PipesClientCompletedInvocation:
+    """Run the training as a child process of this one (under torchrun for several GPUs or machines)."""
+    command = training_command(training, launch)
+    if launch.nnodes > 1:
+        # The other nodes run the same command with their node rank and this run's parameters.
+        params_file = Path(params["out_dir"]) / "params.json"
+        params_file.parent.mkdir(parents=True, exist_ok=True)
+        params_file.write_text(json.dumps(params, indent=1))
+        for node in range(1, launch.nnodes):
+            other = training_command(training, launch.model_copy(update={"node_rank": node}), in_image=True)
+            context.log.info(f"node {node} of {launch.nnodes}: start `{' '.join(other)} --params {params_file}`")
+    context.log.info(f"launching {' '.join(command)} (preset {training.preset}, out {params['out_dir']})")
+    # The child watches this process (PARENT_PID_ENV) and stops cleanly when it is gone.
+    return client.run(command=command, context=context, extras=params,
+                      env={**env, PARENT_PID_ENV: str(os.getpid())})
 
 
 @dg.op(pool="gpu", description="Train the world model in its own process (Dagster Pipes); returns the "
@@ -78,6 +119,10 @@ def train_world_model(
     retailsim_data: RetailSimData,
 ) -> dg.Output[dict]:
     training = resolve_training_config(config)
+    launch = LaunchConfig.model_validate(config.launch.model_dump())
+    if launch.node_rank != 0:
+        raise dg.Failure(f"node_rank = {launch.node_rank}: the op launches node 0, whose rank 0 reports the model to "
+                         "Dagster; with node_rank 0 it logs the command that starts each other node")
     paths = retailsim_data.paths()
     # One folder per (cache, recipe): a retried or re-launched run resumes from its last checkpoint.
     out_dir = paths.root / "training" / f"{Path(tensor_cache).name}-{training.preset}-{config_hash(training)}"
@@ -92,11 +137,8 @@ def train_world_model(
         "tags": {"dagster.run_id": context.run_id, "dagster.asset_key": "trained_world_model",
                  "dagster.run_url": f"http://127.0.0.1:3000/runs/{context.run_id}"},
     }
-    # The child watches this process (PARENT_PID_ENV) and stops cleanly when it is gone.
-    env = {"RETAILSIM_DATA_DIR": str(paths.root), PARAMS_ENV: json.dumps(params), PARENT_PID_ENV: str(os.getpid())}
-    command = training_command(training)
-    context.log.info(f"launching {' '.join(command)} (preset {training.preset}, out {out_dir})")
-    invocation = pipes_subprocess_client.run(command=command, context=context, extras=params, env=env)
+    env = {"RETAILSIM_DATA_DIR": str(paths.root), PARAMS_ENV: json.dumps(params)}
+    invocation = _launch_subprocess(context, pipes_subprocess_client, training, launch, params, env)
     messages = invocation.get_custom_messages()
     if not messages or "model_uri" not in messages[-1]:
         raise dg.Failure(f"the training process ended without reporting a model (messages: {messages})")

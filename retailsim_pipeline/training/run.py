@@ -136,10 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under DATA/mlflow)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--params", default=None, metavar="FILE",
+                   help="the parameters of a run the Dagster op launched on several nodes (OUT/params.json; it "
+                        "logs this command for each other node): replaces every option above but --quiet")
     return p
 
 
+#: The options ``--params`` replaces: their flags and defaults (to tell whether one was given).
+_REPLACED_BY_PARAMS = {"cache": ("--cache", None), "preset": ("--preset", "demo"), "config": ("--config", None),
+                       "overrides": ("--set", []), "out": ("--out", None), "resume": ("--resume", "auto"),
+                       "no_tracking": ("--no-tracking", False), "tracking_uri": ("--tracking-uri", None)}
+
+
 def params_from_args(args: argparse.Namespace) -> dict:
+    if args.params:
+        given = [flag for name, (flag, default) in _REPLACED_BY_PARAMS.items() if getattr(args, name) != default]
+        if given:
+            raise SystemExit(f"--params {args.params} holds the whole run; drop {', '.join(given)}")
+        return json.loads(Path(args.params).read_text())
     paths = DataPaths(data_root())
     config = (TrainingConfig.model_validate_json(Path(args.config).read_text()) if args.config
               else training_preset(args.preset))

@@ -24,7 +24,7 @@ def test_launchpad_settings_resolve_to_the_preset_plus_overrides():
     assert resolve_training_config(TrainSettings()).model.d_model == 128  # demo by default
     assert training_command(cfg)[1:] == ["-m", "retailsim_pipeline.training"]
     torchrun = training_command(cfg.model_copy(update={"n_gpus": 4}))
-    assert "--nproc_per_node=4" in torchrun and torchrun[-1] == "retailsim_pipeline.training"
+    assert "--nproc-per-node=4" in torchrun and torchrun[-1] == "retailsim_pipeline.training"
 
 
 def test_trained_world_model_through_pipes_and_mlflow(tiny_copy, instance, tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ process: the trainer has no test hook.
 
 Collectives time out after 60 s (not gloo's 30 min), so ranks that fall out of step fail the test
 instead of hanging it. ``rank<RANK>.pt`` holds the rank's weights (``model``, ``ema``), ``steps``, ``stopped``, the
-``skipped_steps`` it logged, and ``assembled``: the ``[epoch, batch number]`` of every training batch
-it assembled.
+``skipped_steps`` it logged, ``assembled``: the ``[epoch, batch number]`` of every training batch
+it assembled, and ``node``: its node's rank (torchrun's ``GROUP_RANK``).
 """
 
 import json
@@ -82,7 +82,8 @@ def main(params: dict) -> None:
     trainer.train_data.assemble = recording
     result = trainer.fit()
     torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "steps": result.steps,
-                "stopped": result.stopped, "skipped_steps": recorder.skipped, "assembled": assembled},
+                "stopped": result.stopped, "skipped_steps": recorder.skipped, "assembled": assembled,
+                "node": int(os.environ["GROUP_RANK"])},
                Path(params["out"]) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import retailsim_pipeline.training.trainer as trainer_mod
-from retailsim_pipeline.config import CacheConfig, TrainingConfig, training_preset
+from retailsim_pipeline.config import CacheConfig, LaunchConfig, TrainingConfig, training_preset
 from retailsim_pipeline.prep.cache import TensorCache
 from retailsim_pipeline.prep.cache_build import build_tensor_cache
 from retailsim_pipeline.training.batches import BatchAssembler
@@ -254,8 +255,12 @@ def test_ddp_under_torchrun_on_cpu(tiny_prepped, tmp_path):
 DDP = {"model.dropout": 0.1, "val_every": 5, "checkpoint_every": 4, "log_every": 1000, "patience": 1000}
 
 
-def _torchrun(cache: TensorCache, out, overrides: dict, *, resume=None, nan_at=None, sigterm_at=None) -> list[dict]:
-    """Train the tiny preset on two CPU ranks (:mod:`.ddp_worker`); each rank's weights and record."""
+def _torchrun(cache: TensorCache, out, overrides: dict, *, resume=None, nan_at=None, sigterm_at=None,
+              nodes: list[list[str]] | None = None) -> list[dict]:
+    """Train the tiny preset on two CPU ranks (:mod:`.ddp_worker`); each rank's weights and record.
+
+    ``nodes``: one list of torchrun options per "node", each started as its own torchrun process at
+    once (default: one node of two ranks, ``--standalone``)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -263,15 +268,18 @@ def _torchrun(cache: TensorCache, out, overrides: dict, *, resume=None, nan_at=N
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     params = {"cache": str(cache.path), "out": str(out), "overrides": {**DDP, **overrides}, "resume": resume,
               "nan_at": nan_at, "sigterm_at": sigterm_at}
-    proc = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "retailsim_pipeline_tests.training.ddp_worker",
-         json.dumps(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)  # a hung collective times out in the ranks after 60 s
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its ranks
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    procs = [subprocess.Popen([torchrun, *options, "-m", "retailsim_pipeline_tests.training.ddp_worker",
+                               json.dumps(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for options in nodes or [["--standalone", "--nproc-per-node=2"]]]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240))  # a hung collective times out in the ranks after 60 s
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its ranks
+            outputs.append(proc.communicate())
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
@@ -339,3 +347,34 @@ def test_ddp_nan_on_one_rank_skips_the_step_on_both(cache, tmp_path):
     assert rank0["steps"] == rank1["steps"] == 6 and len(rank0["assembled"]) == len(rank1["assembled"]) == 14
     _assert_same_weights(rank0, rank1)
     assert all(torch.isfinite(v).all() for v in rank0["model"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_node_8_steps(cache, tmp_path_factory) -> dict:
+    """Rank 0 of 8 steps on one node of two ranks (``--standalone``)."""
+    return _torchrun(cache, tmp_path_factory.mktemp("one_node"), {"max_steps": 8})[0]
+
+
+@pytest.mark.parametrize("backend", ["static", "c10d"])
+def test_two_nodes_meet_at_a_rendezvous_and_train_in_lockstep(cache, one_node_8_steps, tmp_path, backend):
+    """Two "nodes" of one rank each on 127.0.0.1 (two torchrun processes started with the options the op
+    builds, ``--nnodes=2 --node-rank=0|1 --rdzv-backend=… --rdzv-endpoint=127.0.0.1:PORT``) train 8 steps
+    to bit-identical weights, the same as one node of two ranks. Under static the node rank decides
+    which node holds rank 0; under c10d torch decides (it ignores --node-rank)."""
+    port = _free_port()
+    launches = [LaunchConfig(nnodes=2, node_rank=node, rdzv_backend=backend, rdzv_endpoint=f"127.0.0.1:{port}",
+                             rdzv_id="two-nodes" if backend == "c10d" else "") for node in (0, 1)]
+    rank0, rank1 = _torchrun(cache, tmp_path, {"max_steps": 8},
+                             nodes=[launch.torchrun_args(nproc_per_node=1) for launch in launches])
+    assert rank0["steps"] == rank1["steps"] == 8
+    assert {rank0["node"], rank1["node"]} == {0, 1}
+    if backend == "static":
+        assert (rank0["node"], rank1["node"]) == (0, 1)
+    _assert_same_weights(rank0, rank1)
+    _assert_same_weights(rank0, one_node_8_steps)
