@@ -482,6 +482,70 @@ def training_preset(name: str) -> TrainingConfig:
     raise ValueError(f"unknown training preset {name!r}; one of tiny, demo, seed")
 
 
+#: A Kubernetes quantity as this project writes them: a decimal number and an optional unit suffix
+#: (``500m``, ``4``, ``16Gi``, ``1.5G``); the exponent forms the API also accepts are left out.
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<unit>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY_UNITS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(text: str) -> float:
+    """``"500m"`` → 0.5, ``"16Gi"`` → 17179869184.0; a ValueError says what a quantity looks like."""
+    match = _QUANTITY.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity such as 500m, 4, 512Mi or 16Gi")
+    return float(match["number"]) * _QUANTITY_UNITS[match["unit"]]
+
+
+class TrainingPodConfig(BaseModel):
+    """The pod that runs ``python -m retailsim_pipeline.training`` when the op's Pipes client is
+    dagster-k8s's ``PipesK8sClient`` (``RETAILSIM_TRAINING_LAUNCHER=k8s``; each field from
+    ``RETAILSIM_TRAINING_POD_<FIELD>``). GPUs: ``TrainingConfig.n_gpus``.
+
+    The pod reads and writes the data root at the same path as the Dagster process (the tensor cache,
+    the checkpoint folder, a sqlite MLflow store under it): a PersistentVolumeClaim mounted there.
+    """
+
+    image: str = Field("", description="Image with this package installed (python and torchrun on its PATH, CUDA "
+                                       "torch); required.")
+    namespace: str = Field("", description="Empty: the namespace dagster-k8s detects (the in-cluster service "
+                                           "account's, else 'default').")
+    service_account_name: str = Field("", description="Empty: the namespace's default service account.")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes' own default for a tagged image.")
+    cpu_request: str = Field("4", description="The trainer, the batch-prefetch thread and the validation scorer.")
+    cpu_limit: str = Field("", description="Empty: no CPU limit (a limit throttles batch assembly between "
+                                           "steps while the GPU waits).")
+    memory_request: str = Field("16Gi", description="The seed model, its optimizer state and the prefetched "
+                                                    "batches, with room for the page cache of the cache's arrays.")
+    memory_limit: str = Field("16Gi", description="Equal to the request: the pod is never evicted for memory "
+                                                  "it was promised.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource the device plugin advertises "
+                                                            "(amd.com/gpu on AMD); n_gpus of it as a limit. "
+                                                            "Empty: a CPU pod.")
+    data_volume_claim: str = Field("", description="PersistentVolumeClaim holding the data root; mounted at the "
+                                                   "data root's path. Required.")
+    shm_size: str = Field("2Gi", description="/dev/shm (a memory emptyDir) when n_gpus > 1: NCCL exchanges "
+                                             "between the pod's ranks through it, and a container's default "
+                                             "64 MB is too small.")
+
+    @model_validator(mode="after")
+    def _quantities(self) -> "TrainingPodConfig":
+        for name in ("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size"):
+            value = getattr(self, name)
+            if value or name in ("cpu_request", "memory_request", "shm_size"):
+                try:
+                    quantity_value(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if limit and quantity_value(request) > quantity_value(limit):
+                raise ValueError(f"{kind}_request = {request} exceeds {kind}_limit = {limit}; Kubernetes refuses "
+                                 "such a pod: raise the limit or lower the request")
+        return self
+
+
 class EvaluationConfig(BaseModel):
     """Scoring and promotion (DESIGN §7–8)."""
 

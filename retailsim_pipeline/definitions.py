@@ -12,7 +12,7 @@ from retailsim_pipeline.defs.automation import (
 from retailsim_pipeline.defs.checks import prep_checks
 from retailsim_pipeline.defs.ingest_assets import raw_transactions
 from retailsim_pipeline.defs.prep_assets import basket_samples, tensor_cache
-from retailsim_pipeline.defs.resources import RetailSimData, json_io_manager
+from retailsim_pipeline.defs.resources import RetailSimData, json_io_manager, training_launch_resources
 from retailsim_pipeline.defs.evaluation_assets import evaluation_report
 from retailsim_pipeline.defs.training_assets import trained_world_model
 
@@ -26,7 +26,9 @@ defs = dg.Definitions(
         "retailsim_data": RetailSimData(),
         # What assets hand each other (folder paths, small JSON documents), as JSON: never pickles.
         "io_manager": json_io_manager,
-        # forward_termination: cancelling the Dagster run terminates the training process.
-        "pipes_subprocess_client": dg.PipesSubprocessClient(forward_termination=True),
+        # training_pipes_client (a subprocess; a Kubernetes pod with RETAILSIM_TRAINING_LAUNCHER=k8s) and
+        # training_pod. Cancelling the run terminates the subprocess (forward_termination); dagster-k8s
+        # deletes the pod when its run() returns or raises.
+        **training_launch_resources(),
     },
 )

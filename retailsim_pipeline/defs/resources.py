@@ -1,8 +1,23 @@
-"""Resources shared by the assets."""
+"""Resources shared by the assets, and the choice of where the training process runs."""
+
+import os
+from collections.abc import Mapping
 
 import dagster as dg
 
-from retailsim_pipeline.config import DataPaths, data_root
+from retailsim_pipeline.config import DataPaths, TrainingPodConfig, data_root
+
+#: Which Pipes client launches the training process, read where the Definitions are built:
+#: ``subprocess`` (default: a child process of the run) or ``k8s`` (a pod, through dagster-k8s).
+TRAINING_LAUNCHER_ENV = "RETAILSIM_TRAINING_LAUNCHER"
+TRAINING_LAUNCHERS = ("subprocess", "k8s")
+#: With ``k8s``, each field of the training pod (:class:`TrainingPodConfig`) from the variable of its
+#: name: ``RETAILSIM_TRAINING_POD_IMAGE``, ``RETAILSIM_TRAINING_POD_CPU_REQUEST``, …
+TRAINING_POD_ENV_PREFIX = "RETAILSIM_TRAINING_POD_"
+
+
+def pod_env_name(field: str) -> str:
+    return TRAINING_POD_ENV_PREFIX + field.upper()
 
 
 class RetailSimData(dg.ConfigurableResource):
@@ -76,3 +91,59 @@ class JsonIOManager(dg.IOManager):
                description="JSON files under DATA/dagster/values (paths and small documents; never pickles).")
 def json_io_manager(init_context) -> JsonIOManager:
     return JsonIOManager(init_context.resources.retailsim_data.paths().dagster / "values")
+
+
+class TrainingPod(TrainingPodConfig, dg.ConfigurableResource):
+    """The pod that runs the training when the launcher is ``k8s`` (unused by the subprocess launcher).
+    Fields and defaults: :class:`~retailsim_pipeline.config.TrainingPodConfig`."""
+
+    def pod_spec(self, n_gpus: int, data_dir: str) -> dict:
+        """The ``base_pod_spec`` for ``PipesK8sClient.run``: resources, the data volume at ``data_dir``,
+        and /dev/shm for several ranks. Image, command and environment are the run's own arguments;
+        dagster-k8s adds the Pipes variables and ``restartPolicy: Never``."""
+        requests = {"cpu": self.cpu_request, "memory": self.memory_request}
+        limits = {"memory": self.memory_limit} if self.memory_limit else {}
+        if self.cpu_limit:
+            limits["cpu"] = self.cpu_limit
+        if self.gpu_resource:
+            limits[self.gpu_resource] = str(n_gpus)  # extended resources are set as limits only
+        container = {"image_pull_policy": self.image_pull_policy,
+                     "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+                     "volume_mounts": [{"name": "data", "mount_path": data_dir}]}
+        volumes = [{"name": "data", "persistent_volume_claim": {"claim_name": self.data_volume_claim}}]
+        if n_gpus > 1:
+            container["volume_mounts"].append({"name": "dshm", "mount_path": "/dev/shm"})
+            volumes.append({"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": self.shm_size}})
+        spec = {"containers": [container], "volumes": volumes}
+        if self.service_account_name:
+            spec["service_account_name"] = self.service_account_name
+        return spec
+
+
+def training_launch_resources(environ: Mapping[str, str] = os.environ) -> dict:
+    """The resources ``training_pipes_client`` and ``training_pod``, chosen by ``$RETAILSIM_TRAINING_LAUNCHER``.
+
+    ``subprocess`` (or unset): ``PipesSubprocessClient`` with ``forward_termination`` (cancelling the run
+    terminates the training process). ``k8s``: dagster-k8s's ``PipesK8sClient`` (in-cluster config when
+    ``KUBERNETES_SERVICE_HOST`` is set, else the kubeconfig) and a :class:`TrainingPod` whose fields
+    come from ``$RETAILSIM_TRAINING_POD_<FIELD>`` (image and data_volume_claim required).
+    """
+    launcher = environ.get(TRAINING_LAUNCHER_ENV, "").strip() or "subprocess"
+    if launcher == "subprocess":
+        return {"training_pipes_client": dg.PipesSubprocessClient(forward_termination=True),
+                "training_pod": TrainingPod()}
+    if launcher != "k8s":
+        raise ValueError(f"{TRAINING_LAUNCHER_ENV}={launcher!r}: choose one of {', '.join(TRAINING_LAUNCHERS)}")
+    fields = {name: environ[pod_env_name(name)] for name in TrainingPodConfig.model_fields
+              if pod_env_name(name) in environ}
+    missing = [pod_env_name(name) for name in ("image", "data_volume_claim") if not fields.get(name)]
+    if missing:
+        raise ValueError(f"{TRAINING_LAUNCHER_ENV}=k8s needs {' and '.join(missing)}: the image with this package "
+                         "installed, and the PersistentVolumeClaim holding the data root")
+    try:
+        pod = TrainingPod(**fields)
+    except ValueError as exc:  # pydantic names the field; say where its value came from
+        raise ValueError(f"the training pod from ${TRAINING_POD_ENV_PREFIX}*: {exc}") from None
+    from dagster_k8s import PipesK8sClient  # imported only here: the kubernetes client is large
+
+    return {"training_pipes_client": PipesK8sClient(), "training_pod": pod}

@@ -19,7 +19,7 @@ from retailsim_pipeline.config import (
     config_hash,
     training_preset,
 )
-from retailsim_pipeline.defs.resources import RetailSimData
+from retailsim_pipeline.defs.resources import RetailSimData, TrainingPod, pod_env_name
 from retailsim_pipeline.defs.settings import LaunchSettings
 from retailsim_pipeline.training.pipes import PARAMS_ENV
 from retailsim_pipeline.training.run import PARENT_PID_ENV, apply_overrides
@@ -91,6 +91,26 @@ def training_command(config: TrainingConfig, launch: LaunchConfig | None = None,
     return [torchrun, *launch.torchrun_args(nproc_per_node=config.n_gpus), "-m", TRAINING_MODULE]
 
 
+def _launch_in_pod(context: dg.OpExecutionContext, client: dg.PipesClient, pod: TrainingPod, training: TrainingConfig,
+                   launch: LaunchConfig, params: dict, env: dict) -> dg.PipesClientCompletedInvocation:
+    """Run the training in a Kubernetes pod through dagster-k8s's ``PipesK8sClient``, which deletes the
+    pod when the op ends."""
+    if launch.nnodes > 1:
+        raise dg.Failure(f"nnodes = {launch.nnodes} with the k8s launcher: this op starts one pod, and several "
+                         "nodes need one pod each and a rendezvous address known before they start (a JobSet or "
+                         "a Kubeflow PyTorchJob). Use nnodes = 1 with up to one machine's GPUs in n_gpus.")
+    for name in ("image", "data_volume_claim"):  # the run config may have replaced the Definitions' values
+        if not getattr(pod, name):
+            raise dg.Failure(f"the training pod has no {name}: set ${pod_env_name(name)} or "
+                             f"resources.training_pod.config.{name}")
+    command = training_command(training, launch, in_image=True)
+    context.log.info(f"launching {' '.join(command)} in a pod of {pod.image} (preset {training.preset}, "
+                     f"{training.n_gpus} x {pod.gpu_resource or 'no GPU'}, out {params['out_dir']})")
+    return client.run(context=context, extras=params, image=pod.image, command=command,
+                      namespace=pod.namespace or None, env=env,
+                      base_pod_spec=pod.pod_spec(training.n_gpus, env["RETAILSIM_DATA_DIR"]))
+
+
 def _launch_subprocess(context: dg.OpExecutionContext, client: dg.PipesSubprocessClient, training: TrainingConfig,
                        launch: LaunchConfig, params: dict, env: dict) -> dg.PipesClientCompletedInvocation:
     """Run the training as a child process of this one (under torchrun for several GPUs or machines)."""
@@ -109,13 +129,14 @@ def _launch_subprocess(context: dg.OpExecutionContext, client: dg.PipesSubproces
                       env={**env, PARENT_PID_ENV: str(os.getpid())})
 
 
-@dg.op(pool="gpu", description="Train the world model in its own process (Dagster Pipes); returns the "
-       "MLflow run, the logged model URI, the best checkpoint and the headline metrics.")
+@dg.op(pool="gpu", description="Train the world model in its own process (Dagster Pipes: a subprocess, or a "
+       "Kubernetes pod); returns the MLflow run, the logged model URI, the best checkpoint and the headline metrics.")
 def train_world_model(
     context: dg.OpExecutionContext,
     config: TrainSettings,
     tensor_cache: str,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    training_pipes_client: dg.ResourceParam[dg.PipesClient],
+    training_pod: TrainingPod,
     retailsim_data: RetailSimData,
 ) -> dg.Output[dict]:
     training = resolve_training_config(config)
@@ -138,7 +159,15 @@ def train_world_model(
                  "dagster.run_url": f"http://127.0.0.1:3000/runs/{context.run_id}"},
     }
     env = {"RETAILSIM_DATA_DIR": str(paths.root), PARAMS_ENV: json.dumps(params)}
-    invocation = _launch_subprocess(context, pipes_subprocess_client, training, launch, params, env)
+    if isinstance(training_pipes_client, dg.PipesSubprocessClient):
+        invocation = _launch_subprocess(context, training_pipes_client, training, launch, params, env)
+    else:
+        from dagster_k8s import PipesK8sClient  # only with the k8s launcher: the kubernetes client is large
+
+        if not isinstance(training_pipes_client, PipesK8sClient):
+            raise TypeError(f"training_pipes_client is a {type(training_pipes_client).__name__}; the training op "
+                            "launches through PipesSubprocessClient or dagster-k8s's PipesK8sClient")
+        invocation = _launch_in_pod(context, training_pipes_client, training_pod, training, launch, params, env)
     messages = invocation.get_custom_messages()
     if not messages or "model_uri" not in messages[-1]:
         raise dg.Failure(f"the training process ended without reporting a model (messages: {messages})")

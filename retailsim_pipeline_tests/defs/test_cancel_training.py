@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
         dg.materialize(
             list(defs.assets) + list(defs.asset_checks), selection=["trained_world_model"], instance=instance,
             resources={**defs.resources, "retailsim_data": RetailSimData(data_dir=str(paths.root)),
-                       "pipes_subprocess_client": dg.PipesSubprocessClient(forward_termination=True)},
+                       "training_pipes_client": dg.PipesSubprocessClient(forward_termination=True)},
             run_config={"ops": {"trained_world_model": {"ops": {"train_world_model": {"config": {
                 "preset": "tiny", "epochs": 500, "log_every": 1, "val_every": 1000}}}}}},
             raise_on_error=False,

@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 #: Third-party packages only some modules may import.
 RESTRICTED = {"dagster": {"defs", "cli", "definitions"}, "dagster_pipes": {"training.pipes"},
-              "mlflow": {"tracking"}}
+              "dagster_k8s": {"defs"}, "mlflow": {"tracking"}}
 
 
 def _module(rel: Path) -> str:
@@ -113,6 +113,7 @@ def test_layers_depend_one_way():
      "evaluation imports training.trainer"),
     ("training/trainer.py", "import dagster_pipes", "imports dagster_pipes"),
     ("training/run.py", "import mlflow", "imports mlflow"),
+    ("definitions.py", "from dagster_k8s import PipesK8sClient", "imports dagster_k8s"),
     ("evaluation/metrics.py", "from retailsim_pipeline.prep.cache_build import _publish",
      "imports the private name _publish"),
     ("evaluation/metrics.py", "import retailsim_pipeline.prep.cache_build as build_mod\nX = build_mod._publish",
