@@ -170,6 +170,21 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
     _check_week_matches_name(df, path, week)
     n_lines = len(df)
 
+    accepted, bad = sort_rows(df, week, limits)
+    if len(accepted) + len(bad) != n_lines:  # row accounting: every line lands or is quarantined
+        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + {len(bad)} rejected")
+    return accepted.select(LGSR_COLUMNS), quarantine_rows(bad, path.name, raw_available), family
+
+
+def sort_rows(df: pl.DataFrame, week: int | pl.Expr | None, limits: IngestConfig,
+              by: tuple[str, ...] = ()) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split the working frame into accepted rows (in file order) and rejected rows, each rejected row
+    with its first failing rule in the reason columns (ordered by ``by`` and line).
+
+    ``by`` names the columns that tell files apart when rows of several files are checked together
+    (baskets are then grouped per file too); ``week`` is then an expression (see :func:`row_rules`).
+    Both frames keep the working frame's columns.
+    """
     rules = row_rules(week, limits)
     # The cheap mask runs on every row; *which* rule failed is worked out for failing rows only.
     bad_mask = (
@@ -180,41 +195,49 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
     marked = df.lazy().with_columns(bad_mask.alias("__bad"))
     good = marked.filter(~pl.col("__bad"))
     # One query (the marking shared): accepted rows, rejected rows, and each basket's spread.
-    accepted, bad, spread = pl.collect_all([good, marked.filter(pl.col("__bad")), basket_spread(good)])
-    conflicts = basket_conflicts(spread)
+    accepted, bad, spread = pl.collect_all([good.drop("__bad"), marked.filter(pl.col("__bad")).drop("__bad"),
+                                            basket_spread(good, by)])
+    conflicts = basket_conflicts(spread, by)
     if not conflicts.is_empty():
-        split = accepted.join(conflicts, on="BASKET_ID", how="left", maintain_order="left")
+        split = accepted.join(conflicts, on=[*by, "BASKET_ID"], how="left", maintain_order="left")
         accepted = split.filter(pl.col("__conflict").is_null()).drop("__conflict", "__conflict_col")
         moved = split.filter(pl.col("__conflict").is_not_null()).with_columns(
             pl.col("__conflict").alias(REASON_COL), pl.col("__conflict_col").alias(COLUMN_COL),
             pl.coalesce(pl.when(pl.col("__conflict_col") == c).then(pl.col(c).cast(pl.String))
                         for c in BASKET_KEYS).alias(VALUE_COL),
         ).drop("__conflict", "__conflict_col")
-        bad = pl.concat([bad, moved.select(bad.columns)]).sort(LINE_COL)
-    if len(accepted) + len(bad) != n_lines:  # row accounting: every line lands or is quarantined
-        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + {len(bad)} rejected")
-    accepted = accepted.select(LGSR_COLUMNS)
+        bad = pl.concat([bad, moved.select(bad.columns)]).sort(*by, LINE_COL)
     if bad.is_empty():
-        return accepted, pl.DataFrame(schema=QUARANTINE_SCHEMA), family
+        return accepted, bad
     all_rules = rules + date_rules() + id_rules()
     bad = bad.with_columns(
         # A row already rejected while parsing keeps that reason.
         *[pl.when(pl.col(REASON_COL).is_null()).then(new).otherwise(pl.col(name)).alias(name)
           for new, name in zip(first_failure(all_rules), (REASON_COL, COLUMN_COL, VALUE_COL))]
     )
+    return accepted, bad
+
+
+def quarantine_rows(bad: pl.DataFrame, source_name: str, raw_available: bool) -> pl.DataFrame:
+    """The quarantine file's rows (:data:`QUARANTINE_SCHEMA`) for one file's rejected rows.
+
+    ``raw_available``: the tolerant read kept each line's text; otherwise the raw line is rebuilt
+    from the typed fields.
+    """
+    if bad.is_empty():
+        return pl.DataFrame(schema=QUARANTINE_SCHEMA)
     raw_line = (
         pl.col("__raw") if raw_available
         else pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in LGSR_COLUMNS], separator=",")
     )
-    quarantined = bad.select(
-        pl.lit(path.name).alias("source_file"),
+    return bad.select(
+        pl.lit(source_name).alias("source_file"),
         pl.col(LINE_COL).alias("line_number"),
         pl.col(COLUMN_COL).alias("column"),
         pl.col(REASON_COL).alias("reason"),
         pl.col(VALUE_COL).alias("value"),
         raw_line.alias("raw_line"),
     )
-    return accepted, quarantined, family
 
 
 def transactions_output_path(out_dir: Path, source: Path) -> Path:
@@ -233,6 +256,12 @@ def ingest_weekly_file(
     """
     source = Path(source)
     accepted, quarantined, family = _validate(source, limits or IngestConfig())
+    return write_outputs(source, accepted, quarantined, family, out_dir, quarantine_dir)
+
+
+def write_outputs(source: Path, accepted: pl.DataFrame, quarantined: pl.DataFrame, family: str | None,
+                  out_dir: Path, quarantine_dir: Path) -> IngestResult:
+    """Write one file's accepted rows and quarantine, each atomically (quarantine first), and count them."""
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
     # Weekly files are always read whole: no column statistics to write.

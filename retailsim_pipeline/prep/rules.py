@@ -37,25 +37,26 @@ COLUMN_COL = "__column"
 VALUE_COL = "__value"
 
 
-Rule = tuple[pl.Expr, str, str | None, pl.Expr | None]
+Rule = tuple[pl.Expr, str | pl.Expr, str | None, pl.Expr | None]
 
 
 def first_failure(rules: list[Rule]) -> list[pl.Expr]:
     """Expressions for the first failing rule's reason, column and offending value (in rule order).
 
-    Each rule is ``(failing condition, reason, column or None, value expression or None)``.
+    Each rule is ``(failing condition, reason, column or None, value expression or None)``; the
+    reason is a text, or a text expression where it depends on the row's file (its week).
     """
     def first(pick) -> pl.Expr:
         return pl.coalesce([pl.when(r[0]).then(pick(r)) for r in rules])
 
     return [
-        first(lambda r: pl.lit(r[1])).alias(REASON_COL),
+        first(lambda r: r[1] if isinstance(r[1], pl.Expr) else pl.lit(r[1])).alias(REASON_COL),
         first(lambda r: pl.lit(r[2], pl.String)).alias(COLUMN_COL),
         first(lambda r: r[3] if r[3] is not None else pl.lit(None, pl.String)).alias(VALUE_COL),
     ]
 
 
-def rule(cond: pl.Expr, reason: str, column: str | None) -> Rule:
+def rule(cond: pl.Expr, reason: str | pl.Expr, column: str | None) -> Rule:
     return cond, reason, column, (pl.col(column).cast(pl.String) if column else None)
 
 
@@ -79,8 +80,12 @@ def _days_from_civil(y: pl.Expr, m: pl.Expr, d: pl.Expr) -> pl.Expr:
     return era * 146097 + doe - 719468
 
 
-def row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
-    """Cheap per-row rules, in the order a failure is reported."""
+def row_rules(week: int | pl.Expr | None, limits: IngestConfig) -> list[Rule]:
+    """Cheap per-row rules, in the order a failure is reported.
+
+    ``week``: the file's week (None: the file name names none), or an expression giving each row
+    its file's week (null: none) when rows of several files are checked together.
+    """
     rules = [rule(pl.col(c).is_null(), f"missing field {c}", c) for c in LGSR_COLUMNS if c not in NULLABLE_COLUMNS]
     rules += [
         rule(pl.col("QUANTITY") <= 0, "QUANTITY must be > 0", "QUANTITY"),
@@ -99,7 +104,10 @@ def row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
              & (pl.col("CUST_PRICE_SENSITIVITY").is_not_null() | pl.col("CUST_LIFESTAGE").is_not_null()),
              "customer segment without CUST_CODE", "CUST_CODE"),
     ]
-    if week is not None:
+    if isinstance(week, pl.Expr):
+        rules.append(rule(pl.col("SHOP_WEEK") != week, pl.format("SHOP_WEEK differs from the file's week {}", week),
+                          "SHOP_WEEK"))
+    elif week is not None:
         rules.append(rule(pl.col("SHOP_WEEK") != week, f"SHOP_WEEK differs from the file's week {week}",
                           "SHOP_WEEK"))
     return rules
