@@ -29,6 +29,8 @@ and the reason for a failing row is worked out for failing rows only.
 Outputs are written to a temporary name and renamed, so a failure never leaves a half-written file.
 """
 
+import functools
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from retailsim_pipeline.config import IngestConfig
 from retailsim_pipeline.prep.basket_consistency import BASKET_KEYS, basket_conflicts, basket_spread
 from retailsim_pipeline.prep.card_fields import normalise_card_fields
 from retailsim_pipeline.prep.errors import LgsrFormatError, LossyCopyError
-from retailsim_pipeline.prep.files import write_parquet_atomic
+from retailsim_pipeline.prep.files import write_bytes_atomic, write_parquet_atomic
 from retailsim_pipeline.prep.lossy import check_lossy_ids
 from retailsim_pipeline.prep.reading import LINE_COL, read_header, tolerant_read, typed_read
 from retailsim_pipeline.prep.rules import (
@@ -177,12 +179,13 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
 
 
 def sort_rows(df: pl.DataFrame, week: int | pl.Expr | None, limits: IngestConfig,
-              by: tuple[str, ...] = ()) -> tuple[pl.DataFrame, pl.DataFrame]:
+              by: tuple[str, ...] = (), spread: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split the working frame into accepted rows (in file order) and rejected rows, each rejected row
     with its first failing rule in the reason columns (ordered by ``by`` and line).
 
     ``by`` names the columns that tell files apart when rows of several files are checked together
     (baskets are then grouped per file too); ``week`` is then an expression (see :func:`row_rules`).
+    ``spread``: :func:`basket_spread` of every row of ``df`` (by ``by``), when the caller has it.
     Both frames keep the working frame's columns.
     """
     rules = row_rules(week, limits)
@@ -192,11 +195,19 @@ def sort_rows(df: pl.DataFrame, week: int | pl.Expr | None, limits: IngestConfig
         | suspects(df)
         | pl.col(REASON_COL).is_not_null()
     )
-    marked = df.lazy().with_columns(bad_mask.alias("__bad"))
-    good = marked.filter(~pl.col("__bad"))
-    # One query (the marking shared): accepted rows, rejected rows, and each basket's spread.
-    accepted, bad, spread = pl.collect_all([good.drop("__bad"), marked.filter(pl.col("__bad")).drop("__bad"),
-                                            basket_spread(good, by)])
+    # One query for the common case (no row breaks a rule): is any row bad? and each basket's spread,
+    # which is then the accepted rows' spread; the frame is kept as it is, not copied by a filter.
+    if spread is None:
+        any_bad, spread = pl.collect_all([df.lazy().select(bad_mask.any()), basket_spread(df.lazy(), by)])
+    else:
+        any_bad = df.select(bad_mask.any())
+    if any_bad.item():
+        marked = df.lazy().with_columns(bad_mask.alias("__bad"))
+        good = marked.filter(~pl.col("__bad")).drop("__bad")
+        accepted, bad, spread = pl.collect_all([good, marked.filter(pl.col("__bad")).drop("__bad"),
+                                                basket_spread(good, by)])
+    else:
+        accepted, bad = df, df.clear()
     conflicts = basket_conflicts(spread, by)
     if not conflicts.is_empty():
         split = accepted.join(conflicts, on=[*by, "BASKET_ID"], how="left", maintain_order="left")
@@ -240,6 +251,14 @@ def quarantine_rows(bad: pl.DataFrame, source_name: str, raw_available: bool) ->
     )
 
 
+@functools.cache
+def _empty_quarantine_parquet() -> bytes:
+    """An empty quarantine file, as :func:`write_parquet_atomic` writes it."""
+    buffer = io.BytesIO()
+    pl.DataFrame(schema=QUARANTINE_SCHEMA).write_parquet(buffer, compression="lz4", statistics=False)
+    return buffer.getvalue()
+
+
 def transactions_output_path(out_dir: Path, source: Path) -> Path:
     """``out_dir/transactions_YYYYWW.parquet`` for ``transactions_YYYYWW.csv`` or ``.csv.gz``."""
     return Path(out_dir) / (file_stem(source) + ".parquet")
@@ -265,13 +284,17 @@ def write_outputs(source: Path, accepted: pl.DataFrame, quarantined: pl.DataFram
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
     # Weekly files are always read whole: no column statistics to write.
-    write_parquet_atomic(quarantined, quarantine, statistics=False)
+    if quarantined.is_empty():  # the common case: the same bytes every time, made once
+        write_bytes_atomic(_empty_quarantine_parquet(), quarantine)
+    else:
+        write_parquet_atomic(quarantined, quarantine, statistics=False)
     write_parquet_atomic(accepted, output, statistics=False)
     counts = accepted.select(
         pl.col("BASKET_ID").n_unique().alias("baskets"),
         pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers"),
     ).row(0, named=True)
-    reasons = dict(quarantined.group_by("reason").len().sort("len", descending=True).iter_rows())
+    reasons = {} if quarantined.is_empty() else dict(
+        quarantined.group_by("reason").len().sort("len", descending=True).iter_rows())
     if len(quarantined):
         log.warning("%s: quarantined %d of %d rows (%s)", source.name, len(quarantined),
                     len(quarantined) + len(accepted), ", ".join(f"{k}: {v}" for k, v in reasons.items()))
