@@ -9,8 +9,8 @@
   already failed while being parsed.
 
 The family is decided per file from the file's distinct segment values (:func:`segment_family`);
-:func:`card_field_columns` types the columns of one file or, given a per-row condition, of many
-files read together (:mod:`retailsim_pipeline.prep.ingest_batch`).
+:func:`card_field_columns` types the columns of one file or of many files read together
+(:mod:`retailsim_pipeline.prep.ingest_batch`): one mapping serves both families (:data:`SEGMENT_CODES`).
 """
 
 from pathlib import Path
@@ -49,29 +49,34 @@ def segment_family(seen: dict[str, set[str]]) -> str | None:
     return "coded" if any(coded.values()) else "documented" if any(documented.values()) else None
 
 
-def has_unknown_codes(seen: dict[str, set[str]], family: str | None) -> bool:
-    """Whether a file's segment values include one in neither family (after its family's mapping)."""
-    return any({SEGMENT_CODE_ALIASES[c].get(v, v) if family == "coded" else v for v in seen[c]} - set(CODE_SETS[c])
-               for c in SEGMENT_COLUMNS)
+#: Each segment column's text → its documented code, for both families. The coded values and the
+#: documented codes are disjoint (XX apart, which maps to itself), so once a file is known not to mix
+#: the families a value maps the same whichever family the file uses: one mapping serves every file.
+SEGMENT_CODES: dict[str, dict[str, str]] = {
+    c: {**{v: v for v in CODE_SETS[c]}, **SEGMENT_CODE_ALIASES[c]} for c in SEGMENT_COLUMNS
+}
+assert all(not set(SEGMENT_CODE_ALIASES[c]) & set(CODE_SETS[c]) for c in SEGMENT_COLUMNS)
 
 
-def card_field_columns(coded: bool | pl.Expr, unknown: bool) -> list[pl.Expr]:
-    """The typed card columns (and, when ``unknown``, the reason columns for unknown segment codes).
+def has_unknown_codes(seen: dict[str, set[str]]) -> bool:
+    """Whether a file's distinct segment values include one in neither family."""
+    return any(seen[c] - set(SEGMENT_CODES[c]) for c in SEGMENT_COLUMNS)
 
-    ``coded``: whether the rows use the coded family — a bool for one file, a per-row condition for
-    rows of several files. ``unknown``: whether any row may hold an unknown code (without it the
-    common, clean case needs no reason column).
+
+def card_field_columns(unknown: bool) -> list[pl.Expr]:
+    """The typed card columns (and, when ``unknown``, the reason columns for unknown segment codes) of
+    rows of files that do not mix the code families, one file or many. The card fields come in as
+    text or as ``Categorical`` (:func:`~retailsim_pipeline.prep.reading.typed_scan`).
+
+    ``unknown``: whether any row may hold an unknown code (without it the common, clean case needs
+    no reason column).
     """
-    typed = {}
-    for c in SEGMENT_COLUMNS:
-        mapped = card_text(c).replace(SEGMENT_CODE_ALIASES[c])
-        src = (mapped if coded else card_text(c)) if isinstance(coded, bool) else (
-            pl.when(coded).then(mapped).otherwise(card_text(c)))
-        typed[c] = src.cast(TRANSACTION_SCHEMA[c], strict=False)
+    typed = {c: pl.col(c).replace_strict(SEGMENT_CODES[c], default=None, return_dtype=TRANSACTION_SCHEMA[c])
+             for c in SEGMENT_COLUMNS}  # "" and unknown values → null
     columns = [card_text("CUST_CODE").cast(TRANSACTION_SCHEMA["CUST_CODE"]).alias("CUST_CODE"),
                *[typed[c].alias(c) for c in SEGMENT_COLUMNS]]
     if unknown:
-        rules = [(card_text(c).is_not_null() & typed[c].is_null(), f"unknown code in {c}", c, pl.col(c))
+        rules = [(card_text(c).is_not_null() & typed[c].is_null(), f"unknown code in {c}", c, pl.col(c).cast(pl.String))
                  for c in SEGMENT_COLUMNS]
         reason, column, value = first_failure(rules)
         keep = pl.col(REASON_COL).is_not_null()  # a row rejected while parsing keeps that reason
@@ -108,4 +113,4 @@ def normalise_card_fields(df: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, s
             "other. Re-export the week from one source."
         )
     # Unknown codes, worked out on the distinct values: the common (clean) file needs no reason column.
-    return df.with_columns(card_field_columns(family == "coded", has_unknown_codes(seen, family))), family
+    return df.with_columns(card_field_columns(has_unknown_codes(seen))), family

@@ -27,6 +27,9 @@ small polars queries: checks run on *distinct* values where they can (ids, codes
 and the reason for a failing row is worked out for failing rows only.
 
 Outputs are written to a temporary name and renamed, so a failure never leaves a half-written file.
+
+Many files at once (a range of weeks): :func:`retailsim_pipeline.prep.ingest_batch.ingest_weekly_files`
+validates them in batches and gives, per file, what :func:`ingest_weekly_file` gives.
 """
 
 import functools
@@ -126,10 +129,10 @@ def validate_transactions(path: Path, limits: IngestConfig | None = None) -> tup
 
 
 #: A file whose rows mostly name another week than its file name is refused as a whole.
-_MISNAMED_SHARE = 0.5
+MISNAMED_SHARE = 0.5
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     """Refuse, before reading it, what must never be read: links, non-files, impossible week names."""
     if path.is_symlink() or not path.is_file():
         raise LgsrFormatError(unsafe_file_message(path))
@@ -145,7 +148,7 @@ def _check_week_matches_name(df: pl.DataFrame, path: Path, week: int | None) -> 
     if week is None or df.is_empty():
         return
     other = df.filter(pl.col("SHOP_WEEK").is_not_null() & (pl.col("SHOP_WEEK") != week))
-    if len(other) > _MISNAMED_SHARE * len(df):
+    if len(other) > MISNAMED_SHARE * len(df):
         common = other.get_column("SHOP_WEEK").mode().sort().to_list()
         raise LgsrFormatError(
             f"{path}: the file name says week {week} but {len(other):,} of {len(df):,} rows say another week "
@@ -154,7 +157,7 @@ def _check_week_matches_name(df: pl.DataFrame, path: Path, week: int | None) -> 
 
 
 def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
-    _check_file(path)
+    check_file(path)
     header = read_header(path)
     week = week_of_file(path.name)
     try:
