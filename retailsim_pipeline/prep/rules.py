@@ -142,10 +142,14 @@ def id_rules() -> list[Rule]:
     ]
 
 
+# A (week, date, weekday) triple as one integer, week·10⁹ + date·10 + weekday: one-to-one only while
+# the date has at most eight digits and the weekday one (weekday 14 on the 11th would otherwise read
+# as weekday 4 on the 12th); a triple outside that range is a suspect by itself.
 _DATE_KEY = (
     pl.col("SHOP_WEEK").cast(pl.Int64) * 1_000_000_000 + pl.col("SHOP_DATE").cast(pl.Int64) * 10
     + pl.col("SHOP_WEEKDAY").cast(pl.Int64)
 )
+_KEYED = pl.col("SHOP_DATE").is_between(0, 99_999_999) & pl.col("SHOP_WEEKDAY").is_between(0, 9)
 
 
 def distinct_text(column: str | pl.Expr) -> pl.Expr:
@@ -165,20 +169,20 @@ def suspects(df: pl.DataFrame) -> pl.Expr:
     found = df.select(
         *[distinct_text(c).filter(~distinct_text(c).str.contains(p)).implode().alias(c)
           for c, p in ID_PATTERNS.items()],
-        pl.struct("SHOP_WEEK", "SHOP_DATE", "SHOP_WEEKDAY").unique().drop_nulls().implode().alias("__calendar"),
+        _DATE_KEY.filter(_KEYED).drop_nulls().unique().implode().alias("__calendar"),
+        (~_KEYED).fill_null(False).any().alias("__unkeyed"),
     ).row(0, named=True)
     suspect = pl.lit(False)
     for col in ID_PATTERNS:
         if found[col]:
             suspect = suspect | pl.col(col).cast(pl.String).is_in(found[col]).fill_null(False)
     # A handful of distinct triples: plain Python is faster than planning the polars calendar rules.
-    bad_keys = [
-        t["SHOP_WEEK"] * 1_000_000_000 + t["SHOP_DATE"] * 10 + t["SHOP_WEEKDAY"]
-        for t in found["__calendar"]
-        if None not in t.values() and not _calendar_ok(t["SHOP_WEEK"], t["SHOP_DATE"], t["SHOP_WEEKDAY"])
-    ]
+    bad_keys = [key for key in found["__calendar"]
+                if not _calendar_ok(key // 1_000_000_000, key % 1_000_000_000 // 10, key % 10)]
     if bad_keys:
         suspect = suspect | _DATE_KEY.is_in(bad_keys).fill_null(False)
+    if found["__unkeyed"]:
+        suspect = suspect | (~_KEYED).fill_null(False)
     return suspect
 
 
