@@ -91,12 +91,11 @@ def _working_columns() -> list[pl.Expr]:
 
 
 def typed_scan(path: Path, header: list[str]) -> pl.LazyFrame:
-    """:func:`typed_read` as a lazy scan (same parser, same options), without the short-line flag:
-    many files are read in one query by concatenating their scans. The caller checks the file's
-    last column (``header[-1]``) for nulls, as :func:`typed_read` does.
-
-    The card fields come as ``Categorical`` rather than text (the same values, ``""`` included):
-    their distinct values per file, and their typing, then cost a pass over small integers.
+    """:func:`typed_read` as a lazy scan, so that many files are read in one query by concatenating
+    their scans. Same parser and options, two differences: no short-line flag (the caller checks
+    the file's last column, ``header[-1]``, for nulls as :func:`typed_read` does), and the card
+    fields come as ``Categorical`` rather than text (the same values, ``""`` included), so that their
+    distinct values per file, and their typing, cost a pass over small integers.
     """
     return pl.scan_csv(path, has_header=True, new_columns=header, schema=_read_schema(header, pl.Categorical()),
                        encoding="utf8", row_index_name=LINE_COL, row_index_offset=2).select(_working_columns())
