@@ -4,8 +4,8 @@
 Usage::
 
     python benchmarks/bench_prep.py [--rows N] [--json PATH] [--workdir DIR] [--pandas-rows M]
-                                    [--keep] [--no-scaling]
-    python benchmarks/bench_prep.py --real DIR [--repeat N] [--json PATH] [--workdir DIR] [--keep]
+                                    [--keep] [--no-scaling] [--per-file]
+    python benchmarks/bench_prep.py --real DIR [--repeat N] [--json PATH] [--workdir DIR] [--keep] [--per-file]
 
 What it does (the issue's spec):
 
@@ -37,10 +37,13 @@ against two bare-minimum peers on the real files:
   (reused when present; plain ``.csv`` inputs are used where they are). All contenders read these
   same plain CSVs, from a warm page cache: the parent reads every file once (counting its lines)
   before the first timing.
-- **ours**: exactly the ``raw_to_samples`` child above: ``ingest_weekly_file`` on every file
-  (header aliases ``seg_1``/``seg_2``, coded segment values, quoted empty strings, every contract
-  check, quarantine, typed parquet), then ``build_basket_samples`` (one row per basket, time split
-  into train / validation / test, product dimension table). Ingest and samples are timed apart.
+- **ours**: exactly the ``raw_to_samples`` child above: ``ingest_weekly_files`` over the files, as
+  ``raw_transactions`` runs it over a range of weeks (weeks validated together in batches of up to
+  64 MB of CSV, ~16 published weeks; outputs per file), with header aliases ``seg_1``/``seg_2``,
+  coded segment values, quoted empty strings, every contract check, quarantine and typed parquet;
+  then ``build_basket_samples`` (one row per basket, time split into train / validation / test,
+  product dimension table). Ingest and samples are timed apart. ``--per-file`` ingests with
+  ``ingest_weekly_file`` on each file instead (the path before batching), to compare the two.
 - **polars**: ``pl.scan_csv(files, schema=…)`` with the header's own names (ints for
   SHOP_WEEK/SHOP_DATE/SHOP_WEEKDAY/SHOP_HOUR/QUANTITY/BASKET_ID, Float64 SPEND, String for every
   other column), ``with_row_index`` (the line), ``group_by("BASKET_ID")`` with ``.first()`` of each
@@ -220,19 +223,30 @@ def child_generate(spec: dict) -> dict:
 
 
 def child_raw_to_samples(spec: dict) -> dict:
-    """Ingest every weekly CSV, then build the basket samples (the two timed halves of stage 1)."""
+    """Ingest every weekly CSV, then build the basket samples (the two timed halves of stage 1).
+
+    The ingest is ``ingest_weekly_files`` (what ``raw_transactions`` runs over a range of weeks:
+    files validated in batches, outputs per file); ``"per_file": true`` in the spec runs
+    ``ingest_weekly_file`` on each file instead.
+    """
     from retailsim_pipeline.prep.ingest import ingest_weekly_file
+    from retailsim_pipeline.prep.ingest_batch import ingest_weekly_files
     from retailsim_pipeline.prep.samples import build_basket_samples
 
     work = Path(spec["work_dir"])
     files = [Path(f) for f in spec["files"]]
     rss_after_imports = _vm_rss_mb()
     t0 = time.perf_counter()
-    accepted = quarantined = 0
-    for f in files:
-        res = ingest_weekly_file(f, work / "transactions", work / "quarantine")
-        accepted += res.rows
-        quarantined += res.quarantined
+    if spec.get("per_file"):
+        results = [ingest_weekly_file(f, work / "transactions", work / "quarantine") for f in files]
+    else:
+        outcomes = list(ingest_weekly_files(files, work / "transactions", work / "quarantine"))
+        failed = [o for o in outcomes if o.error is not None]
+        if failed:
+            raise failed[0].error
+        results = [o.result for o in outcomes]
+    accepted = sum(r.rows for r in results)
+    quarantined = sum(r.quarantined for r in results)
     t1 = time.perf_counter()
     result = build_basket_samples(work / "transactions", work / "samples")
     t2 = time.perf_counter()
@@ -491,12 +505,15 @@ def ensure_data(rows: int, workdir: Path) -> tuple[dict, Path, dict]:
     return cfg, data_dir, gen
 
 
-def run_prep(label: str, files: list[str], run_dir: Path, workdir: Path, with_cache: bool = True) -> dict:
-    """Stage 1 (and 2) on ``files`` in fresh children, outputs under ``run_dir`` (emptied first)."""
+def run_prep(label: str, files: list[str], run_dir: Path, workdir: Path, with_cache: bool = True,
+             per_file: bool = False) -> dict:
+    """Stage 1 (and 2) on ``files`` in fresh children, outputs under ``run_dir`` (emptied first);
+    ``per_file``: ingest with ``ingest_weekly_file`` on each file instead of ``ingest_weekly_files``."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    log(f"{label}: raw -> basket_samples on {len(files)} weekly files ...")
-    s1 = run_child("raw_to_samples", {"work_dir": str(run_dir), "files": files}, workdir / "tmp")
+    log(f"{label}: raw -> basket_samples on {len(files)} weekly files{' (per-file ingest)' if per_file else ''} ...")
+    s1 = run_child("raw_to_samples", {"work_dir": str(run_dir), "files": files, "per_file": per_file},
+                   workdir / "tmp")
     log(f"  {s1['rows']:,} rows -> {s1['baskets']:,} baskets in {s1['seconds']:.2f}s "
         f"(ingest {s1['ingest_seconds']:.2f}s, samples {s1['samples_seconds']:.2f}s), "
         f"peak RSS {s1['peak_rss_mb']:.0f} MB")
@@ -620,10 +637,12 @@ def warm_and_count(files: list[str]) -> tuple[int, list[str]]:
     return lines, [name.strip().strip('"') for name in header.split(",")]
 
 
-def run_contender(name: str, files: list[str], header: list[str], real_dir: Path, workdir: Path) -> dict:
+def run_contender(name: str, files: list[str], header: list[str], real_dir: Path, workdir: Path,
+                  per_file: bool = False) -> dict:
     """One timed run of contender ``name`` in a fresh child, its outputs under ``real_dir``."""
     if name == "ours":
-        return run_prep("ours", files, real_dir / "ours", workdir, with_cache=False)["raw_to_samples"]
+        return run_prep("ours", files, real_dir / "ours", workdir, with_cache=False,
+                        per_file=per_file)["raw_to_samples"]
     out = real_dir / f"{name}.parquet"
     out.unlink(missing_ok=True)
     log(f"{name} (bare minimum) on {len(files)} files ...")
@@ -660,7 +679,7 @@ def run_real(args: argparse.Namespace, t_start: float) -> int:
         for i in range(args.repeat):
             log(f"round {i + 1}/{args.repeat}")
             for name in contenders:
-                runs[name].append(run_contender(name, files, header, real_dir, workdir))
+                runs[name].append(run_contender(name, files, header, real_dir, workdir, args.per_file))
     finally:
         if not args.keep:
             shutil.rmtree(real_dir.parent, ignore_errors=True)
@@ -780,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, default=None, metavar="DIR",
                    help="real weekly files transactions_YYYYWW.csv[.gz]: race ours against bare-minimum polars "
                         "and DuckDB on them instead of the generated-data stages")
+    p.add_argument("--per-file", action="store_true",
+                   help="ours ingests with ingest_weekly_file on each file (the path before batching) instead of "
+                        "ingest_weekly_files, to compare the two")
     p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
                    help=f"--real: runs per contender, interleaved (default {DEFAULT_REPEAT})")
     args = p.parse_args(argv)
@@ -797,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         # ---- full size -----------------------------------------------------------------------
         cfg, data_dir, gen = ensure_data(args.rows, workdir)
         manifest = json.loads((data_dir / "ground_truth" / "generator.json").read_text())
-        full = run_prep(f"{gen['rows']:,} rows", gen["files"], run_root / "full", workdir)
+        full = run_prep(f"{gen['rows']:,} rows", gen["files"], run_root / "full", workdir, per_file=args.per_file)
         results["full"] = {"generator": gen, "config": cfg, **full}
 
         # ---- N/4: memory growth ---------------------------------------------------------------
@@ -806,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
             qcfg, qdir, qgen = ensure_data(q_rows, workdir)
             if not args.keep:
                 shutil.rmtree(run_root / "full", ignore_errors=True)  # disk: one run's outputs at a time
-            quarter = run_prep(f"{qgen['rows']:,} rows (N/4)", qgen["files"], run_root / "quarter", workdir)
+            quarter = run_prep(f"{qgen['rows']:,} rows (N/4)", qgen["files"], run_root / "quarter", workdir,
+                               per_file=args.per_file)
             results["quarter"] = {"generator": qgen, "config": qcfg, **quarter}
 
         # ---- pandas reference vs ours on the same files ----------------------------------------
@@ -817,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {pd_res['seconds']:.2f}s (read_csv {pd_res['read_seconds']:.2f}s, row loop "
                 f"{pd_res['loop_seconds']:.2f}s, .iloc per sample {pd_res['iloc_seconds']:.2f}s)")
             ours = run_prep(f"{sub_rows:,} rows (pandas subset)", files, run_root / "subset", workdir,
-                            with_cache=False)
+                            with_cache=False, per_file=args.per_file)
             results["pandas"] = {"reference": pd_res, "ours": ours["raw_to_samples"], "files": len(files)}
     finally:
         if not args.keep:

@@ -146,7 +146,7 @@ def generator_preset(name: str, seed: int | None = None) -> GeneratorConfig:
 
 
 class IngestConfig(BaseModel):
-    """Validation of one weekly file."""
+    """Validation of the weekly files."""
 
     max_quarantine_rate: float = Field(
         0.01, ge=0.0, le=1.0, description="Asset check: share of rows quarantined above which it fails."
@@ -157,6 +157,12 @@ class IngestConfig(BaseModel):
     max_quantity: int = Field(10_000, ge=1, description="Rows with a larger QUANTITY are quarantined.")
     max_unit_spend: float = Field(
         10_000.0, gt=0.0, description="Rows whose SPEND / QUANTITY (pounds per unit) exceeds this are quarantined."
+    )
+    # A published week is ~4 MB of CSV: 64 MB validates ~16 weeks per query (the per-query cost paid once
+    # for them, not 16 times) and bounds the batch's frames to a few hundred MB.
+    batch_mb: float = Field(
+        64.0, gt=0.0, description="Weekly files are validated together in batches of up to this many MB of CSV (a "
+                              "gzip file counts uncompressed); a larger file is ingested alone."
     )
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from retailsim_pipeline.config import DataPaths
 from retailsim_pipeline.prep.ingest import LossyCopyError, ingest_weekly_file, validate_transactions
+from retailsim_pipeline.prep.ingest_batch import ingest_weekly_files
 from retailsim_pipeline.prep.schema import SEGMENT_CODE_ALIASES
 
 REAL = Path(os.environ.get("RETAILSIM_LGSR_REAL", Path(__file__).resolve().parents[2] / "shared" / "lgsr_real"))
@@ -125,6 +127,27 @@ def test_compressed_week_equals_its_csv(tmp_path):
     assert a.output.name == b.output.name == "transactions_200652.parquet"
     assert pl.read_parquet(a.output).equals(pl.read_parquet(b.output))
     assert (a.rows, a.quarantined, a.baskets) == (b.rows, b.quarantined, b.baskets)
+
+
+def test_batched_ingest_equals_per_file_on_published_weeks(tmp_path):
+    """``ingest_weekly_files`` over the five weeks (three compressed, two unpacked, in one batch) and the
+    mangled copy gives, per file, what ``ingest_weekly_file`` gives: the same parquet, quarantine and
+    counts, and for the mangled copy the same refusal, without holding up the others."""
+    files = ([WEEKLY / f"transactions_{w}.csv.gz" for w in FIVE_WEEKS[:3]]
+             + [published_csv(w, tmp_path / "raw") for w in FIVE_WEEKS[3:]] + [MANGLED])
+    batch = list(ingest_weekly_files(files, tmp_path / "batch", tmp_path / "batch_q"))
+    assert [o.source for o in batch] == files
+    for source, outcome in zip(files[:-1], batch):
+        alone = ingest_weekly_file(source, tmp_path / "alone", tmp_path / "alone_q")
+        assert outcome.error is None and outcome.result.segment_codes == alone.segment_codes == "coded"
+        got = outcome.result
+        assert (got.rows, got.quarantined, got.baskets, got.customers, got.reasons) == (
+            alone.rows, alone.quarantined, alone.baskets, alone.customers, alone.reasons)
+        assert_frame_equal(pl.read_parquet(got.output), pl.read_parquet(alone.output))
+        assert_frame_equal(pl.read_parquet(got.quarantine), pl.read_parquet(alone.quarantine))
+    with pytest.raises(LossyCopyError) as info:
+        ingest_weekly_file(MANGLED, tmp_path / "alone", tmp_path / "alone_q")
+    assert isinstance(batch[-1].error, LossyCopyError) and str(batch[-1].error) == str(info.value)
 
 
 def test_published_weeks_through_the_dagster_layer(tmp_path):

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from retailsim_pipeline.defs.metadata import column_schema, counts_table, markdown_table
 from retailsim_pipeline.defs.resources import RetailSimData, writer_lock
 from retailsim_pipeline.defs.settings import IngestSettings
-from retailsim_pipeline.prep.ingest import LgsrFormatError, ingest_weekly_file
+from retailsim_pipeline.prep.ingest import LgsrFormatError
+from retailsim_pipeline.prep.ingest_batch import ingest_weekly_files
 from retailsim_pipeline.prep.files import file_sha256
 from retailsim_pipeline.prep.schema import TRANSACTION_SCHEMA, RawFileError, raw_file_of_week
 
@@ -146,7 +147,8 @@ with warnings.catch_warnings():
 
         One run ingests one week or a range of weeks (a backfill, `retailsim run`): each week is reported as its
         own materialization with its own metadata (rows, quarantine share and reasons, source hash) and its data
-        version, the file's content hash (of the file as stored, compressed or not).
+        version, the file's content hash (of the file as stored, compressed or not). The weeks of a range are
+        validated together in batches (up to `batch_mb` of CSV), with per week the same outputs as alone.
 
         Rows that break the contract (unparsable number, missing field, quantity ≤ 0, unknown code,
         malformed id, impossible date, a BASKET_ID shared by different stores/dates/customers) go to
@@ -162,16 +164,25 @@ with warnings.catch_warnings():
         errors: list[tuple[str, Exception]] = []
         checked, worst, quarantined = 0, 0.0, 0
         with writer_lock(context, retailsim_data):  # one writer per data folder
-            for key in tqdm(weeks, desc="raw_transactions", unit="week", disable=not config.progress or len(weeks) < 2):
+            found = []  # (week, file, its stat and hash as stored, taken before it is read)
+            for key in weeks:
                 try:
                     source = raw_file_of_week(paths.raw, int(key))
-                    stat = source.stat()
-                    sha = file_sha256(source)
-                    result = ingest_weekly_file(source, paths.transactions, paths.quarantine, limits=config)
-                except (LgsrFormatError, RawFileError, OSError) as exc:  # LossyCopyError is an LgsrFormatError
+                    found.append((key, source, source.stat(), file_sha256(source)))
+                except (LgsrFormatError, RawFileError, OSError) as exc:
                     context.log.error(f"week {key}: {exc}")
                     errors.append((key, exc))
+            # The weeks are validated in batches (IngestSettings.batch_mb), each written as its own partition.
+            outcomes = ingest_weekly_files([source for _, source, _, _ in found], paths.transactions,
+                                           paths.quarantine, limits=config)
+            progress = tqdm(zip(found, outcomes), total=len(found), desc="raw_transactions", unit="week",
+                            disable=not config.progress or len(found) < 2)
+            for (key, source, stat, sha), outcome in progress:
+                if outcome.error is not None:  # LossyCopyError is an LgsrFormatError
+                    context.log.error(f"week {key}: {outcome.error}")
+                    errors.append((key, outcome.error))
                     continue
+                result = outcome.result
                 passed = result.quarantine_rate <= config.max_quarantine_rate and result.rows > 0
                 top = list(result.reasons.items())[:3]
                 checked, quarantined = checked + 1, quarantined + result.quarantined
@@ -193,6 +204,7 @@ with warnings.catch_warnings():
                       "quarantined": quarantined, "weeks_checked": checked, "weeks_failed": len(problems)},
             description="; ".join(problems) or None,
         )
+        errors.sort(key=lambda error: weeks.index(error[0]))  # in week order, however each was found
         if len(errors) == 1:
             raise errors[0][1]
         if errors:

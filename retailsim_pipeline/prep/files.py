@@ -34,6 +34,18 @@ def write_parquet_atomic(df: "pl.DataFrame", path: Path, statistics: bool = True
         tmp.unlink(missing_ok=True)
 
 
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 LOCK_NAME = ".retailsim.lock"
 
 

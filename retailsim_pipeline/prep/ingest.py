@@ -27,8 +27,13 @@ small polars queries: checks run on *distinct* values where they can (ids, codes
 and the reason for a failing row is worked out for failing rows only.
 
 Outputs are written to a temporary name and renamed, so a failure never leaves a half-written file.
+
+Many files at once (a range of weeks): :func:`retailsim_pipeline.prep.ingest_batch.ingest_weekly_files`
+validates them in batches and gives, per file, what :func:`ingest_weekly_file` gives.
 """
 
+import functools
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ from retailsim_pipeline.config import IngestConfig
 from retailsim_pipeline.prep.basket_consistency import BASKET_KEYS, basket_conflicts, basket_spread
 from retailsim_pipeline.prep.card_fields import normalise_card_fields
 from retailsim_pipeline.prep.errors import LgsrFormatError, LossyCopyError
-from retailsim_pipeline.prep.files import write_parquet_atomic
+from retailsim_pipeline.prep.files import write_bytes_atomic, write_parquet_atomic
 from retailsim_pipeline.prep.lossy import check_lossy_ids
 from retailsim_pipeline.prep.reading import LINE_COL, read_header, tolerant_read, typed_read
 from retailsim_pipeline.prep.rules import (
@@ -124,10 +129,10 @@ def validate_transactions(path: Path, limits: IngestConfig | None = None) -> tup
 
 
 #: A file whose rows mostly name another week than its file name is refused as a whole.
-_MISNAMED_SHARE = 0.5
+MISNAMED_SHARE = 0.5
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     """Refuse, before reading it, what must never be read: links, non-files, impossible week names."""
     if path.is_symlink() or not path.is_file():
         raise LgsrFormatError(unsafe_file_message(path))
@@ -143,7 +148,7 @@ def _check_week_matches_name(df: pl.DataFrame, path: Path, week: int | None) -> 
     if week is None or df.is_empty():
         return
     other = df.filter(pl.col("SHOP_WEEK").is_not_null() & (pl.col("SHOP_WEEK") != week))
-    if len(other) > _MISNAMED_SHARE * len(df):
+    if len(other) > MISNAMED_SHARE * len(df):
         common = other.get_column("SHOP_WEEK").mode().sort().to_list()
         raise LgsrFormatError(
             f"{path}: the file name says week {week} but {len(other):,} of {len(df):,} rows say another week "
@@ -152,7 +157,7 @@ def _check_week_matches_name(df: pl.DataFrame, path: Path, week: int | None) -> 
 
 
 def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFrame, str | None]:
-    _check_file(path)
+    check_file(path)
     header = read_header(path)
     week = week_of_file(path.name)
     try:
@@ -170,6 +175,22 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
     _check_week_matches_name(df, path, week)
     n_lines = len(df)
 
+    accepted, bad = sort_rows(df, week, limits)
+    if len(accepted) + len(bad) != n_lines:  # row accounting: every line lands or is quarantined
+        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + {len(bad)} rejected")
+    return accepted.select(LGSR_COLUMNS), quarantine_rows(bad, path.name, raw_available), family
+
+
+def sort_rows(df: pl.DataFrame, week: int | pl.Expr | None, limits: IngestConfig,
+              by: tuple[str, ...] = (), spread: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split the working frame into accepted rows (in file order) and rejected rows, each rejected row
+    with its first failing rule in the reason columns (ordered by ``by`` and line).
+
+    ``by`` names the columns that tell files apart when rows of several files are checked together
+    (baskets are then grouped per file too); ``week`` is then an expression (see :func:`row_rules`).
+    ``spread``: :func:`basket_spread` of every row of ``df`` (by ``by``), when the caller has it.
+    Both frames keep the working frame's columns.
+    """
     rules = row_rules(week, limits)
     # The cheap mask runs on every row; *which* rule failed is worked out for failing rows only.
     bad_mask = (
@@ -177,44 +198,68 @@ def _validate(path: Path, limits: IngestConfig) -> tuple[pl.DataFrame, pl.DataFr
         | suspects(df)
         | pl.col(REASON_COL).is_not_null()
     )
-    marked = df.lazy().with_columns(bad_mask.alias("__bad"))
-    good = marked.filter(~pl.col("__bad"))
-    # One query (the marking shared): accepted rows, rejected rows, and each basket's spread.
-    accepted, bad, spread = pl.collect_all([good, marked.filter(pl.col("__bad")), basket_spread(good)])
-    conflicts = basket_conflicts(spread)
+    # One query for the common case (no row breaks a rule): is any row bad? and each basket's spread,
+    # which is then the accepted rows' spread; the frame is kept as it is, not copied by a filter.
+    if spread is None:
+        any_bad, spread = pl.collect_all([df.lazy().select(bad_mask.any()), basket_spread(df.lazy(), by)])
+    else:
+        any_bad = df.select(bad_mask.any())
+    if any_bad.item():
+        marked = df.lazy().with_columns(bad_mask.alias("__bad"))
+        good = marked.filter(~pl.col("__bad")).drop("__bad")
+        accepted, bad, spread = pl.collect_all([good, marked.filter(pl.col("__bad")).drop("__bad"),
+                                                basket_spread(good, by)])
+    else:
+        accepted, bad = df, df.clear()
+    conflicts = basket_conflicts(spread, by)
     if not conflicts.is_empty():
-        split = accepted.join(conflicts, on="BASKET_ID", how="left", maintain_order="left")
+        split = accepted.join(conflicts, on=[*by, "BASKET_ID"], how="left", maintain_order="left")
         accepted = split.filter(pl.col("__conflict").is_null()).drop("__conflict", "__conflict_col")
         moved = split.filter(pl.col("__conflict").is_not_null()).with_columns(
             pl.col("__conflict").alias(REASON_COL), pl.col("__conflict_col").alias(COLUMN_COL),
             pl.coalesce(pl.when(pl.col("__conflict_col") == c).then(pl.col(c).cast(pl.String))
                         for c in BASKET_KEYS).alias(VALUE_COL),
         ).drop("__conflict", "__conflict_col")
-        bad = pl.concat([bad, moved.select(bad.columns)]).sort(LINE_COL)
-    if len(accepted) + len(bad) != n_lines:  # row accounting: every line lands or is quarantined
-        raise AssertionError(f"{path}: {n_lines} lines read but {len(accepted)} accepted + {len(bad)} rejected")
-    accepted = accepted.select(LGSR_COLUMNS)
+        bad = pl.concat([bad, moved.select(bad.columns)]).sort(*by, LINE_COL)
     if bad.is_empty():
-        return accepted, pl.DataFrame(schema=QUARANTINE_SCHEMA), family
+        return accepted, bad
     all_rules = rules + date_rules() + id_rules()
     bad = bad.with_columns(
         # A row already rejected while parsing keeps that reason.
         *[pl.when(pl.col(REASON_COL).is_null()).then(new).otherwise(pl.col(name)).alias(name)
           for new, name in zip(first_failure(all_rules), (REASON_COL, COLUMN_COL, VALUE_COL))]
     )
+    return accepted, bad
+
+
+def quarantine_rows(bad: pl.DataFrame, source_name: str, raw_available: bool) -> pl.DataFrame:
+    """The quarantine file's rows (:data:`QUARANTINE_SCHEMA`) for one file's rejected rows.
+
+    ``raw_available``: the tolerant read kept each line's text; otherwise the raw line is rebuilt
+    from the typed fields.
+    """
+    if bad.is_empty():
+        return pl.DataFrame(schema=QUARANTINE_SCHEMA)
     raw_line = (
         pl.col("__raw") if raw_available
         else pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in LGSR_COLUMNS], separator=",")
     )
-    quarantined = bad.select(
-        pl.lit(path.name).alias("source_file"),
+    return bad.select(
+        pl.lit(source_name).alias("source_file"),
         pl.col(LINE_COL).alias("line_number"),
         pl.col(COLUMN_COL).alias("column"),
         pl.col(REASON_COL).alias("reason"),
         pl.col(VALUE_COL).alias("value"),
         raw_line.alias("raw_line"),
     )
-    return accepted, quarantined, family
+
+
+@functools.cache
+def _empty_quarantine_parquet() -> bytes:
+    """An empty quarantine file, as :func:`write_parquet_atomic` writes it."""
+    buffer = io.BytesIO()
+    pl.DataFrame(schema=QUARANTINE_SCHEMA).write_parquet(buffer, compression="lz4", statistics=False)
+    return buffer.getvalue()
 
 
 def transactions_output_path(out_dir: Path, source: Path) -> Path:
@@ -233,16 +278,26 @@ def ingest_weekly_file(
     """
     source = Path(source)
     accepted, quarantined, family = _validate(source, limits or IngestConfig())
+    return write_outputs(source, accepted, quarantined, family, out_dir, quarantine_dir)
+
+
+def write_outputs(source: Path, accepted: pl.DataFrame, quarantined: pl.DataFrame, family: str | None,
+                  out_dir: Path, quarantine_dir: Path) -> IngestResult:
+    """Write one file's accepted rows and quarantine, each atomically (quarantine first), and count them."""
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
     # Weekly files are always read whole: no column statistics to write.
-    write_parquet_atomic(quarantined, quarantine, statistics=False)
+    if quarantined.is_empty():  # the common case: the same bytes every time, made once
+        write_bytes_atomic(_empty_quarantine_parquet(), quarantine)
+    else:
+        write_parquet_atomic(quarantined, quarantine, statistics=False)
     write_parquet_atomic(accepted, output, statistics=False)
     counts = accepted.select(
         pl.col("BASKET_ID").n_unique().alias("baskets"),
         pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers"),
     ).row(0, named=True)
-    reasons = dict(quarantined.group_by("reason").len().sort("len", descending=True).iter_rows())
+    reasons = {} if quarantined.is_empty() else dict(
+        quarantined.group_by("reason").len().sort("len", descending=True).iter_rows())
     if len(quarantined):
         log.warning("%s: quarantined %d of %d rows (%s)", source.name, len(quarantined),
                     len(quarantined) + len(accepted), ", ".join(f"{k}: {v}" for k, v in reasons.items()))

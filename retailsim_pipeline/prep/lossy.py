@@ -37,15 +37,42 @@ def lossy_error(path: Path, column: str, rows: pl.Series, lines: pl.Series, what
     )
 
 
+def id_texts(columns: list[str]) -> dict[str, pl.Expr]:
+    """The text of each id column that can hold scientific notation, given the working frame's columns."""
+    texts = {c: pl.col(c) for c in ID_COLUMNS if c != "BASKET_ID"}
+    if RAW_BASKET_ID in columns:  # the tolerant path kept BASKET_ID's text
+        texts["BASKET_ID"] = pl.col(RAW_BASKET_ID).str.strip_chars('"')
+    return texts
+
+
+def scientific_columns(df: pl.DataFrame) -> list[str]:
+    """The id columns holding any value in scientific notation (each *distinct* value checked once)."""
+    texts = id_texts(df.columns)
+    found = df.select(distinct_text(t).str.contains(_SCIENTIFIC).any().alias(c) for c, t in texts.items())
+    return [c for c, hit in found.row(0, named=True).items() if hit]
+
+
+def scientific_rows(column: str, columns: list[str]) -> pl.Expr:
+    """Rows whose ``column`` text is in scientific notation (never null)."""
+    return id_texts(columns)[column].cast(pl.String).str.contains(_SCIENTIFIC).fill_null(False)
+
+
+def ids_look_rounded(total: int, distinct: int, n_round: int) -> bool:
+    """Whether a file's BASKET_IDs break a rounding rule: ``total`` rows, ``distinct`` non-null ids,
+    ``n_round`` of them ending in six or more zeros (files under 500 rows are not judged)."""
+    if total < _MIN_ROWS_FOR_ROUNDING_RULES or not distinct:
+        return False
+    # One real id in a million ends in six zeros; rounding makes (nearly) every one do so.
+    return n_round / distinct >= 0.5 or total / distinct > MAX_MEAN_LINES_PER_BASKET
+
+
 def check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
     """Refuse a copy whose ids were mangled (scientific notation, rounding); see the module doc."""
     total = len(df)
     if total == 0:
         return
     min_rows = max(1, int(LOSSY_MIN_SHARE * total))
-    texts = {c: pl.col(c) for c in ID_COLUMNS if c != "BASKET_ID"}
-    if RAW_BASKET_ID in df.columns:  # the tolerant path kept BASKET_ID's text
-        texts["BASKET_ID"] = pl.col(RAW_BASKET_ID).str.strip_chars('"')
+    texts = id_texts(df.columns)
     distinct_ids = pl.col("BASKET_ID").drop_nulls().unique()
     # One query for the common case (a clean file): any scientific notation? how round are the ids?
     stats = df.select(
@@ -54,14 +81,13 @@ def check_lossy_ids(df: pl.DataFrame, path: Path) -> None:
     ).row(0, named=True)
     for column, text in texts.items():
         if stats[column]:
-            hit = df.filter(text.cast(pl.String).str.contains(_SCIENTIFIC).fill_null(False))
+            hit = df.filter(scientific_rows(column, df.columns))
             if len(hit) >= min_rows:
                 raise lossy_error(path, column, hit.select(text.cast(pl.String)).to_series(), hit.get_column(LINE_COL),
                                   "hold numbers in scientific notation (a spreadsheet rounded them)", total)
-    if total < _MIN_ROWS_FOR_ROUNDING_RULES or not stats["__distinct"]:
-        return
     distinct, n_round = stats["__distinct"], stats["__round"]
-    # One real id in a million ends in six zeros; rounding makes (nearly) every one do so.
+    if not ids_look_rounded(total, distinct, n_round):
+        return
     if n_round / distinct >= 0.5:
         rounded = df.filter((pl.col("BASKET_ID") % 1_000_000 == 0).fill_null(False))
         raise lossy_error(path, "BASKET_ID", rounded.get_column("BASKET_ID"), rounded.get_column(LINE_COL),

@@ -77,6 +77,30 @@ def read_header(path: Path) -> list[str]:
     return names
 
 
+def _read_schema(header: list[str], card_type: pl.DataType = pl.String()) -> dict[str, pl.DataType]:
+    """The strict read's column types, in the file's column order (card fields as ``card_type``)."""
+    return {name: card_type if name in CARD_COLUMNS else TRANSACTION_SCHEMA.get(name, pl.String())
+            for name in header}
+
+
+def _working_columns() -> list[pl.Expr]:
+    """The working frame's columns out of a strict read: line, the 22 LGSR columns, empty reasons."""
+    return [pl.col(LINE_COL).cast(pl.Int64), *[pl.col(c) for c in LGSR_COLUMNS],
+            pl.lit(None, pl.String).alias(REASON_COL), pl.lit(None, pl.String).alias(COLUMN_COL),
+            pl.lit(None, pl.String).alias(VALUE_COL)]
+
+
+def typed_scan(path: Path, header: list[str]) -> pl.LazyFrame:
+    """:func:`typed_read` as a lazy scan, so that many files are read in one query by concatenating
+    their scans. Same parser and options, two differences: no short-line flag (the caller checks
+    the file's last column, ``header[-1]``, for nulls as :func:`typed_read` does), and the card
+    fields come as ``Categorical`` rather than text (the same values, ``""`` included), so that their
+    distinct values per file, and their typing, cost a pass over small integers.
+    """
+    return pl.scan_csv(path, has_header=True, new_columns=header, schema=_read_schema(header, pl.Categorical()),
+                       encoding="utf8", row_index_name=LINE_COL, row_index_offset=2).select(_working_columns())
+
+
 def typed_read(path: Path, header: list[str]) -> tuple[pl.DataFrame, bool]:
     """Strict typed read and whether any line may be short.
 
@@ -85,15 +109,10 @@ def typed_read(path: Path, header: list[str]) -> tuple[pl.DataFrame, bool]:
     empty, so any empty last field is reported and the caller takes the slow path, which counts
     every line's fields.
     """
-    schema = {name: pl.String() if name in CARD_COLUMNS else TRANSACTION_SCHEMA.get(name, pl.String())
-              for name in header}
-    frame = pl.read_csv(path, has_header=True, new_columns=header, schema=schema, encoding="utf8",
+    frame = pl.read_csv(path, has_header=True, new_columns=header, schema=_read_schema(header), encoding="utf8",
                         row_index_name=LINE_COL, row_index_offset=2)
     maybe_short = frame.get_column(header[-1]).has_nulls()
-    return frame.select(
-        pl.col(LINE_COL).cast(pl.Int64), *LGSR_COLUMNS, pl.lit(None, pl.String).alias(REASON_COL),
-        pl.lit(None, pl.String).alias(COLUMN_COL), pl.lit(None, pl.String).alias(VALUE_COL),
-    ), maybe_short
+    return frame.select(_working_columns()), maybe_short
 
 
 def tolerant_read(path: Path, header: list[str]) -> pl.DataFrame:

@@ -37,25 +37,26 @@ COLUMN_COL = "__column"
 VALUE_COL = "__value"
 
 
-Rule = tuple[pl.Expr, str, str | None, pl.Expr | None]
+Rule = tuple[pl.Expr, str | pl.Expr, str | None, pl.Expr | None]
 
 
 def first_failure(rules: list[Rule]) -> list[pl.Expr]:
     """Expressions for the first failing rule's reason, column and offending value (in rule order).
 
-    Each rule is ``(failing condition, reason, column or None, value expression or None)``.
+    Each rule is ``(failing condition, reason, column or None, value expression or None)``; the
+    reason is a text, or a text expression where it depends on the row's file (its week).
     """
     def first(pick) -> pl.Expr:
         return pl.coalesce([pl.when(r[0]).then(pick(r)) for r in rules])
 
     return [
-        first(lambda r: pl.lit(r[1])).alias(REASON_COL),
+        first(lambda r: r[1] if isinstance(r[1], pl.Expr) else pl.lit(r[1])).alias(REASON_COL),
         first(lambda r: pl.lit(r[2], pl.String)).alias(COLUMN_COL),
         first(lambda r: r[3] if r[3] is not None else pl.lit(None, pl.String)).alias(VALUE_COL),
     ]
 
 
-def rule(cond: pl.Expr, reason: str, column: str | None) -> Rule:
+def rule(cond: pl.Expr, reason: str | pl.Expr, column: str | None) -> Rule:
     return cond, reason, column, (pl.col(column).cast(pl.String) if column else None)
 
 
@@ -79,8 +80,12 @@ def _days_from_civil(y: pl.Expr, m: pl.Expr, d: pl.Expr) -> pl.Expr:
     return era * 146097 + doe - 719468
 
 
-def row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
-    """Cheap per-row rules, in the order a failure is reported."""
+def row_rules(week: int | pl.Expr | None, limits: IngestConfig) -> list[Rule]:
+    """Cheap per-row rules, in the order a failure is reported.
+
+    ``week``: the file's week (None: the file name names none), or an expression giving each row
+    its file's week (null: none) when rows of several files are checked together.
+    """
     rules = [rule(pl.col(c).is_null(), f"missing field {c}", c) for c in LGSR_COLUMNS if c not in NULLABLE_COLUMNS]
     rules += [
         rule(pl.col("QUANTITY") <= 0, "QUANTITY must be > 0", "QUANTITY"),
@@ -99,7 +104,10 @@ def row_rules(week: int | None, limits: IngestConfig) -> list[Rule]:
              & (pl.col("CUST_PRICE_SENSITIVITY").is_not_null() | pl.col("CUST_LIFESTAGE").is_not_null()),
              "customer segment without CUST_CODE", "CUST_CODE"),
     ]
-    if week is not None:
+    if isinstance(week, pl.Expr):
+        rules.append(rule(pl.col("SHOP_WEEK") != week, pl.format("SHOP_WEEK differs from the file's week {}", week),
+                          "SHOP_WEEK"))
+    elif week is not None:
         rules.append(rule(pl.col("SHOP_WEEK") != week, f"SHOP_WEEK differs from the file's week {week}",
                           "SHOP_WEEK"))
     return rules
@@ -134,10 +142,14 @@ def id_rules() -> list[Rule]:
     ]
 
 
+# A (week, date, weekday) triple as one integer, week·10⁹ + date·10 + weekday: one-to-one only while
+# the date has at most eight digits and the weekday one (weekday 14 on the 11th would otherwise read
+# as weekday 4 on the 12th); a triple outside that range is a suspect by itself.
 _DATE_KEY = (
     pl.col("SHOP_WEEK").cast(pl.Int64) * 1_000_000_000 + pl.col("SHOP_DATE").cast(pl.Int64) * 10
     + pl.col("SHOP_WEEKDAY").cast(pl.Int64)
 )
+_KEYED = pl.col("SHOP_DATE").is_between(0, 99_999_999) & pl.col("SHOP_WEEKDAY").is_between(0, 9)
 
 
 def distinct_text(column: str | pl.Expr) -> pl.Expr:
@@ -157,20 +169,20 @@ def suspects(df: pl.DataFrame) -> pl.Expr:
     found = df.select(
         *[distinct_text(c).filter(~distinct_text(c).str.contains(p)).implode().alias(c)
           for c, p in ID_PATTERNS.items()],
-        pl.struct("SHOP_WEEK", "SHOP_DATE", "SHOP_WEEKDAY").unique().drop_nulls().implode().alias("__calendar"),
+        _DATE_KEY.filter(_KEYED).drop_nulls().unique().implode().alias("__calendar"),
+        (~_KEYED).fill_null(False).any().alias("__unkeyed"),
     ).row(0, named=True)
     suspect = pl.lit(False)
     for col in ID_PATTERNS:
         if found[col]:
             suspect = suspect | pl.col(col).cast(pl.String).is_in(found[col]).fill_null(False)
     # A handful of distinct triples: plain Python is faster than planning the polars calendar rules.
-    bad_keys = [
-        t["SHOP_WEEK"] * 1_000_000_000 + t["SHOP_DATE"] * 10 + t["SHOP_WEEKDAY"]
-        for t in found["__calendar"]
-        if None not in t.values() and not _calendar_ok(t["SHOP_WEEK"], t["SHOP_DATE"], t["SHOP_WEEKDAY"])
-    ]
+    bad_keys = [key for key in found["__calendar"]
+                if not _calendar_ok(key // 1_000_000_000, key % 1_000_000_000 // 10, key % 10)]
     if bad_keys:
         suspect = suspect | _DATE_KEY.is_in(bad_keys).fill_null(False)
+    if found["__unkeyed"]:
+        suspect = suspect | (~_KEYED).fill_null(False)
     return suspect
 
 

@@ -52,9 +52,9 @@ def _hold(module: str, name: str, at_call: int = 1) -> str:
     )
 
 
-#: In the middle of a partition run (the 4th week's ingest), and with the cache's temporary folder
-#: complete but not yet renamed.
-HOLD = {"ingest": _hold("retailsim_pipeline.defs.ingest_assets", "ingest_weekly_file", at_call=4),
+#: In the middle of a partition run (the 4th week's outputs, once the batch of weeks was validated), and
+#: with the cache's temporary folder complete but not yet renamed.
+HOLD = {"ingest": _hold("retailsim_pipeline.prep.ingest_batch", "write_outputs", at_call=4),
         "cache": _hold("retailsim_pipeline.prep.cache_build", "_publish")}
 
 

@@ -305,6 +305,43 @@ def test_every_absurd_value_in_one_file_each_with_its_own_reason(week_copy, want
     assert got.equals(without_lines(want, targets))
 
 
+@pytest.mark.parametrize("typo", ["weekday_plus_10", "weekday_minus_10", "nine_digit_date"])
+def test_a_calendar_typo_quarantines_its_own_line_only(week_copy, want, tmp_path, typo):
+    """A line whose (week, date, weekday) is out of range must not take other lines with it. The
+    distinct-triple check once keyed triples as week·10⁹ + date·10 + weekday, so weekday 14 on a
+    Tuesday read as weekday 4 on the Wednesday (and a nine-digit date of the week before as a date of
+    this week): every line of that day was quarantined, without a reason."""
+    lines = read_lines(week_copy)
+    weekday_of = {field(line, "SHOP_DATE"): int(field(line, "SHOP_WEEKDAY")) for line in lines[1:]}
+    tuesday, wednesday, thursday = sorted(weekday_of)[1:4]
+
+    def first_line_on(day: str) -> int:
+        return next(k for k in range(1, len(lines)) if field(lines[k], "SHOP_DATE") == day)
+
+    victims = [k for k in range(1, len(lines)) if field(lines[k], "SHOP_DATE") == wednesday]
+    weekday_rule = ("SHOP_WEEKDAY", "SHOP_WEEKDAY must be 1..7 (1 = Sunday)")
+    if typo == "weekday_plus_10":  # on the Tuesday, the Wednesday's weekday + 10
+        i = first_line_on(tuesday)
+        lines[i] = set_fields(lines[i], SHOP_WEEKDAY=str(weekday_of[wednesday] + 10))
+        expected = (i + 1, *weekday_rule)
+    elif typo == "weekday_minus_10":  # on the Thursday, the Wednesday's weekday - 10
+        i = first_line_on(thursday)
+        lines[i] = set_fields(lines[i], SHOP_WEEKDAY=str(weekday_of[wednesday] - 10))
+        expected = (i + 1, *weekday_rule)
+    else:  # a line of the week before dated the Wednesday + 10⁸
+        i = first_line_on(tuesday)
+        lines[i] = set_fields(lines[i], SHOP_WEEK=str(WEEK - 1), SHOP_DATE=str(int(wednesday) + 10 ** 8),
+                              SHOP_WEEKDAY=str(weekday_of[wednesday]))
+        expected = (i + 1, "SHOP_WEEK", f"SHOP_WEEK differs from the file's week {WEEK}")
+    assert victims and i not in victims
+    write_lines(week_copy, lines)
+
+    result, got, got_q = ingest(week_copy, tmp_path)
+
+    assert q_entries(got_q, with_value=False) == [expected]
+    assert got.equals(without_lines(want, [i]))
+
+
 @pytest.mark.parametrize(("column", "at", "above"), [("QUANTITY", "10000", "10001"),
                                                      ("SPEND", "10000.00", "10000.01")])
 def test_default_ceilings_are_inclusive(week_copy, want, tmp_path, column, at, above):
