@@ -96,8 +96,8 @@ def tensor_cache(
     UNK, then products by train frequency), product embeddings [V, 256] (PPMI-SVD of basket
     co-occurrence + hierarchy codes), price normalisers, product neighbours [V, 100], customer profile
     [C, 32], store [S, 96]. Per sample and split: temporal (64) and trip (48) context, the
-    point-in-time memory (the customer's 32 most bought products strictly before the basket, any split;
-    the trip context's history likewise), and basket-token CSR arrays.
+    point-in-time memory (the 32 products of the customer's earlier baskets, any split, with the
+    largest decayed share; the trip context's history likewise), and basket-token CSR arrays.
 
     A content-addressed folder `cache/<key>/` with `manifest.json`, built under a temporary name and
     renamed; an unchanged input reuses the existing folder. Loaded memory-mapped by `TensorCache.open`.

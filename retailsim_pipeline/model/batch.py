@@ -23,7 +23,7 @@ class Batch:
                                    trip 48
     labels          [B, 4] int64   class ids of basket_size, price_sensitivity, mission_type, mission_focus
     index           [B] int64      row of each basket in its split (joins back to basket ids)
-    history_tokens  [B, K] int64   the point-in-time memory: the customer's most bought products strictly
+    history_tokens  [B, K] int64   the point-in-time memory: the products of the customer's baskets strictly
                                    before this basket, in any split (PAD-filled; None if not given)
     history_counts  [B, K] f32     their line counts before this basket (0 at PAD; nothing of the basket
                                    itself, in any split)

@@ -92,7 +92,7 @@ class WorldModel(nn.Module):
        output over real positions ‖ fused context [B, 2D] → Linear(2D, D) → GELU → Linear(D, n_classes).
     6. **Two paths beside the head** (added to the product logits, gated per basket by the fused context):
        the *copy path* (:meth:`_add_history`) raises the products of the customer's point-in-time memory
-       (their most bought products strictly before the basket) by log-count, share and presence; the
+       (their products of largest decayed share strictly before the basket) by log-count, share and presence; the
        *co-occurrence path* (:meth:`_add_cooccurrence`) raises the visible products' most co-occurring
        products. Together they contain the blend baseline (personal share + weight × co-occurrence), so the
        network only has to learn what the blend cannot: when a shopper explores, which staple this trip
@@ -185,7 +185,7 @@ class WorldModel(nn.Module):
         self.product_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, V))
         self.aux_heads = nn.ModuleDict({name: AuxHead(2 * D, D, AUX_CLASSES[name], config.dropout)
                                         for name in AUX_HEADS})
-        # Copy path to the customer's own most bought products before the basket (see _add_history): three
+        # Copy path to the customer's own products bought before the basket (see _add_history): three
         # gates per basket; co-occurrence path to the visible products' neighbours (_add_cooccurrence): one.
         self.history_gate = nn.Linear(D, 3)
         self.cooccurrence_gate = nn.Linear(D, 1)
@@ -339,7 +339,7 @@ class WorldModel(nn.Module):
         """[B, K, N_SLOT_FEATURES] float32 features of each memory slot, all bounded:
 
         log(1 + count), share of the memory, re-buy rate count / past baskets (≤ 1) and its log (≥ −5),
-        log(1 + past baskets) / 5, the slot's rank in the memory (0 = most bought; ties: the more recent),
+        log(1 + past baskets) / 5, the slot's rank in the memory (0 = the largest decayed share),
         the slot's co-occurrence with the visible products (the co-occurrence path's score), presence;
         then recency: log(1 + baskets since the last purchase) / 5 and [bought in the previous basket];
         and the decayed share (TIFU-KNN's personal score) and its log, shifted to [0, 1] ((log + 7) / 7).

@@ -33,11 +33,11 @@ stores.parquet                        S - 1 rows          store_code → row
 <split>/customer_index.npy            [N] int32           row of customer_context
 <split>/customer_key.npy              [N] int32           the customer over every split (0 = anonymous)
 <split>/past_baskets.npy              [N] int32           the customer's baskets before this one
-<split>/history_tokens.npy,           [N, 32] int32,      the customer's most bought products before
-<split>/history_counts.npy,           [N, 32] uint16,     this basket, their line counts, baskets since
-<split>/history_recency.npy,          [N, 32] uint16,     each was last bought, and decayed share of
-<split>/history_decayed.npy           [N, 32] float16     the earlier baskets holding it (:mod:`~.history`:
-                                                          the point-in-time memory)
+<split>/history_tokens.npy,           [N, 32] int32,      the 32 products of the customer's baskets
+<split>/history_counts.npy,           [N, 32] uint16,     before this one with the largest decayed share
+<split>/history_recency.npy,          [N, 32] uint16,     of those baskets, their line counts, baskets
+<split>/history_decayed.npy           [N, 32] float16     since each was last bought, and that share
+                                                          (:mod:`~.history`: the point-in-time memory)
 <split>/store_index.npy               [N] int32           row of store_context
 <split>/temporal.npy                  [N, 64] float16     :func:`~.features.temporal_features`
 <split>/trip.npy                      [N, 48] float16     :func:`~.features.trip_features`

@@ -29,8 +29,8 @@ Contract
 * **Context.** history_vector(memory) | customer_context[customer] | temporal | store_context[store] |
   trip → [B, 400] float32 (``cache.widths["context"]``): the first part is the mean product embedding
   of the sample's point-in-time memory (:func:`~retailsim_pipeline.prep.features.history_vector`).
-* **Memory.** ``history_tokens`` / ``history_counts`` [B, K]: the customer's most bought products
-  strictly before the basket (:mod:`~retailsim_pipeline.prep.history`), read as stored: nothing of the
+* **Memory.** ``history_tokens`` / ``history_counts`` [B, K]: the customer's products (largest decayed share
+  first) strictly before the basket (:mod:`~retailsim_pipeline.prep.history`), read as stored: nothing of the
   basket itself is in them, in any split; ``history_past`` [B]: how many baskets they come from; ``history_recency`` /
   ``history_decayed`` [B, K]: baskets since each was last bought, its decayed share of the earlier baskets.
 

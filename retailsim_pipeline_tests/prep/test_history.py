@@ -58,7 +58,7 @@ def _brute_memory(b: SimpleNamespace, k: int, decay: float = 0.97) -> tuple[np.n
             for t in {t for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist() if t >= N_SPECIAL}:
                 held[t] = held.get(t, 0.0) + decay ** age
         total = sum(decay ** age for age in range(len(earlier)))
-        top = sorted(count, key=lambda t: (-count[t], -last[t], t))[:k]
+        top = sorted(count, key=lambda t: (-held[t], -count[t], -last[t], t))[:k]
         out_tokens[i, :len(top)] = top
         out_counts[i, :len(top)] = [count[t] for t in top]
         out_recency[i, :len(top)] = [int(b.past_baskets[i]) - 1 - last[t] for t in top]
