@@ -31,7 +31,6 @@ Memory: a batch holds at most ``IngestConfig.batch_mb`` of CSV (a gzip file coun
 
 import logging
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +67,6 @@ log = logging.getLogger(__name__)
 #: Batch columns: the row's file (its index in the batch) and that file's week (null: none in its name).
 FILE_COL = "__file"
 WEEK_COL = "__file_week"
-#: Threads writing a batch's outputs (two parquet files per week).
-WRITE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -244,30 +241,21 @@ def _ingest_batch(sources: list[Path], header: list[str], out_dir: Path, quarant
         raise AssertionError(f"batch of {sources[0]} …: rows left file order")
     n_accepted = dict(accepted.group_by(FILE_COL).len().iter_rows())
     n_bad = dict(bad.group_by(FILE_COL).len().iter_rows())
-
-    def write(source: Path, rows: pl.DataFrame, rejected: pl.DataFrame, family: str | None) -> IngestOutcome:
+    at_accepted = at_bad = 0
+    for i, source in enumerate(sources):
+        if i in alone:
+            yield _alone(source, out_dir, quarantine_dir, limits)
+            continue
+        a, b = n_accepted.get(i, 0), n_bad.get(i, 0)
+        if a + b != stats[i]["rows"]:  # row accounting: every line lands or is quarantined
+            raise AssertionError(f"{source}: {stats[i]['rows']} lines read but {a} accepted + {b} rejected")
+        rows, rejected = accepted.slice(at_accepted, a), bad.slice(at_bad, b)
+        at_accepted, at_bad = at_accepted + a, at_bad + b
         try:
-            return IngestOutcome(source, result=write_outputs(
+            outcome = IngestOutcome(source, result=write_outputs(
                 source, rows.select(LGSR_COLUMNS), quarantine_rows(rejected, source.name, raw_available=False),
-                family, out_dir, quarantine_dir,
+                families[i], out_dir, quarantine_dir,
             ))
         except OSError as exc:  # this file's outputs could not be written; the others still are
-            return IngestOutcome(source, error=exc)
-
-    # The writes (polars releases the GIL while it encodes and writes) run on WRITE_THREADS threads;
-    # outcomes are yielded in file order.
-    at_accepted = at_bad = 0
-    with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="ingest-write") as pool:
-        pending: list[Future | None] = []
-        for i, source in enumerate(sources):
-            if i in alone:
-                pending.append(None)
-                continue
-            a, b = n_accepted.get(i, 0), n_bad.get(i, 0)
-            if a + b != stats[i]["rows"]:  # row accounting: every line lands or is quarantined
-                raise AssertionError(f"{source}: {stats[i]['rows']} lines read but {a} accepted + {b} rejected")
-            rows, rejected = accepted.slice(at_accepted, a), bad.slice(at_bad, b)
-            at_accepted, at_bad = at_accepted + a, at_bad + b
-            pending.append(pool.submit(write, source, rows, rejected, families[i]))
-        for source, future in zip(sources, pending):
-            yield _alone(source, out_dir, quarantine_dir, limits) if future is None else future.result()
+            outcome = IngestOutcome(source, error=exc)
+        yield outcome
