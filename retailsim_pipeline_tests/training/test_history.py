@@ -1,5 +1,6 @@
-"""The point-in-time memory in the cache and in the batches: each basket's customer's most bought products
-strictly before it (by date, hour, basket id), from every split — checked against the samples parquet."""
+"""The point-in-time memory in the cache and in the batches: the products of each basket's customer's
+baskets strictly before it (by date, hour, basket id), from every split, largest decayed share first —
+checked against the samples parquet."""
 
 import numpy as np
 import polars as pl
@@ -31,16 +32,24 @@ def baskets(cache, tiny_prepped) -> pl.DataFrame:
         lambda ps: [token[p] for p in ps if p in token], return_dtype=pl.List(pl.Int64)).alias("tokens"))
 
 
-def _brute_force(baskets: pl.DataFrame, k: int, splits: tuple[str, ...] = SPLITS) -> dict[tuple[str, int], tuple]:
-    """(split, row) → (tokens, counts) of the memory: the lines of the customer's baskets in ``splits``
-    strictly before it, top k by count, then most recently bought, then token."""
+def _brute_force(baskets: pl.DataFrame, k: int, splits: tuple[str, ...] = SPLITS,
+                 decay: float = 0.97) -> dict[tuple[str, int], tuple]:
+    """(split, row) → (tokens, counts, recency, decayed share) of the memory over the customer's baskets
+    in ``splits`` strictly before it: top k by decayed share (each earlier basket holding the product
+    weighs ``decay ** age``, age 0 = the previous one), then line count, then most recently bought, then
+    token."""
     out = {}
     for (cust,), group in baskets.group_by("cust_code", maintain_order=True):
-        count, last = {}, {}
+        count, last, held, total = {}, {}, {}, 0.0
         for seq, (split, row, tokens) in enumerate(group.select("split", "row", "tokens").iter_rows()):
-            top = [] if cust is None else sorted(count, key=lambda t: (-count[t], -last[t], t))[:k]
-            out[(split, row)] = (top, [count[t] for t in top])
+            top = [] if cust is None else sorted(count, key=lambda t: (-held[t], -count[t], -last[t], t))[:k]
+            out[(split, row)] = (top, [count[t] for t in top], [seq - 1 - last[t] for t in top],
+                                 [held[t] / total for t in top])
             if cust is not None and split in splits:
+                held = {t: h * decay for t, h in held.items()}
+                total = total * decay + 1.0
+                for t in set(tokens):
+                    held[t] = held.get(t, 0.0) + 1.0
                 for t in tokens:
                     count[t] = count.get(t, 0) + 1
                     last[t] = seq
@@ -48,17 +57,20 @@ def _brute_force(baskets: pl.DataFrame, k: int, splits: tuple[str, ...] = SPLITS
 
 
 def test_memory_is_the_brute_force_over_earlier_baskets_of_every_split(cache, baskets):
-    k = cache.manifest["config"]["history_items"]
-    want = _brute_force(baskets, k)
+    k, decay = cache.manifest["config"]["history_items"], cache.manifest["config"]["memory_decay"]
+    want = _brute_force(baskets, k, decay=decay)
     for split in SPLITS:
         a = cache.split(split)
         tokens, counts = np.asarray(a.history_tokens), np.asarray(a.history_counts)
+        recency, decayed = np.asarray(a.history_recency), np.asarray(a.history_decayed)
         assert tokens.shape == (len(a), k)
         for row in range(len(a)):
-            top, n = want[(split, row)]
+            top, n, gap, share = want[(split, row)]
             assert tokens[row, :len(top)].tolist() == top and counts[row, :len(n)].tolist() == n, (split, row)
+            assert recency[row, :len(gap)].tolist() == gap, (split, row)
+            np.testing.assert_allclose(decayed[row, :len(share)], share, rtol=1e-3, atol=0)
             assert not tokens[row, len(top):].any() and not counts[row, len(n):].any(), (split, row)
-        assert (np.diff(counts.astype(np.int64), axis=1) <= 0).all()  # most bought first
+        assert (np.diff(decayed.astype(np.float64), axis=1) <= 0).all()  # largest decayed share first
 
 
 def test_a_later_splits_memory_holds_the_customers_earlier_baskets_of_that_split(cache, baskets):
