@@ -157,9 +157,9 @@ def point_in_time_memory(
         out.tokens[rows, slots] = expanded.get_column("token").to_numpy()
         out.counts[rows, slots] = np.minimum(expanded.get_column("count").to_numpy(), MAX_COUNT)
         out.recency[rows, slots] = np.minimum(age, MAX_COUNT)
-        held = expanded.get_column("score").to_numpy()
+        score = expanded.get_column("score").to_numpy()  # Σ decay ** age over the baskets holding it
         total = j.astype(np.float64) if decay == 1.0 else -np.expm1(j * log_decay) / -np.expm1(log_decay)
-        out.decayed[rows, slots] = np.minimum(held / total, 1.0)
+        out.decayed[rows, slots] = np.minimum(score / total, 1.0)
     log.debug("point-in-time memory of %d baskets in %d chunk(s)", n, len(bounds) - 1)
     return out
 

@@ -142,15 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: The options ``--params`` replaces: their flags and defaults (to tell whether one was given).
-_REPLACED_BY_PARAMS = {"cache": ("--cache", None), "preset": ("--preset", "demo"), "config": ("--config", None),
-                       "overrides": ("--set", []), "out": ("--out", None), "resume": ("--resume", "auto"),
-                       "no_tracking": ("--no-tracking", False), "tracking_uri": ("--tracking-uri", None)}
+#: The options ``--params`` replaces (destination → flag); one differing from the parser's default was given.
+_REPLACED_BY_PARAMS = {"cache": "--cache", "preset": "--preset", "config": "--config", "overrides": "--set",
+                       "out": "--out", "resume": "--resume", "no_tracking": "--no-tracking",
+                       "tracking_uri": "--tracking-uri"}
 
 
 def params_from_args(args: argparse.Namespace) -> dict:
     if args.params:
-        given = [flag for name, (flag, default) in _REPLACED_BY_PARAMS.items() if getattr(args, name) != default]
+        parser = build_parser()
+        given = [flag for name, flag in _REPLACED_BY_PARAMS.items() if getattr(args, name) != parser.get_default(name)]
         if given:
             raise SystemExit(f"--params {args.params} holds the whole run; drop {', '.join(given)}")
         return json.loads(Path(args.params).read_text())
