@@ -19,9 +19,10 @@ basket id) — the order :func:`~retailsim_pipeline.prep.features.trip_features`
 * :class:`AsOfHistory` — the same history, complete (not truncated to ``k``), for any scored basket:
   line counts and time-decayed product sets over its customer's earlier baskets.
 
-Memory is bounded per basket (``k`` slots), and the computation runs over chunks of customers whose
-intermediate rows (one per basket × product bought earlier) stay under ``chunk_rows``, so its peak
-grows with the largest customer, not with the data.
+Memory is bounded per basket (``k`` slots), and :class:`MemoryState` computes it by a recurrence over
+each customer's baskets in time order (the memory after a basket is the top ``k`` of the memory before it
+and the basket's products), so its state grows with customers × the products they bought, not with
+baskets, and the cache builder streams the baskets through it chunk by chunk.
 """
 
 import logging
@@ -35,8 +36,6 @@ from retailsim_pipeline.config import MEMORY_DECAY, N_SPECIAL, PAD
 
 log = logging.getLogger(__name__)
 
-#: Rows of the basket × earlier-product table one chunk may hold (~40 bytes each).
-CHUNK_ROWS = 8_000_000
 #: Counts are stored as uint16: a customer's count of one product saturates at this value.
 MAX_COUNT = np.iinfo(np.uint16).max
 #: exp(-_MAX_EXPONENT) still is a normal float64: the decayed sums are exact below that span.
@@ -73,107 +72,279 @@ def customer_sequence(baskets: pl.DataFrame) -> pl.DataFrame:
     return ordered.drop("__row")
 
 
+class SequenceState:
+    """:func:`customer_sequence` streamed: ``customer_key`` and ``past_baskets`` of baskets given in
+    time-ordered chunks (every basket of a chunk after every basket of the same customer in earlier
+    chunks, by (date, hour, basket id); rows in any order inside a chunk), equal to
+    :func:`customer_sequence` over all of them at once.
+
+    ``customer_codes``: every carded customer of every split (any order, duplicates allowed); a
+    customer's key is 1 + its rank among them (byte order of the code). The state per customer: baskets
+    seen and the (date, hour, basket id) of the latest, to refuse a chunk out of time order.
+    """
+
+    def __init__(self, customer_codes: pl.Series):
+        codes = customer_codes.cast(pl.String).drop_nulls().unique().sort()
+        self._keys = pl.DataFrame({"cust_code": codes, "customer_key": pl.int_range(1, len(codes) + 1,
+                                                                                      dtype=pl.Int32, eager=True)})
+        self.n_seen = np.zeros(len(codes) + 1, dtype=np.int64)
+        self._latest = np.full((len(codes) + 1, 3), np.iinfo(np.int64).min, dtype=np.int64)  # date, hour, id
+
+    @property
+    def n_customers(self) -> int:
+        return len(self.n_seen) - 1
+
+    def advance(self, baskets: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """``baskets`` (basket_id, cust_code, date, hour) → ``customer_key`` [n] int32, ``past_baskets`` [n]
+        int32 in the same row order; the chunk then joins the state."""
+        keyed = baskets.select(pl.col("cust_code").cast(pl.String), pl.col("date").cast(pl.Int32).alias("date"),
+                               pl.col("hour").cast(pl.Int64), pl.col("basket_id").cast(pl.Int64)) \
+            .join(self._keys, on="cust_code", how="left", maintain_order="left")
+        unknown = keyed.filter(pl.col("cust_code").is_not_null() & pl.col("customer_key").is_null())
+        if unknown.height:
+            raise ValueError(f"customer {unknown.item(0, 'cust_code')!r} is not among the customer codes the "
+                             "sequence was built with")
+        key = keyed.get_column("customer_key").fill_null(0).to_numpy().astype(np.int64)
+        when = keyed.select("date", "hour", "basket_id").to_numpy().astype(np.int64)  # [n, 3]
+        past = np.zeros(len(key), dtype=np.int64)
+        carded = np.flatnonzero(key > 0)
+        if len(carded):
+            order = carded[np.lexsort((when[carded, 2], when[carded, 1], when[carded, 0], key[carded]))]
+            ks = key[order]
+            position = np.arange(len(order))
+            first = np.r_[True, ks[1:] != ks[:-1]]
+            rank = position - np.maximum.accumulate(np.where(first, position, 0))
+            head = order[first]  # each customer's earliest basket of the chunk
+            before = self._latest[key[head]]
+            earlier = _lex_less(when[head], before)
+            if earlier.any():
+                i = int(np.flatnonzero(earlier)[0])
+                raise ValueError(
+                    f"customer key {int(key[head][i])}: basket {int(when[head][i, 2])} (day {int(when[head][i, 0])}, "
+                    f"hour {int(when[head][i, 1])}) comes before basket {int(before[i, 2])} (day {int(before[i, 0])}, "
+                    f"hour {int(before[i, 1])}) of an earlier chunk: chunks must be in time order")
+            past[order] = self.n_seen[ks] + rank
+            last = np.r_[ks[1:] != ks[:-1], True]
+            self._latest[ks[last]] = when[order[last]]
+            self.n_seen += np.bincount(ks, minlength=len(self.n_seen))
+        return key.astype(np.int32), past.astype(np.int32)
+
+
+def _lex_less(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise ``tuple(a[i]) <= tuple(b[i])`` over [n, 3] int64 rows (equal counts: a basket given twice)."""
+    less = np.zeros(len(a), dtype=bool)
+    equal = np.ones(len(a), dtype=bool)
+    for c in range(a.shape[1]):
+        less |= equal & (a[:, c] < b[:, c])
+        equal &= a[:, c] == b[:, c]
+    return less | equal
+
+
 def point_in_time_memory(
     customer_key: np.ndarray, past_baskets: np.ndarray, offsets: np.ndarray, tokens: np.ndarray, k: int,
-    *, decay: float = MEMORY_DECAY, chunk_rows: int = CHUNK_ROWS,
+    *, decay: float = MEMORY_DECAY,
 ) -> Memory:
     """The ``k`` products of each basket's customer's history before it with the largest decayed share
     (:class:`Memory`: tokens, line counts, recency, decayed share), largest first (ties: more lines, the
-    more recently bought, the smaller token). The decayed share of a product for a basket with ``j`` earlier baskets is
-    ``Σ_{earlier baskets i holding it} decay ** (j - 1 - i) / Σ_{i < j} decay ** (j - 1 - i)``.
+    more recently bought, the smaller token). The decayed share of a product for a basket with ``j`` earlier
+    baskets is ``Σ_{earlier baskets i holding it} decay ** (j - 1 - i) / Σ_{i < j} decay ** (j - 1 - i)``.
 
-    ``customer_key`` [N], ``past_baskets`` [N] from :func:`customer_sequence`; ``offsets`` [N + 1] and
-    ``tokens`` [L] the baskets' lines under the train vocabulary (special tokens, UNK among them, never
-    enter a memory). Anonymous baskets (key 0) and first baskets get an empty memory.
+    ``customer_key`` [N], ``past_baskets`` [N] from :func:`customer_sequence` (rows in any order, every
+    customer's baskets 0 .. n - 1 present); ``offsets`` [N + 1] and ``tokens`` [L] the baskets' lines under
+    the train vocabulary (special tokens, UNK among them, never enter a memory). Anonymous baskets (key 0)
+    and first baskets get an empty memory. One :class:`MemoryState` over all the baskets at once; the
+    cache builder streams them through one state in time-ordered chunks and gets the same arrays.
     """
-    customer_key = np.asarray(customer_key, dtype=np.int64)
-    past_baskets = np.asarray(past_baskets, dtype=np.int64)
-    offsets = np.asarray(offsets, dtype=np.int64)
-    n = len(customer_key)
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"decay must be in (0, 1], got {decay}")
-    out = Memory(np.full((n, k), PAD, dtype=np.int32), np.zeros((n, k), dtype=np.uint16),
-                 np.zeros((n, k), dtype=np.uint16), np.zeros((n, k), dtype=np.float16))
-    if n == 0 or k == 0:
+    return MemoryState(k, decay).advance(customer_key, past_baskets, offsets, tokens)
+
+
+#: Bits of a token in a (customer, product) pair code ``key << _TOKEN_BITS | token``.
+_TOKEN_BITS = 20
+_TOKEN_MASK = (1 << _TOKEN_BITS) - 1
+#: Tie-break fields packed into one int64 (count desc, last purchase desc, token asc).
+_COUNT_CAP = (1 << 23) - 1
+_LAST_CAP = (1 << 20) - 1
+
+
+class MemoryState:
+    """The point-in-time memory of every customer, advanced basket by basket in time order.
+
+    A product's decayed share for a basket with ``j`` earlier baskets is ``G · decay ** (j - 1)`` over the
+    decayed total, with ``G = Σ_{earlier baskets p holding it} decay ** -p``: ``G`` changes only when the
+    product is bought, and only upwards, so a product outside a customer's top ``k`` can enter it only
+    in a basket that holds it. The memory after a basket is therefore the top ``k`` of (the memory before
+    it ∪ the basket's products, with their updated ``G``): one row sort of ``k`` + (products in the
+    basket) entries per basket, whatever the length of the history. The state is
+
+    * per customer: the ``k`` memory slots (token, ``G``, line count, basket of the last purchase) and how
+      many of its baskets were seen;
+    * per (customer, product) ever bought: ``G``, line count, last purchase (a sorted table of pair codes),
+
+    so it grows with customers × products they bought, never with baskets or lines. :meth:`advance` takes
+    any chunk of baskets whose every customer's baskets continue where the previous chunk stopped
+    (``past_baskets`` = the customer's baskets seen so far, then consecutive); rows in any order.
+    ``G`` is exact in float64 while ``past_baskets · -log(decay) ≤ 600`` (19,700 baskets of one customer
+    at the default decay 0.97).
+    """
+
+    def __init__(self, k: int, decay: float = MEMORY_DECAY):
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.k, self.decay, self.log_decay = int(k), float(decay), float(np.log(decay))
+        self._tokens = np.full((1, k), PAD, dtype=np.int32)  # [K + 1, k] row = customer key
+        self._g = np.full((1, k), -np.inf)
+        self._counts = np.zeros((1, k), dtype=np.int64)
+        self._last = np.zeros((1, k), dtype=np.int64)
+        self.n_seen = np.zeros(1, dtype=np.int64)  # [K + 1] baskets of each customer advanced so far
+        self._pairs = np.zeros(0, dtype=np.int64)  # sorted key << _TOKEN_BITS | token
+        self._pair_g = np.zeros(0)
+        self._pair_counts = np.zeros(0, dtype=np.int64)
+        self._pair_last = np.zeros(0, dtype=np.int64)
+
+    @property
+    def n_pairs(self) -> int:
+        """(customer, product) pairs bought so far: the size of the state beyond the ``k`` slots."""
+        return len(self._pairs)
+
+    def _grow(self, max_key: int) -> None:
+        n = len(self.n_seen)
+        if max_key < n:
+            return
+        extra = max(max_key + 1, 2 * n) - n
+        self._tokens = np.concatenate([self._tokens, np.full((extra, self.k), PAD, dtype=np.int32)])
+        self._g = np.concatenate([self._g, np.full((extra, self.k), -np.inf)])
+        self._counts = np.concatenate([self._counts, np.zeros((extra, self.k), dtype=np.int64)])
+        self._last = np.concatenate([self._last, np.zeros((extra, self.k), dtype=np.int64)])
+        self.n_seen = np.concatenate([self.n_seen, np.zeros(extra, dtype=np.int64)])
+
+    def memory_at(self, customer_key: np.ndarray, j: np.ndarray) -> Memory:
+        """The memory of each customer's next basket, its ``j``-th (``j`` = baskets before it), from the
+        state as it stands."""
+        key, j = np.asarray(customer_key, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        tokens = self._tokens[key]
+        filled = tokens != PAD
+        counts = np.where(filled, np.minimum(self._counts[key], MAX_COUNT), 0).astype(np.uint16)
+        recency = np.where(filled, np.minimum(j[:, None] - 1 - self._last[key], MAX_COUNT), 0).astype(np.uint16)
+        scale = np.exp((j - 1).astype(np.float64) * self.log_decay)  # decay ** (j - 1)
+        total = j.astype(np.float64) if self.decay == 1.0 else -np.expm1(j * self.log_decay) / -np.expm1(self.log_decay)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.minimum(self._g[key] * scale[:, None] / total[:, None], 1.0)
+        decayed = np.where(filled, share, 0.0).astype(np.float16)
+        return Memory(tokens, counts, recency, decayed)
+
+    def advance(self, customer_key: np.ndarray, past_baskets: np.ndarray, offsets: np.ndarray,
+                tokens: np.ndarray) -> Memory:
+        """The memory of each basket of a chunk (``customer_key`` [n], ``past_baskets`` [n], CSR
+        ``offsets`` [n + 1] and ``tokens`` [L]); then the chunk's baskets join the state."""
+        key = np.asarray(customer_key, dtype=np.int64)
+        past = np.asarray(past_baskets, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n, k = len(key), self.k
+        out = Memory(np.full((n, k), PAD, dtype=np.int32), np.zeros((n, k), dtype=np.uint16),
+                     np.zeros((n, k), dtype=np.uint16), np.zeros((n, k), dtype=np.float16))
+        carded = np.flatnonzero(key > 0)
+        if k == 0 or len(carded) == 0:
+            return out
+        self._grow(int(key.max()))
+        order = carded[np.lexsort((past[carded], key[carded]))]  # by customer, then in time
+        ks = key[order]
+        position = np.arange(len(order))
+        first = np.r_[True, ks[1:] != ks[:-1]]
+        rank = position - np.maximum.accumulate(np.where(first, position, 0))  # the basket's round in the chunk
+        expected = self.n_seen[ks] + rank
+        if not np.array_equal(past[order], expected):
+            bad = int(np.flatnonzero(past[order] != expected)[0])
+            raise ValueError(f"customer key {int(ks[bad])}: basket number {int(past[order][bad])} follows its "
+                             f"{int(expected[bad])} earlier baskets: each chunk must continue every customer's "
+                             "baskets in time order (0, 1, 2, ...), without gaps or repeats")
+        top = int(past[order].max())
+        if top * -self.log_decay > _MAX_EXPONENT or top > _LAST_CAP:
+            raise ValueError(f"customer key {int(ks[past[order].argmax()])} has {top + 1} baskets: the decayed share "
+                             f"at decay {self.decay} is exact over at most "
+                             f"{min(_LAST_CAP, int(_MAX_EXPONENT / max(-self.log_decay, 1e-300)))} baskets of one "
+                             "customer; raise the decay")
+        # The chunk's (basket, product) entries with their line counts, carded baskets only.
+        line_basket = np.repeat(np.arange(n), np.diff(offsets))
+        keep = (key[line_basket] > 0) & (tokens >= N_SPECIAL)
+        if keep.any() and int(tokens[keep].max()) > _TOKEN_MASK:
+            raise ValueError(f"token {int(tokens[keep].max())} exceeds the memory's {_TOKEN_BITS}-bit token field")
+        code, lines = np.unique((line_basket[keep] << _TOKEN_BITS) | tokens[keep], return_counts=True)
+        entry_basket, entry_token = code >> _TOKEN_BITS, code & _TOKEN_MASK
+        pair = (key[entry_basket] << _TOKEN_BITS) | entry_token
+        self._insert(np.unique(pair))
+        entry_pair = np.searchsorted(self._pairs, pair)
+        round_of = np.empty(n, dtype=np.int64)
+        round_of[order] = rank
+        by_round = np.argsort(round_of[entry_basket], kind="stable")  # entries by round, then basket, token
+        entry_bounds = np.searchsorted(round_of[entry_basket][by_round], np.arange(int(rank.max()) + 2))
+        basket_bounds = np.searchsorted(rank[np.argsort(rank, kind="stable")], np.arange(int(rank.max()) + 2))
+        baskets_by_round = order[np.argsort(rank, kind="stable")]
+        for r in range(int(rank.max()) + 1):
+            rows = baskets_by_round[basket_bounds[r]:basket_bounds[r + 1]]  # one basket per customer
+            memory = self.memory_at(key[rows], past[rows])
+            for dest, values in zip(out, memory):
+                dest[rows] = values
+            sel = by_round[entry_bounds[r]:entry_bounds[r + 1]]
+            if len(sel):
+                self._buy(entry_basket[sel], entry_token[sel], lines[sel], entry_pair[sel], key, past)
+        self.n_seen += np.bincount(ks, minlength=len(self.n_seen))
         return out
-    log_decay = float(np.log(decay))
-    line_basket = np.repeat(np.arange(n), np.diff(offsets))
-    keep = (customer_key[line_basket] > 0) & (np.asarray(tokens) >= N_SPECIAL)
-    # One row per (customer, product, basket) with the lines bought: an "event".
-    events = (
-        pl.DataFrame({"key": customer_key[line_basket[keep]], "token": np.asarray(tokens)[keep].astype(np.int64),
-                      "seq": past_baskets[line_basket[keep]]})
-        .group_by("key", "token", "seq").len("lines")
-    )
-    n_baskets = pl.DataFrame({"key": customer_key, "seq": past_baskets}).filter(pl.col("key") > 0) \
-        .group_by("key").agg((pl.col("seq").max() + 1).alias("n_baskets"))
-    # After an event at basket p, the count holds for the customer's baskets p + 1 .. (the next event of
-    # the same product, inclusive; or the customer's last basket). ``held`` = Σ over the events e ≤ this one
-    # of decay ** (p - p_e), as decay ** (p - p₀) · Σ decay ** -(p_e - p₀) from the product's first event p₀.
-    rel = pl.col("seq") - pl.col("seq").first().over("key", "token")
-    events = (
-        events.sort("key", "token", "seq")
-        .join(n_baskets, on="key", how="left")
-        .with_columns(
-            pl.col("lines").cum_sum().over("key", "token").alias("count"),
-            pl.col("seq").shift(-1).over("key", "token").fill_null(pl.col("n_baskets") - 1).alias("until"),
-            (rel.cast(pl.Float64) * -log_decay).alias("exponent"),
-        )
-        .with_columns(
-            ((pl.col("exponent").exp().cum_sum().over("key", "token")) * (-pl.col("exponent")).exp()).alias("held"),
-            (pl.col("until") - pl.col("seq")).alias("span"),
-        )
-        .filter(pl.col("span") > 0)
-        .select("key", "token", "seq", "count", "held", "until", "span", "exponent")
-    )
-    widest = events.get_column("exponent").max()
-    if widest is not None and widest > _MAX_EXPONENT:
-        raise ValueError(f"a customer's purchases of one product span {widest / -log_decay:.0f} baskets: the decayed "
-                         f"share at decay {decay} is exact over at most {_MAX_EXPONENT / -log_decay:.0f}; raise the "
-                         f"decay")
-    # Chunks of whole customers, each expanding to at most ~chunk_rows rows.
-    per_key = events.group_by("key").agg(pl.col("span").sum()).sort("key")
-    keys, spans = per_key.get_column("key").to_numpy(), per_key.get_column("span").to_numpy()
-    bounds = _chunk_bounds(np.cumsum(spans), chunk_rows)
-    # (key, seq) → basket row.
-    basket_of = pl.DataFrame({"key": customer_key, "j": past_baskets, "row": np.arange(n)}) \
-        .filter(pl.col("key") > 0)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        chunk = events.filter(pl.col("key").is_between(int(keys[lo]), int(keys[hi - 1])))
-        expanded = (
-            chunk.with_columns(pl.int_ranges(pl.col("seq") + 1, pl.col("until") + 1).alias("j"))
-            .explode("j")
-            .with_columns((pl.col("held") * ((pl.col("j") - 1 - pl.col("seq")).cast(pl.Float64) * log_decay).exp())
-                          .alias("score"))
-            .sort(["key", "j", "score", "count", "seq", "token"], descending=[False, False, True, True, True, False])
-            .with_columns(pl.int_range(pl.len()).over("key", "j").alias("slot"))
-            .filter(pl.col("slot") < k)
-            .join(basket_of, on=["key", "j"], how="inner")
-        )
-        rows = expanded.get_column("row").to_numpy()
-        slots = expanded.get_column("slot").to_numpy()
-        j = expanded.get_column("j").to_numpy()
-        age = j - 1 - expanded.get_column("seq").to_numpy()  # baskets since the last purchase
-        out.tokens[rows, slots] = expanded.get_column("token").to_numpy()
-        out.counts[rows, slots] = np.minimum(expanded.get_column("count").to_numpy(), MAX_COUNT)
-        out.recency[rows, slots] = np.minimum(age, MAX_COUNT)
-        score = expanded.get_column("score").to_numpy()  # Σ decay ** age over the baskets holding it
-        total = j.astype(np.float64) if decay == 1.0 else -np.expm1(j * log_decay) / -np.expm1(log_decay)
-        out.decayed[rows, slots] = np.minimum(score / total, 1.0)
-    log.debug("point-in-time memory of %d baskets in %d chunk(s)", n, len(bounds) - 1)
-    return out
 
+    def _insert(self, pairs: np.ndarray) -> None:
+        """Add the (customer, product) pairs not in the table yet (``pairs`` sorted, unique)."""
+        at = np.searchsorted(self._pairs, pairs)
+        known = np.zeros(len(pairs), dtype=bool)
+        inside = at < len(self._pairs)
+        known[inside] = self._pairs[at[inside]] == pairs[inside]
+        new = pairs[~known]
+        if len(new):
+            where = at[~known]
+            self._pairs = np.insert(self._pairs, where, new)
+            self._pair_g = np.insert(self._pair_g, where, 0.0)
+            self._pair_counts = np.insert(self._pair_counts, where, 0)
+            self._pair_last = np.insert(self._pair_last, where, 0)
 
-def _chunk_bounds(cumulative: np.ndarray, limit: int) -> list[int]:
-    """Split points over items with running totals ``cumulative`` so each chunk totals ≤ ``limit``
-    (an item larger than ``limit`` gets a chunk of its own)."""
-    bounds, start, base = [0], 0, 0
-    while start < len(cumulative):
-        stop = int(np.searchsorted(cumulative, base + limit, side="right"))
-        stop = max(stop, start + 1)
-        bounds.append(stop)
-        base, start = int(cumulative[stop - 1]), stop
-    return bounds
+    def _buy(self, basket: np.ndarray, token: np.ndarray, lines: np.ndarray, pair: np.ndarray,
+             key: np.ndarray, past: np.ndarray) -> None:
+        """One round: each basket (at most one per customer, entries grouped by basket) buys its
+        products; the pair table and the customers' top ``k`` follow."""
+        p = past[basket]
+        self._pair_g[pair] += np.exp(p.astype(np.float64) * -self.log_decay)  # decay ** -p
+        self._pair_counts[pair] += lines
+        self._pair_last[pair] = p
+        k = self.k
+        position = np.arange(len(basket))
+        start = np.r_[True, basket[1:] != basket[:-1]]
+        group = np.cumsum(start) - 1
+        slot = position - np.flatnonzero(start)[group]
+        cust = key[basket[start]]  # [m] distinct customers
+        width = k + int(slot.max()) + 1
+        m = len(cust)
+        cand_tokens = np.full((m, width), PAD, dtype=np.int64)
+        cand_g = np.full((m, width), -np.inf)
+        cand_counts = np.zeros((m, width), dtype=np.int64)
+        cand_last = np.zeros((m, width), dtype=np.int64)
+        cand_tokens[:, :k], cand_g[:, :k] = self._tokens[cust], self._g[cust]
+        cand_counts[:, :k], cand_last[:, :k] = self._counts[cust], self._last[cust]
+        # A product of the memory bought again enters with its new values: drop its old slot.
+        held = (cust[:, None] << _TOKEN_BITS) | cand_tokens[:, :k]
+        again = np.isin(held, (key[basket] << _TOKEN_BITS) | token) & (cand_tokens[:, :k] != PAD)
+        cand_tokens[:, :k][again], cand_g[:, :k][again] = PAD, -np.inf
+        cand_tokens[group, k + slot], cand_g[group, k + slot] = token, self._pair_g[pair]
+        cand_counts[group, k + slot], cand_last[group, k + slot] = self._pair_counts[pair], self._pair_last[pair]
+        empty = cand_tokens == PAD
+        tie = (((_COUNT_CAP - np.minimum(cand_counts, _COUNT_CAP)) << 40) | ((_LAST_CAP - cand_last) << _TOKEN_BITS)
+               | cand_tokens)
+        tie[empty] = np.iinfo(np.int64).max
+        cand_g[empty] = -np.inf
+        by_tie = np.argsort(tie, axis=1, kind="stable")
+        best = np.take_along_axis(by_tie, np.argsort(-np.take_along_axis(cand_g, by_tie, axis=1), axis=1,
+                                                     kind="stable"), axis=1)[:, :k]
+        self._tokens[cust] = np.take_along_axis(cand_tokens, best, axis=1)
+        self._g[cust] = np.take_along_axis(cand_g, best, axis=1)
+        self._counts[cust] = np.take_along_axis(cand_counts, best, axis=1)
+        self._last[cust] = np.take_along_axis(cand_last, best, axis=1)
 
 
 class AsOfHistory:

@@ -9,7 +9,14 @@ import polars as pl
 import pytest
 
 from retailsim_pipeline.config import N_SPECIAL, PAD
-from retailsim_pipeline.prep.history import AsOfHistory, customer_sequence, point_in_time_memory
+from retailsim_pipeline.prep.history import (
+    AsOfHistory,
+    Memory,
+    MemoryState,
+    SequenceState,
+    customer_sequence,
+    point_in_time_memory,
+)
 
 VOCAB = 15  # tokens 0..14: PAD, MASK, UNK and 12 products
 
@@ -66,19 +73,39 @@ def _brute_memory(b: SimpleNamespace, k: int, decay: float = 0.97) -> tuple[np.n
     return out_tokens, out_counts, out_recency, out_decayed
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 50, 10**9])
+def _streamed(b: SimpleNamespace, k: int, decay: float, n_chunks: int, seed: int) -> Memory:
+    """The memory of ``b`` through one :class:`MemoryState`, in ``n_chunks`` time-ordered chunks (cut
+    along each basket's number among its customer's, rows shuffled inside a chunk)."""
+    rng = np.random.default_rng(seed)
+    time = np.lexsort((rng.random(len(b.customer_key)), b.past_baskets))  # interleaves the customers
+    state = MemoryState(k, decay)
+    out = Memory(*(np.zeros((len(b.customer_key), k), dtype) for dtype in (np.int32, np.uint16, np.uint16,
+                                                                          np.float16)))
+    for rows in np.array_split(time, n_chunks):
+        rows = rng.permutation(rows)
+        lengths = np.diff(b.offsets)[rows]
+        lines = np.concatenate([np.arange(b.offsets[r], b.offsets[r + 1]) for r in rows]) if len(rows) else []
+        part = state.advance(b.customer_key[rows], b.past_baskets[rows], np.r_[0, np.cumsum(lengths)],
+                             b.tokens[np.asarray(lines, dtype=np.int64)])
+        for dest, values in zip(out, part):
+            dest[rows] = values
+    return out
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 40])
 @pytest.mark.parametrize("seed", range(4))
-def test_point_in_time_memory_is_the_brute_force_top_k(seed, chunk_rows):
+def test_point_in_time_memory_is_the_brute_force_top_k(seed, n_chunks):
     b = _random_baskets(seed)
     for k, decay in ((1, 0.97), (3, 1.0), (8, 0.5), (20, 0.97)):
-        memory = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, k, decay=decay,
-                                      chunk_rows=chunk_rows)
+        memory = point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, k, decay=decay)
+        streamed = _streamed(b, k, decay, n_chunks, seed)
+        assert all(np.array_equal(a, s) for a, s in zip(memory, streamed)), (k, n_chunks)  # bit for bit
         want_tokens, want_counts, want_recency, want_decayed = _brute_memory(b, k, decay)
         assert memory.tokens.dtype == np.int32 and memory.counts.dtype == np.uint16
         assert memory.recency.dtype == np.uint16 and memory.decayed.dtype == np.float16
-        assert np.array_equal(memory.tokens, want_tokens), (k, chunk_rows)
-        assert np.array_equal(memory.counts, want_counts), (k, chunk_rows)
-        assert np.array_equal(memory.recency, want_recency), (k, chunk_rows)
+        assert np.array_equal(memory.tokens, want_tokens), k
+        assert np.array_equal(memory.counts, want_counts), k
+        assert np.array_equal(memory.recency, want_recency), k
         np.testing.assert_allclose(memory.decayed, want_decayed, rtol=1e-3, atol=0)  # float16
         assert ((memory.decayed > 0) == (memory.counts > 0)).all()
     first = (b.past_baskets == 0) | (b.customer_key == 0)
@@ -89,9 +116,9 @@ def test_point_in_time_memory_refuses_a_decay_it_cannot_compute_exactly():
     b = _random_baskets(0)
     with pytest.raises(ValueError, match="decay must be in"):
         point_in_time_memory(b.customer_key, b.past_baskets, b.offsets, b.tokens, 4, decay=0.0)
-    # A product bought in baskets 1 .. 1999 of 2,001: 1,998 baskets apart, at decay 0.5 they underflow.
+    # A customer with 2,001 baskets: at decay 0.5, decay ** -2000 overflows.
     n = 2001
-    with pytest.raises(ValueError, match="span 1998 baskets"):
+    with pytest.raises(ValueError, match="has 2001 baskets: the decayed share at decay 0.5 is exact over at most 865"):
         point_in_time_memory(np.ones(n, np.int64), np.arange(n), np.arange(n + 1),
                              np.where(np.isin(np.arange(n), [0, n - 1]), N_SPECIAL, N_SPECIAL + 1), 2, decay=0.5)
 
@@ -178,3 +205,37 @@ def test_as_of_history_is_the_brute_force_over_earlier_baskets(seed):
     # ... and its decayed shares are the decayed product sets' entries at the memory's products.
     rows = np.arange(len(tokens))[:, None]
     np.testing.assert_allclose(decayed, np.where(top > 0, sets[rows, tokens], 0.0), rtol=1e-3, atol=0)
+
+
+def test_memory_state_refuses_chunks_out_of_time_order():
+    b = _random_baskets(1)
+    state = MemoryState(4)
+    later = b.past_baskets > 0
+    lengths = np.diff(b.offsets)[later]
+    lines = np.concatenate([np.arange(b.offsets[r], b.offsets[r + 1]) for r in np.flatnonzero(later)])
+    with pytest.raises(ValueError, match="each chunk must continue every customer's baskets in time order"):
+        state.advance(b.customer_key[later], b.past_baskets[later], np.r_[0, np.cumsum(lengths)], b.tokens[lines])
+
+
+def test_sequence_state_streams_the_customer_sequence():
+    rng = np.random.default_rng(5)
+    n = 400
+    codes = np.array([f"C{c:03d}" for c in rng.integers(0, 30, n)], dtype=object)
+    codes[rng.random(n) < 0.2] = None
+    start = datetime.date(2007, 1, 1)
+    day = rng.integers(0, 21, n)
+    frame = pl.DataFrame({"basket_id": rng.permutation(10**6)[:n].astype(np.int64), "cust_code": codes.tolist(),
+                          "date": [start + datetime.timedelta(days=int(d)) for d in day],
+                          "hour": rng.integers(8, 11, n).astype(np.int8)})
+    want = customer_sequence(frame)
+    state = SequenceState(frame.get_column("cust_code"))
+    key, past = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for lo, hi in ((0, 7), (7, 8), (8, 15), (15, 21)):  # weeks-like chunks in time order, rows shuffled
+        rows = rng.permutation(np.flatnonzero((day >= lo) & (day < hi)))
+        key[rows], past[rows] = state.advance(frame[rows])
+    assert np.array_equal(key, want.get_column("customer_key").to_numpy())
+    assert np.array_equal(past, want.get_column("past_baskets").to_numpy())
+    assert past.max() > 3 and state.n_customers == len(set(codes.tolist()) - {None})
+    # A chunk earlier than what the state has seen is refused, by name.
+    with pytest.raises(ValueError, match="of an earlier chunk: chunks must be in time order"):
+        state.advance(frame.filter(pl.Series(day < 3) & pl.col("cust_code").is_not_null()))
