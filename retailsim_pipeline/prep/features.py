@@ -9,7 +9,8 @@ or a fitted table beyond what it is handed.
 * :func:`trip_features` — what is known about the trip before its basket is filled, [N, 48]; its
   history counts the customer's baskets strictly before the basket, in any split, so nothing at or
   after the basket reaches its features (:func:`~retailsim_pipeline.prep.cache_checks.check_leakage`
-  perturbs a basket and everything after it to verify it).
+  perturbs a basket and everything after it to verify it). :class:`TripStream` computes the same,
+  bit for bit, from time-ordered chunks of baskets with memory bounded by the number of customers.
 * :func:`history_vector` — the mean product embedding of a point-in-time memory
   (:mod:`~retailsim_pipeline.prep.history`), [N, d].
 """
@@ -122,47 +123,68 @@ _TRIP_HISTORY_LABELS = {
 }
 
 
-def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFrame:
-    """What is known about a trip before its basket is filled: ``basket_id`` + TRIP_WIDTH = 48 float columns.
+#: The order of a customer's baskets (:func:`~retailsim_pipeline.prep.history.customer_sequence`'s).
+_TIME_ORDER = ("date", "hour", "basket_id")
+#: What a basket adds to its customer's history: one Float64 column each, summed over past baskets.
+_INCREMENTS = (
+    *(f"__ind_{label}_{code}" for label, codes in _TRIP_HISTORY_LABELS.items() for code in codes),
+    "__ind_trips", "__ind_lines", "__ind_spend",
+)
 
-    ``samples`` holds the baskets of every split (columns of ``basket_samples``); a customer's
-    history comes from their baskets strictly before this one in any split (by date, hour, basket id:
-    the order of :func:`~retailsim_pipeline.prep.history.customer_sequence`), never from the basket
-    itself or a later one.
 
-    past mix of basket_type (4), dominant mission (5), size (3), price sensitivity (4) · log1p days
-    since the last trip, has-previous flag, log1p past trips (3) · cold-start bucket one-hot:
-    anonymous, 0, 1–2, 3–9, 10+ trips (5) · carded flag + price-sensitivity (4) and lifestage (7)
-    one-hots of the card (12) · store format one-hot (4) + at-home-store flag (1) · hour bucket:
-    < 11, 11–14, 14–17, ≥ 17 (4) · weekend flag (1) · past mean lines and spend per trip, log1p (2).
+def _trip_inputs(frame: pl.DataFrame) -> pl.DataFrame:
+    """The columns of a basket-samples frame the trip context reads; customer and store codes as String
+    (comparable across frames and with ``home_store``)."""
+    return frame.select(
+        "basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines", "spend",
+        "cust_price_sensitivity", "cust_lifestage", *LABELS,
+    ).with_columns(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String))
+
+
+def _with_increments(samples: pl.DataFrame) -> pl.DataFrame:
+    """``samples`` + the :data:`_INCREMENTS` columns of each basket (Float64).
+
+    Float64 because the running sums accumulate in float64 (as polars' float32 ``cum_sum`` does
+    internally) and a carried state (:class:`TripStream`) must hold the accumulator, not its float32
+    rounding. The basket's spend is rounded to float32 first, as the features have always summed it.
     """
+    return samples.with_columns(
+        *[(pl.col(label) == code).fill_null(False).cast(pl.Float64).alias(f"__ind_{label}_{code}")
+          for label, codes in _TRIP_HISTORY_LABELS.items() for code in codes],
+        pl.lit(1.0, pl.Float64).alias("__ind_trips"),
+        pl.col("n_lines").cast(pl.Float64).alias("__ind_lines"),
+        pl.col("spend").list.sum().cast(pl.Float32).cast(pl.Float64).alias("__ind_spend"),
+    )
+
+
+def _with_history(df: pl.DataFrame) -> pl.DataFrame:
+    """Per-customer running sums of a frame sorted by customer, then :data:`_TIME_ORDER`.
+
+    Adds ``__cum_*`` (Float64, inclusive: this basket and every earlier row of its customer),
+    ``__past_*`` (Float32, exclusive: strictly before this basket) for every :data:`_INCREMENTS`
+    column, and ``__last_date`` (the previous row's date, null for a customer's first row). A row may
+    be a carried state (:class:`TripStream`): its increments are then the sums of everything before
+    the frame.
+    """
+    # Exclusive sums shifted from the inclusive ones, not "inclusive sum - own value": in floating
+    # point (a + b) - b is not a, so the own spend would leak into the last bits.
+    return df.with_columns(
+        pl.col(c).cum_sum().over("cust_code").alias(c.replace("__ind_", "__cum_")) for c in _INCREMENTS
+    ).with_columns(
+        *[pl.col(c.replace("__ind_", "__cum_")).shift(1, fill_value=0.0).over("cust_code")
+          .cast(pl.Float32).alias(c.replace("__ind_", "__past_")) for c in _INCREMENTS],
+        pl.col("date").shift(1).over("cust_code").alias("__last_date"),
+    )
+
+
+def _trip_columns(df: pl.DataFrame, home_store: pl.DataFrame, *keep: str) -> pl.DataFrame:
+    """``basket_id`` + the TRIP_WIDTH trip columns (+ ``keep``) of a :func:`_with_history` frame, in its
+    row order."""
     carded = pl.col("cust_code").is_not_null()
-    hist_cols, indicator_cols = [], []
-    df = samples.sort("cust_code", "date", "hour", "basket_id", nulls_last=True).with_columns(
-        (pl.col("spend").list.sum()).alias("__spend"),
-    )
-    exprs = []
-    for label, codes in _TRIP_HISTORY_LABELS.items():
-        for code in codes:
-            name = f"__ind_{label}_{code}"
-            exprs.append((pl.col(label) == code).fill_null(False).cast(pl.Float32).alias(name))
-            indicator_cols.append(name)
-    exprs += [pl.lit(1.0, pl.Float32).alias("__ind_trips"), pl.col("n_lines").cast(pl.Float32).alias("__ind_lines"),
-              pl.col("__spend").cast(pl.Float32).alias("__ind_spend")]
-    df = df.with_columns(exprs)
-    # Exclusive cumulative sums per customer: history strictly before this basket. Shifted, not
-    # "inclusive sum - own value": in floating point (a + b) - b is not a, so the own spend would leak
-    # into the last bits.
-    past = [pl.col(c).cum_sum().shift(1, fill_value=0.0).over("cust_code").alias(c.replace("__ind_", "__past_"))
-            for c in [*indicator_cols, "__ind_trips", "__ind_lines", "__ind_spend"]]
-    df = df.with_columns(past).with_columns(
-        pl.col("date").shift(1).over("cust_code").alias("__last_date")
-    )
     n_past = pl.col("__past_trips")
     safe = pl.max_horizontal(n_past, pl.lit(1.0))
-    for label, codes in _TRIP_HISTORY_LABELS.items():
-        for code in codes:
-            hist_cols.append((pl.col(f"__past_{label}_{code}") / safe).alias(f"past_{label}_{code}"))
+    hist_cols = [(pl.col(f"__past_{label}_{code}") / safe).alias(f"past_{label}_{code}")
+                 for label, codes in _TRIP_HISTORY_LABELS.items() for code in codes]
     days = (pl.col("date") - pl.col("__last_date")).dt.total_days().cast(pl.Float32)
     hour = pl.col("hour")
     weekday = pl.col("weekday")
@@ -194,17 +216,104 @@ def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFra
         (hour >= 17).cast(pl.Float32).alias("hour_evening"),
         ((weekday == 1) | (weekday == 7)).cast(pl.Float32).alias("weekend"),
     ]
-    out = df.join(home_store, on="cust_code", how="left").select("basket_id", *history, *context)
-    assert out.width == 1 + TRIP_WIDTH, out.width
+    out = (df.join(home_store, on="cust_code", how="left", maintain_order="left")
+           .select("basket_id", *history, *context, *keep))
+    assert out.width == 1 + TRIP_WIDTH + len(keep), out.width
     return out
+
+
+def trip_features(samples: pl.DataFrame, home_store: pl.DataFrame) -> pl.DataFrame:
+    """What is known about a trip before its basket is filled: ``basket_id`` + TRIP_WIDTH = 48 float32
+    columns, one row per basket, sorted by customer (anonymous last), then date, hour, basket id.
+
+    ``samples`` holds the baskets of every split (columns of ``basket_samples``, ``cust_code`` and
+    ``store_code`` as String); ``home_store`` is cust_code, home_store (String). A customer's history
+    comes from their baskets strictly before this one in any split (by date, hour, basket id: the
+    order of :func:`~retailsim_pipeline.prep.history.customer_sequence`), never from the basket itself
+    or a later one. :class:`TripStream` computes the same columns, bit for bit, a chunk of time at a time.
+
+    past mix of basket_type (4), dominant mission (5), size (3), price sensitivity (4) · log1p days
+    since the last trip, has-previous flag, log1p past trips (3) · cold-start bucket one-hot:
+    anonymous, 0, 1–2, 3–9, 10+ trips (5) · carded flag + price-sensitivity (4) and lifestage (7)
+    one-hots of the card (12) · store format one-hot (4) + at-home-store flag (1) · hour bucket:
+    < 11, 11–14, 14–17, ≥ 17 (4) · weekend flag (1) · past mean lines and spend per trip, log1p (2).
+    """
+    df = _with_increments(samples).sort("cust_code", *_TIME_ORDER, nulls_last=True)
+    return _trip_columns(_with_history(df), home_store)
 
 
 def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl.DataFrame:
     """:func:`trip_features` of every basket of every split (history from every split, as of each basket)."""
-    everything = pl.concat(
-        [f.select("basket_id", "cust_code", "store_code", "store_format", "date", "hour", "weekday", "n_lines",
-                  "spend", "cust_price_sensitivity", "cust_lifestage", *LABELS)
-         .with_columns(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String))
-         for f in frames.values()]
-    )
-    return trip_features(everything, home)
+    return trip_features(pl.concat([_trip_inputs(f) for f in frames.values()]), home)
+
+
+class TripStream:
+    """:func:`trip_features` computed a chunk of baskets at a time, with memory bounded by the customers.
+
+    Feed :meth:`step` the baskets in time order: each chunk's baskets (rows in any order) come after
+    every basket of the same customer in the chunks before it (whole weeks of one split per chunk,
+    train weeks first, then validation, then test, satisfies this). Concatenated, the outputs equal
+    :func:`trip_features_all` of all the baskets, row for row and bit for bit.
+
+    The state carried between chunks is one row per carded customer seen so far (:attr:`state`): the
+    last basket's date, hour and basket id, and the inclusive (float64 accumulator) sums of every
+    history increment. A chunk is computed with each returning customer's state prepended as a
+    pseudo-row that sorts before their baskets, through the very expressions of :func:`trip_features`:
+    the running sums then add the same numbers in the same order as the one-shot computation (float
+    addition is not associative, so adding a chunk's subtotal to the state would not be
+    bit-identical). Anonymous baskets (null ``cust_code``) have no history and carry no state.
+    """
+
+    def __init__(self, home_store: pl.DataFrame):
+        """``home_store``: cust_code, home_store (String), as :func:`trip_features` takes it."""
+        self.home_store = home_store
+        self._state = pl.DataFrame(
+            schema={"cust_code": pl.String, "date": pl.Date, "hour": pl.Int8, "basket_id": pl.Int64,
+                    **dict.fromkeys(_INCREMENTS, pl.Float64)}
+        )
+
+    @property
+    def state(self) -> pl.DataFrame:
+        """One row per carded customer seen so far: cust_code, their last basket's date, hour and
+        basket_id, and the inclusive float64 sums of the ``__ind_*`` increments up to it."""
+        return self._state
+
+    def step(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        """The trip context of ``chunk``'s baskets: ``basket_id`` + the TRIP_WIDTH float32 columns of
+        :func:`trip_features`, row i for chunk row i, history including every earlier chunk.
+
+        ``chunk`` has the columns of a basket-samples frame (``cust_code`` Categorical or String).
+        Raises ValueError, state unchanged, when a customer's basket is not after their last basket of
+        an earlier chunk.
+        """
+        rows = _with_increments(_trip_inputs(chunk)).with_columns(pl.int_range(pl.len()).alias("__row"))
+        carried = self._state.join(rows.select("cust_code").unique(), on="cust_code", how="semi")
+        self._check_time_order(rows, carried)
+        df = _with_history(
+            pl.concat([carried, rows], how="diagonal").sort("cust_code", *_TIME_ORDER, nulls_last=True)
+        )
+        last = df.filter(pl.col("cust_code").is_not_null() & pl.col("cust_code").is_last_distinct()).select(
+            "cust_code", *_TIME_ORDER, *[pl.col(c.replace("__ind_", "__cum_")).alias(c) for c in _INCREMENTS]
+        )
+        self._state = pl.concat([self._state.join(last, on="cust_code", how="anti"), last], rechunk=True)
+        real = df.filter(pl.col("__row").is_not_null())
+        return _trip_columns(real, self.home_store, "__row").sort("__row").drop("__row")
+
+    @staticmethod
+    def _check_time_order(rows: pl.DataFrame, carried: pl.DataFrame) -> None:
+        """Raise ValueError naming the first basket of ``rows`` at or before its customer's last basket
+        in ``carried`` (the state of the chunk's returning customers)."""
+        before = carried.select("cust_code", *[pl.col(c).alias(f"{c}_before") for c in _TIME_ORDER])
+        date, hour, basket = (pl.col(c) for c in _TIME_ORDER)
+        date0, hour0, basket0 = (pl.col(f"{c}_before") for c in _TIME_ORDER)
+        not_after = (date < date0) | ((date == date0) & ((hour < hour0) | ((hour == hour0) & (basket <= basket0))))
+        late = (rows.select("cust_code", *_TIME_ORDER).join(before, on="cust_code")
+                .filter(not_after).sort("cust_code", *_TIME_ORDER))
+        if late.height:
+            cust, d, h, b, d0, h0, b0 = late.row(0)
+            raise ValueError(
+                f"TripStream: customer {cust}'s basket {b} of {d} {h}h is in this chunk, but their basket {b0} "
+                f"of {d0} {h0}h came in an earlier chunk ({late.height} basket(s) of "
+                f"{late.get_column('cust_code').n_unique()} customer(s) not after their earlier chunks). "
+                "Feed the chunks in time order: weeks ascending, train, then validation, then test."
+            )
