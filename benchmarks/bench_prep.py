@@ -6,6 +6,8 @@ Usage::
     python benchmarks/bench_prep.py [--rows N] [--json PATH] [--workdir DIR] [--pandas-rows M]
                                     [--keep] [--no-scaling] [--per-file]
     python benchmarks/bench_prep.py --real DIR [--repeat N] [--json PATH] [--workdir DIR] [--keep] [--per-file]
+    python benchmarks/bench_prep.py --preset full --weeks N [M ...] [--seed S] [--json PATH] [--workdir DIR]
+                                    [--keep] [--per-file]
 
 What it does (the issue's spec):
 
@@ -68,6 +70,56 @@ The checks: ours within 2x of bare polars, and ours ahead of DuckDB. The final l
 
     RESULT real_lines=… real_baskets=… ours_seconds=… polars_seconds=… duckdb_seconds=… ours_lines_per_s=… ratio_vs_polars=… ratio_vs_duckdb=… [extra keys]
 
+Scaling on a preset: ``--preset full --weeks N [M ...]``
+-------------------------------------------------------
+``--preset full --weeks 12 40 117`` measures how the prep scales up to the real dataset's size, one
+table row per N (the ``full`` preset writes ~2.6M lines a week at first, +8 %/year: by this script's
+estimate ~31M, ~110M and ~330M lines for 12, 40 and 117 weeks):
+
+- The data is the preset (any of ``GENERATOR_PRESETS``; ``full``: 5,000 products, 760 stores, 500k
+  customers, 250k baskets a week) with ``n_weeks`` = the largest N, generated ONCE, in a child
+  process (the generator's progress bar and log show), into
+  ``<workdir>/data-<preset>-<weeks>w-seed<S>[-b<K>]-<hash of the whole config>/`` and reused when
+  present (the generator's manifest vouches for the files, hashes included). ``--seed S`` (default:
+  the preset's) changes the data and the folder.
+- The row for N reads the *first N weekly files* of that data. The generator's weeks are not
+  independent of ``n_weeks``: the world (customers' arrival and leaving weeks spread over the whole
+  span, the promotions table, every draw after them) is drawn for ``n_weeks``, so the first 12 weeks
+  of a 117-week generation are not byte-identical to a 12-week generation. A row is therefore
+  labelled "weeks 1-N of an M-week world": the opening of the full period (as if the data ended
+  there), with the same traffic a week (baskets a week are set by the config, not by the active
+  customers), which is what a throughput/memory row needs. A different largest N is a different
+  world and another folder.
+- Each row: raw → basket_samples in a fresh child (``ingest_weekly_files`` over the N files, then
+  ``build_basket_samples``, exactly the ``raw_to_samples`` child above), then basket_samples →
+  tensor_cache in another (``build_tensor_cache(force=True)``), each with its seconds, lines/s and
+  peak RSS (``VmHWM``). Each row writes under its own folder ``<workdir>/run-<pid>/weeks-<N>/``,
+  deleted once the row is measured (its size is recorded first) unless ``--keep``.
+- Disk: the ``full`` preset's CSVs are ~145 B a line with the per-week ground truth (~380-410 MB a
+  week, ~48 GB for all 117 weeks) plus ~0.55 GB of world (~1.1 KB a customer); a row's outputs
+  (transactions parquet, basket_samples, tensor_cache) ~100 B a line (~33 GB for the 117-week row),
+  one row at a time (all rows with ``--keep``): ~82 GB for ``--weeks 12 40 117``. The script prints
+  the free space of ``--workdir`` and the estimated need (generated files already present count as
+  written) and refuses to start when the need exceeds it, listing the other ``data-*`` folders there
+  that could be deleted.
+- At full scale the CSVs (tens of GB) exceed the 24 GB dev machine's RAM, so the ingest reads most
+  of them from disk, not from a warm page cache: part of what the row measures.
+- ``--baskets-per-week K`` (debug, hidden from ``--help``) replaces the preset's baskets a week and
+  scales its customers in proportion (at least 100), keeping its baskets per customer: e.g.
+  ``--preset full --weeks 3 4 --baskets-per-week 20000`` (~0.8M lines) to try the mode in a minute.
+- N is at least 3: basket_samples needs a week each for train, validation and test.
+
+It prints a table (weeks, lines, baskets, ingest / samples / cache seconds, raw → tensor_cache and
+raw → basket_samples lines/s, peak RSS of each stage, other processes' CPU share), the target checks
+(raw → tensor_cache >= 400k lines/s at the largest row; peak RSS < 12 GB on every stage of every
+row) and a final line::
+
+    RESULT preset=… weeks=… lines=… baskets=… prep_lines_per_s=… raw_to_samples_lines_per_s=… peak_rss_mb=… [extra keys]
+
+(the figures of the largest row; ``peak_rss_mb`` over all rows), and with ``--json PATH`` every row
+(under ``scaling``), the generator's run and config, and the machine. ``--rows``, ``--pandas-rows``
+and ``--no-scaling`` do not apply to this mode.
+
 How peak memory is measured
 ---------------------------
 Each stage runs in a fresh child interpreter (``python bench_prep.py --_child …``). At the end of
@@ -96,6 +148,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -105,6 +158,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+logger = logging.getLogger("bench_prep")
 
 #: Rows the generator writes per (baskets_per_week x week), measured on the demo preset
 #: (1,456,352 rows for 40 weeks x 3,700 baskets: ~9.84 lines per basket incl. trend and season).
@@ -429,9 +484,9 @@ CHILDREN = {
 
 
 def child_main(name: str, spec_path: str, out_path: str) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
+    # The generator's own log (what it generates or reuses, and where) is worth seeing; the stages' is not.
+    logging.basicConfig(level=logging.INFO if name == "generate" else logging.WARNING,
+                        format="  [%(name)s] %(message)s")
     spec = json.loads(Path(spec_path).read_text())
     try:
         result = CHILDREN[name](spec)
@@ -490,8 +545,19 @@ def run_child(name: str, spec: dict, tmp_dir: Path) -> dict:
 # ============================================================================================
 
 
+def setup_logging() -> None:
+    """The parent's progress lines on stdout, between the report's own lines, as ``[bench HH:MM:SS] …``."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """A progress line of the parent (the report itself - tables, checks, RESULT - is printed)."""
+    logger.info(msg)
 
 
 def ensure_data(rows: int, workdir: Path) -> tuple[dict, Path, dict]:
@@ -781,11 +847,221 @@ def run_real(args: argparse.Namespace, t_start: float) -> int:
     return 0
 
 
+# ============================================================================================
+# --preset NAME --weeks N [M ...]: scaling on a preset's data, one row per N
+# ============================================================================================
+
+TARGET_SCALING_PREP = 400_000  # lines/s, raw → tensor_cache at the largest row (full preset, 117 weeks)
+TARGET_SCALING_PEAK_MB = 12 * 1024  # every stage of every row
+#: Lines per basket of the full preset (830,393 lines in 80,079 baskets, its first 4 weeks at 20k baskets a
+#: week; the README's 7.8M lines in 3 weeks at 250k agree); the generator's traffic trend (+8 %/year) comes on top.
+PRESET_LINES_PER_BASKET = 10.4
+TRAFFIC_TREND_PER_YEAR = 0.08
+#: Disk per generated line: the CSV (~143 B measured on the full preset) plus the weekly basket truth.
+GENERATED_BYTES_PER_LINE = 145
+#: Disk of the world sidecar (world.npz, customers.parquet) per customer: ~0.55 GB for 500k customers.
+GROUND_TRUTH_BYTES_PER_CUSTOMER = 1_100
+#: Disk of one row's outputs per line: transactions parquet + quarantine + basket_samples + tensor_cache
+#: (measured 100-104 B on the full preset at 0.6-0.8M lines, four fifths of it the cache).
+OUTPUT_BYTES_PER_LINE = 100
+#: basket_samples needs a week each for train, validation and test (``split_weeks``, default split).
+MIN_WEEKS = 3
+
+
+def preset_config_dict(name: str, n_weeks: int, seed: int | None = None,
+                       baskets_per_week: int | None = None) -> dict:
+    """Preset ``name`` with ``n_weeks`` weeks (and ``seed``, default the preset's).
+
+    ``baskets_per_week`` (the debug ``--baskets-per-week``) replaces the preset's and scales its
+    customers in proportion (at least 100), so a small run keeps the preset's baskets per customer.
+    """
+    from retailsim_pipeline.config import generator_preset
+
+    base = generator_preset(name, seed)
+    update: dict = {"n_weeks": n_weeks}
+    if baskets_per_week is not None:
+        update["baskets_per_week"] = baskets_per_week
+        update["n_customers"] = max(100, round(base.n_customers * baskets_per_week / base.baskets_per_week))
+    # model_validate, not model_copy: the config's bounds (weeks, baskets a week) are checked
+    return type(base).model_validate({**base.model_dump(), **update}).model_dump(mode="json")
+
+
+def preset_data_dir(workdir: Path, cfg: dict, baskets_override: bool) -> Path:
+    """``data-<preset>-<weeks>w-seed<S>[-b<K>]-<hash>``: readable, and keyed by the whole config."""
+    extra = f"-b{cfg['baskets_per_week']}" if baskets_override else ""
+    return workdir / f"data-{cfg['preset']}-{cfg['n_weeks']}w-seed{cfg['seed']}{extra}-{config_key(cfg)}"
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+
+
+def estimated_lines(baskets_per_week: int, n_weeks: int) -> float:
+    """Lines in the first ``n_weeks`` weeks: baskets a week x lines per basket x the mean of the traffic
+    trend over those weeks (Christmas weeks, +-20 % for three weeks a year, left out)."""
+    return baskets_per_week * n_weeks * PRESET_LINES_PER_BASKET * (1 + TRAFFIC_TREND_PER_YEAR * n_weeks / 52 / 2)
+
+
+def disk_plan(cfg: dict, weeks: list[int], data_dir: Path, keep: bool) -> dict:
+    """Estimated disk this run still needs: generated files not yet present, plus the rows' outputs
+    (the largest row's; every row's with ``keep``)."""
+    bpw = cfg["baskets_per_week"]
+    generated = (estimated_lines(bpw, cfg["n_weeks"]) * GENERATED_BYTES_PER_LINE
+                 + cfg["n_customers"] * GROUND_TRUTH_BYTES_PER_CUSTOMER)
+    present = tree_bytes(data_dir)
+    outputs = OUTPUT_BYTES_PER_LINE * (sum(estimated_lines(bpw, n) for n in weeks) if keep
+                                       else estimated_lines(bpw, max(weeks)))
+    return {
+        "estimated_lines": round(estimated_lines(bpw, cfg["n_weeks"])),
+        "generated_bytes": round(generated),
+        "present_bytes": present,
+        "to_generate_bytes": max(0, round(generated) - present),
+        "outputs_bytes": round(outputs),
+        "need_bytes": max(0, round(generated) - present) + round(outputs),
+    }
+
+
+def check_disk(workdir: Path, plan: dict, data_dir: Path) -> int:
+    """Print the free space and the estimated need; refuse (SystemExit) when the need exceeds it."""
+    free = shutil.disk_usage(workdir).free
+    gb = 1e9
+    log(f"disk: {free / gb:,.1f} GB free in {workdir}; this run needs ~{plan['need_bytes'] / gb:,.1f} GB "
+        f"(~{plan['estimated_lines']:,} lines: generated files ~{plan['generated_bytes'] / gb:,.1f} GB, "
+        f"{plan['present_bytes'] / gb:,.1f} GB of them present; outputs ~{plan['outputs_bytes'] / gb:,.1f} GB)")
+    if plan["need_bytes"] > free:
+        others = sorted((p for p in workdir.glob("data-*") if p.is_dir() and p != data_dir), key=lambda p: p.name)
+        hint = "".join(f"\n  {p} ({tree_bytes(p) / gb:,.1f} GB)" for p in others)
+        raise SystemExit(
+            f"not enough disk in {workdir}: ~{plan['need_bytes'] / gb:,.1f} GB needed, {free / gb:,.1f} GB free. "
+            "Point --workdir at a larger disk, measure fewer weeks, drop --keep, or delete data folders "
+            "of earlier runs" + (f":{hint}" if hint else "."))
+    return free
+
+
+def scaling_row(n_weeks: int, prep: dict, output_bytes: int) -> dict:
+    """One table row's figures from the two stage results of ``run_prep``."""
+    s1, s2 = prep["raw_to_samples"], prep["samples_to_cache"]
+    lines = s1["rows"]
+    return {
+        "weeks": n_weeks,
+        "lines": lines,
+        "baskets": s1["baskets"],
+        "quarantined": s1["quarantined"],
+        "ingest_seconds": round(s1["ingest_seconds"], 3),
+        "samples_seconds": round(s1["samples_seconds"], 3),
+        "raw_to_samples_seconds": round(s1["seconds"], 3),
+        "cache_seconds": round(s2["seconds"], 3),
+        "prep_seconds": round(s1["seconds"] + s2["seconds"], 3),
+        "ingest_lines_per_s": round(lines / s1["ingest_seconds"]),
+        "raw_to_samples_lines_per_s": round(lines / s1["seconds"]),
+        "prep_lines_per_s": round(lines / (s1["seconds"] + s2["seconds"])),
+        "peak_rss_mb_raw_to_samples": round(s1["peak_rss_mb"], 1),
+        "peak_rss_mb_cache": round(s2["peak_rss_mb"], 1),
+        "wall_seconds": round(s1["wall_seconds"] + s2["wall_seconds"], 2),
+        "others_cpu_share": max(s1["others_cpu_share"], s2["others_cpu_share"]),
+        "output_bytes": output_bytes,
+        "output_bytes_per_line": round(output_bytes / lines, 1),
+    }
+
+
+def run_scaling(args: argparse.Namespace, t_start: float) -> int:
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    weeks = sorted(set(args.weeks))
+    override = args.baskets_per_week is not None
+    cfg = preset_config_dict(args.preset, weeks[-1], args.seed, args.baskets_per_week)
+    data_dir = preset_data_dir(workdir, cfg, override)
+    plan = disk_plan(cfg, weeks, data_dir, args.keep)
+    free = check_disk(workdir, plan, data_dir)
+
+    log(f"data: preset {cfg['preset']}{' (--baskets-per-week: customers scaled)' if override else ''}, "
+        f"{cfg['n_weeks']} weeks x {cfg['baskets_per_week']:,} baskets/week, {cfg['n_products']:,} products, "
+        f"{cfg['n_stores']:,} stores, {cfg['n_customers']:,} customers, seed {cfg['seed']} -> {data_dir}")
+    gen = run_child("generate", {"config": cfg, "out_dir": str(data_dir)}, workdir / "tmp")
+    gen["lines_per_s"] = None if gen["reused"] else round(gen["rows"] / gen["seconds"])
+    log(f"  {'reused' if gen['reused'] else 'generated'} {gen['rows']:,} lines, {gen['baskets']:,} baskets, "
+        f"{gen['weeks']} weekly files in {gen['wall_seconds']:.1f}s"
+        + ("" if gen["reused"] else f" ({gen['lines_per_s']:,} lines/s, peak RSS {gen['peak_rss_mb']:,.0f} MB)"))
+
+    run_root = workdir / f"run-{os.getpid()}"
+    rows: list[dict] = []
+    stages: dict = {}
+    try:
+        for n in weeks:
+            run_dir = run_root / f"weeks-{n}"
+            prep = run_prep(f"weeks 1-{n} of a {cfg['n_weeks']}-week world", gen["files"][:n], run_dir, workdir,
+                            per_file=args.per_file)
+            rows.append(scaling_row(n, prep, tree_bytes(run_dir)))
+            stages[f"weeks_{n}"] = prep
+            if not args.keep:
+                shutil.rmtree(run_dir, ignore_errors=True)  # disk: one row's outputs at a time
+    finally:
+        if not args.keep:
+            shutil.rmtree(run_root, ignore_errors=True)
+        elif run_root.exists():
+            log(f"stage outputs kept in {run_root}")
+
+    # ---- print ------------------------------------------------------------------------------------
+    print()
+    print(f"{'weeks':>5} {'lines':>13} {'baskets':>11} {'ingest s':>9} {'samples s':>9} {'cache s':>9} "
+          f"{'raw->cache l/s':>14} {'raw->samples l/s':>16} {'RSS samples MB':>14} {'RSS cache MB':>12} "
+          f"{'others':>6}")
+    print("-" * 125)
+    for r in rows:
+        print(f"{r['weeks']:>5} {r['lines']:>13,} {r['baskets']:>11,} {r['ingest_seconds']:>9.2f} "
+              f"{r['samples_seconds']:>9.2f} {r['cache_seconds']:>9.2f} {fmt_rate(r['prep_lines_per_s']):>14} "
+              f"{fmt_rate(r['raw_to_samples_lines_per_s']):>16} {r['peak_rss_mb_raw_to_samples']:>14,.0f} "
+              f"{r['peak_rss_mb_cache']:>12,.0f} {100 * r['others_cpu_share']:>5.0f}%")
+    print(f"(rows: the first N weekly files of one {cfg['n_weeks']}-week {cfg['preset']} generation; seconds: the work\n"
+          " alone, each stage in a fresh process; l/s: lines per second of raw -> tensor_cache (ingest + samples +\n"
+          " cache) and of raw -> basket_samples (ingest + samples); RSS: each stage's peak (VmHWM); others: the\n"
+          " largest share of the machine's CPU other processes used during the row - high = pessimistic timing)")
+    print()
+    last = rows[-1]
+    peak = max(max(r["peak_rss_mb_raw_to_samples"], r["peak_rss_mb_cache"]) for r in rows)
+    peak_row = next(r for r in rows if peak in (r["peak_rss_mb_raw_to_samples"], r["peak_rss_mb_cache"]))
+    checks = [
+        (f"raw -> tensor_cache >= {TARGET_SCALING_PREP:,} lines/s", last["prep_lines_per_s"] >= TARGET_SCALING_PREP,
+         f"{last['prep_lines_per_s']:,} lines/s at the largest row ({last['lines']:,} lines, {last['weeks']} weeks)"),
+        (f"peak RSS < {TARGET_SCALING_PEAK_MB // 1024} GB, every stage of every row", peak < TARGET_SCALING_PEAK_MB,
+         f"{peak:,.0f} MB at most ({peak_row['weeks']} weeks)"),
+    ]
+    targets_met = print_checks(checks)
+    total = time.perf_counter() - t_start
+    print(f"\nbenchmark wall time {total:.1f}s")
+
+    summary: dict = {
+        "preset": cfg["preset"],
+        "weeks": ",".join(str(n) for n in weeks),
+        "lines": last["lines"],
+        "baskets": last["baskets"],
+        "prep_lines_per_s": last["prep_lines_per_s"],
+        "raw_to_samples_lines_per_s": last["raw_to_samples_lines_per_s"],
+        "peak_rss_mb": peak,
+        "generate_lines_per_s": gen["lines_per_s"],
+        "targets_met": targets_met,
+        "scaling": rows,
+        "generator": {k: v for k, v in gen.items() if k != "files"},
+        "config": cfg,
+        "disk": {**plan, "free_bytes_before": free},
+    }
+    print_result(summary, ["preset", "weeks", "lines", "baskets", "prep_lines_per_s", "raw_to_samples_lines_per_s",
+                           "peak_rss_mb", "generate_lines_per_s", "targets_met"])
+    if args.json is not None:
+        write_json(args.json, summary, {"preset": args.preset, "weeks": weeks, "seed": args.seed,
+                                        "baskets_per_week": args.baskets_per_week, "keep": args.keep,
+                                        "per_file": args.per_file}, total, stages)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
         child_main(*argv[1:4])
         return 0
+
+    from retailsim_pipeline.config import GENERATOR_PRESETS, generator_preset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows to generate (default 10M)")
@@ -804,13 +1080,40 @@ def main(argv: list[str] | None = None) -> int:
                         "ingest_weekly_files, to compare the two")
     p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
                    help=f"--real: runs per contender, interleaved (default {DEFAULT_REPEAT})")
+    p.add_argument("--preset", choices=sorted(GENERATOR_PRESETS), default=None,
+                   help="scaling on this generator preset's data (one generation, reused), one table row per "
+                        "--weeks N instead of the --rows stages")
+    p.add_argument("--weeks", type=int, nargs="+", default=None, metavar="N",
+                   help="--preset: rows on the first N weekly files (several N: one row each; the data has the "
+                        "largest N weeks; default: the preset's weeks)")
+    p.add_argument("--seed", type=int, default=None, help="--preset: generator seed (default: the preset's)")
+    # Debug: a quick, small run of the --preset mode (customers scale with it); not a benchmark figure.
+    p.add_argument("--baskets-per-week", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.preset is None and (args.weeks is not None or args.seed is not None
+                                or args.baskets_per_week is not None):
+        p.error("--weeks, --seed and --baskets-per-week need --preset")
+    if args.preset is not None:
+        if args.real is not None:
+            p.error("--preset and --real are two different modes: give one")
+        if args.weeks is None:
+            args.weeks = [generator_preset(args.preset).n_weeks]
+        if min(args.weeks) < MIN_WEEKS:
+            p.error(f"--weeks: each N must be at least {MIN_WEEKS} (basket_samples splits the weeks into train, "
+                    f"validation and test), got {min(args.weeks)}")
+        try:  # the config's own bounds (weeks, baskets a week) are the ones that count
+            preset_config_dict(args.preset, max(args.weeks), args.seed, args.baskets_per_week)
+        except ValueError as exc:
+            p.error(f"--preset {args.preset} --weeks {max(args.weeks)}: {exc}")
 
+    setup_logging()
     t_start = time.perf_counter()
     if args.real is not None:
         return run_real(args, t_start)
+    if args.preset is not None:
+        return run_scaling(args, t_start)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     run_root = workdir / f"run-{os.getpid()}"
