@@ -31,10 +31,43 @@ def _randomized_svd(m: sp.csr_matrix, k: int, seed: int, n_iter: int = 6) -> tup
     return u * signs, s
 
 
+def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[n, V] 0/1 float64 CSR of a token CSR ``(offsets [n + 1], tokens)``: which products each row
+    holds (a set: duplicates count once; special tokens dropped). Rows are baskets, or a position's
+    visible items."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    keep = tokens >= N_SPECIAL
+    m = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], tokens[keep])), shape=(len(offsets) - 1, vocab_size))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def cooccurrence_counts(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """[V, V] float64 CSR ``Xᵀ X`` of the baskets ``(offsets [n + 1], tokens)``, X their basket × product
+    0/1 incidence (:func:`product_sets`): entry (i, j) counts the baskets holding both i and j, the
+    diagonal the baskets holding i; special tokens 0.
+
+    Additive over baskets: the counts of a split are the sum of its chunks' counts, exact (integers in
+    float64) up to 2^53, so a split can be counted a few weeks at a time."""
+    x = product_sets(offsets, tokens, vocab_size)
+    return (x.T @ x).tocsr()
+
+
 def build_product_embeddings(
     offsets: np.ndarray, tokens: np.ndarray, vocab: pl.DataFrame, config: CacheConfig
 ) -> np.ndarray:
-    """Product embeddings [V, 256] float32 from train baskets.
+    """Product embeddings [V, 256] float32 from train baskets ``(offsets [n + 1], tokens)``: see
+    :func:`build_product_embeddings_from_counts`."""
+    return build_product_embeddings_from_counts(cooccurrence_counts(offsets, tokens, vocab.height), vocab, config)
+
+
+def build_product_embeddings_from_counts(cooc: sp.spmatrix, vocab: pl.DataFrame, config: CacheConfig) -> np.ndarray:
+    """Product embeddings [V, 256] float32 from the train baskets' co-occurrence counts ``cooc`` [V, V]
+    (:func:`cooccurrence_counts`, summed over chunks of the split; its diagonal is ignored). Reads
+    ``cooc``, never modifies it.
 
     Method (documented for the README):
 
@@ -50,16 +83,15 @@ def build_product_embeddings(
        rare products borrow strength from their class (64 dims).
 
     PAD and MASK rows are zero (the model learns its own MASK embedding); UNK is the mean product.
+    The result depends on the counts only (not on how they were summed): every later sum runs over
+    integer-valued float64 (exact), and the PPMI matrix is rebuilt in canonical (sorted) order.
     """
     v = vocab.height
     k = config.cooccurrence_dim
-    n_baskets = len(offsets) - 1
-    rows = np.repeat(np.arange(n_baskets), np.diff(offsets))
-    real = tokens >= N_SPECIAL  # special tokens never co-occur
-    x = sp.csr_matrix((np.ones(int(real.sum()), np.float32), (rows[real], tokens[real])), shape=(n_baskets, v))
-    x.sum_duplicates()
-    x.data = np.minimum(x.data, 1.0)  # a product counted once per basket
-    c = (x.T @ x).tocsr().astype(np.float64)
+    if cooc.shape != (v, v):
+        raise ValueError(f"co-occurrence counts of shape {cooc.shape}: the vocabulary has {v} tokens, "
+                         f"expected ({v}, {v})")
+    c = sp.csr_matrix(cooc, dtype=np.float64, copy=True)
     c.setdiag(0)
     c.eliminate_zeros()
     total = c.sum()

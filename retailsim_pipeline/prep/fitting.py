@@ -1,9 +1,14 @@
 """The tables of the tensor cache fitted on the train split only (DESIGN §3).
 
-:func:`fit_train_tables` is the one entry point: it takes the train baskets and the product
-dimension and returns every fitted table (:class:`FittedTables`). The builder calls it once; the
-leakage check calls it again on the train split re-read from disk and compares, so anything the
-builder fitted on other data shows up as a difference.
+:func:`fit_train_tables_streamed` fits every table (:class:`FittedTables`) from the train split read
+in chunks (a few weeks of baskets at a time), in memory that grows with the products, stores and
+customers, not with the lines; :func:`fit_train_tables` is the same fit on a train frame in memory.
+The builder calls it once; the leakage check calls it again on the train split re-read from disk and
+compares, so anything the builder fitted on other data shows up as a difference.
+
+Each line-level table is split in two: a per-chunk count that adds up over chunks (product line
+counts, co-occurrence counts ``Xᵀ X``, store × product line counts, value counts of log unit prices)
+and a fit from the summed counts. Both entry points run the same code, so they agree bit for bit.
 
 * vocabulary — PAD, MASK, UNK, then train products by descending train line count (ties by code);
 * product embeddings — :mod:`~retailsim_pipeline.prep.embeddings`;
@@ -15,6 +20,7 @@ builder fitted on other data shows up as a difference.
   anonymous or not seen in train. (What customers bought is point-in-time, :mod:`.history`.)
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,21 +29,54 @@ import polars as pl
 import scipy.sparse as sp
 
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, SPECIAL_CODES, UNK, CacheConfig
-from retailsim_pipeline.prep.embeddings import build_product_embeddings
+from retailsim_pipeline.prep.embeddings import (
+    build_product_embeddings_from_counts,
+    cooccurrence_counts,
+    product_sets,  # re-exported: callers import it from here
+)
 from retailsim_pipeline.prep.features import one_hot_exprs
 from retailsim_pipeline.prep.schema import LIFESTAGE_CODES, PRICE_SENSITIVITY_CODES, STORE_FORMAT_CODES
 
 _HOUR_BINS = (0, 10, 12, 14, 16, 18, 24)  # 6 bins: early, late morning, lunch, afternoon, after work, evening
 
+#: Columns of the train baskets the store and customer tables read, one value per basket (no lists);
+#: :func:`basket_columns` adds ``basket_spend``, the sum of the basket's line spend.
+BASKET_COLUMNS: tuple[str, ...] = ("cust_code", "store_code", "store_format", "store_region", "week", "weekday",
+                                   "hour", "n_lines", "cust_price_sensitivity", "cust_lifestage")
+
+__all__ = ["BASKET_COLUMNS", "FittedTables", "basket_columns", "basket_csr", "build_customer_context",
+           "build_product_log_price", "build_product_neighbours", "build_store_context", "build_vocabulary",
+           "cooccurrence_similarity", "fit_train_tables", "fit_train_tables_streamed", "home_stores",
+           "median_from_value_counts", "price_value_counts", "product_line_counts", "product_log_price_from_counts",
+           "product_sets", "similarity_from_counts", "store_index", "store_line_counts", "vocabulary_from_counts"]
+
+
+def _add_counts(total: pl.DataFrame, part: pl.DataFrame, count: str) -> pl.DataFrame:
+    """``total`` plus ``part``: count frames keyed by every column but ``count`` (Int64), summed per key."""
+    keys = [c for c in part.columns if c != count]
+    return pl.concat([total, part]).group_by(keys).agg(pl.col(count).sum())
+
+
+def product_line_counts(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """Lines per product of some baskets: PROD_CODE (String), train_count (Int64), unordered. Additive
+    over chunks of baskets (sum per PROD_CODE)."""
+    return (
+        frame.lazy().select(pl.col("products").explode().cast(pl.String).alias("PROD_CODE"))
+        .group_by("PROD_CODE").agg(pl.len().cast(pl.Int64).alias("train_count"))
+        .collect()
+    )
+
 
 def build_vocabulary(train: pl.LazyFrame, products: pl.DataFrame) -> pl.DataFrame:
     """PAD/MASK/UNK then train products by descending train line count (ties by code)."""
-    counts = (
-        train.select(pl.col("products").explode().cast(pl.String).alias("PROD_CODE"))
-        .group_by("PROD_CODE").len("train_count")
-        .sort(["train_count", "PROD_CODE"], descending=[True, False])
-        .collect()
-    )
+    return vocabulary_from_counts(product_line_counts(train), products)
+
+
+def vocabulary_from_counts(counts: pl.DataFrame, products: pl.DataFrame) -> pl.DataFrame:
+    """The vocabulary from the train split's :func:`product_line_counts` (summed over its chunks): PAD,
+    MASK, UNK, then the products by descending train line count (ties by code), with their hierarchy
+    from ``products``. Columns: token_id (Int32), PROD_CODE, train_count (UInt32), PROD_CODE_10…40."""
+    counts = counts.sort(["train_count", "PROD_CODE"], descending=[True, False])
     hierarchy = products.with_columns(pl.col(c).cast(pl.String) for c in products.columns if c.startswith("PROD"))
     hierarchy = hierarchy.sort("first_week").unique("PROD_CODE", keep="first").drop("first_week", "last_week")
     vocab = counts.with_row_index("token_id", offset=N_SPECIAL).with_columns(pl.col("token_id").cast(pl.Int32))
@@ -73,40 +112,25 @@ def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
     return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
 
 
-def _count_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    """[shape] float32 CSR counting each (row, col) pair (the constructor sums duplicates)."""
-    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
-    counts.sum_duplicates()
-    return counts
-
-
-def product_sets(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """[n, V] 0/1 float64 CSR of a token CSR ``(offsets [n + 1], tokens)``: which products each row
-    holds (a set: duplicates count once; special tokens dropped). Rows are baskets, or a position's
-    visible items."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    keep = tokens >= N_SPECIAL
-    m = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], tokens[keep])), shape=(len(offsets) - 1, vocab_size))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
-
-
 def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int,
                             normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:
     """[V, V] float64 CSR co-occurrence of the baskets given: C_ij, the baskets holding both i and j
     (``"count"``), or C_ij / sqrt(c_i c_j) with c_i the baskets holding i (``"cosine"``); diagonal and
     special tokens 0. The one definition of "co-occurrence": the item-kNN baseline and the model's
     co-occurrence path (cosine) read it."""
-    x = product_sets(offsets, tokens, vocab_size)  # [N, V] 0/1: a basket counts a product once
-    c = (x.T @ x).tocsr()
+    return similarity_from_counts(cooccurrence_counts(offsets, tokens, vocab_size), normalize)
+
+
+def similarity_from_counts(counts: sp.spmatrix, normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:
+    """:func:`cooccurrence_similarity` from the baskets' :func:`cooccurrence_counts` [V, V] (summed over
+    chunks of baskets; the diagonal holds c_i). Reads ``counts``, never modifies it."""
+    vocab_size = counts.shape[0]
+    c = sp.csr_matrix(counts, dtype=np.float64, copy=True)
     baskets_with = c.diagonal().copy()  # [V] c_i
     c.setdiag(0.0)
     c.eliminate_zeros()
     if normalize == "count":
-        return c.astype(np.float64)
+        return c
     inv = np.divide(1.0, np.sqrt(baskets_with), out=np.zeros(vocab_size), where=baskets_with > 0)
     return (sp.diags(inv) @ c @ sp.diags(inv)).tocsr()
 
@@ -152,7 +176,8 @@ def home_stores(train: pl.DataFrame) -> pl.DataFrame:
     """Each carded customer's most frequent train store (ties: the smallest code): cust_code, home_store."""
     return (
         train.filter(pl.col("cust_code").is_not_null())
-        .group_by(pl.col("cust_code").cast(pl.String), pl.col("store_code").cast(pl.String)).len()
+        .group_by("cust_code", "store_code").len()
+        .with_columns(pl.col("cust_code", "store_code").cast(pl.String))  # per pair, not per basket
         .sort(["cust_code", "len", "store_code"], descending=[False, True, False])
         .unique("cust_code", keep="first").rename({"store_code": "home_store"}).select("cust_code", "home_store")
     )
@@ -172,9 +197,10 @@ def build_customer_context(train: pl.DataFrame, stores: pl.DataFrame, config: Ca
     """
     per_cust = (
         train.filter(pl.col("cust_code").is_not_null())
-        .group_by(pl.col("cust_code").cast(pl.String))
-        .agg(pl.col("cust_price_sensitivity").cast(pl.String).last().alias("ps"),
-             pl.col("cust_lifestage").cast(pl.String).last().alias("ls"))
+        .group_by("cust_code")
+        .agg(pl.col("cust_price_sensitivity").last().cast(pl.String).alias("ps"),
+             pl.col("cust_lifestage").last().cast(pl.String).alias("ls"))
+        .with_columns(pl.col("cust_code").cast(pl.String))  # per customer, not per basket
         .sort("cust_code")
         .with_row_index("row", offset=1)
         .join(home_stores(train), on="cust_code", how="left", maintain_order="left")
@@ -201,10 +227,45 @@ def build_customer_context(train: pl.DataFrame, stores: pl.DataFrame, config: Ca
     return ctx, index
 
 
+def basket_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """The basket-level columns of some baskets: :data:`BASKET_COLUMNS` and ``basket_spend`` (Float64,
+    the sum of the basket's line spend), one row per basket in ``frame``'s order, no lists (~35 bytes a
+    basket), so the whole train split's fit in memory while its lines are read a chunk at a time. The
+    store and customer tables read only these."""
+    return frame.select(*BASKET_COLUMNS, pl.col("spend").list.sum().alias("basket_spend"))
+
+
+def store_index(baskets: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the store context: store_code (String) of the train stores, sorted, and row (UInt32)
+    from 1 (row 0 = a store not seen in train), as :func:`build_store_context` numbers them."""
+    return (baskets.select(pl.col("store_code").unique().cast(pl.String)).sort("store_code")
+            .with_row_index("row", offset=1))
+
+
+def store_line_counts(frame: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, stores: pl.DataFrame,
+                      vocab_size: int) -> sp.csr_matrix:
+    """[S, V] int64 CSR (canonical): the lines of each token in each store's baskets, S = ``stores.height``
+    + 1 with rows from :func:`store_index` (a store not in ``stores`` counts in row 0). ``(offsets [n + 1],
+    tokens)`` are ``frame``'s baskets under the vocabulary (:func:`basket_csr`). Additive over chunks."""
+    row = (
+        frame.select(pl.col("store_code").cast(pl.String))
+        .join(stores.select("store_code", "row"), on="store_code", how="left", maintain_order="left")
+        .get_column("row").fill_null(0).to_numpy().astype(np.int64)
+    )
+    lines = np.repeat(row, np.diff(offsets))
+    counts = sp.csr_matrix((np.ones(len(lines), np.int64), (lines, np.asarray(tokens, dtype=np.int64))),
+                           shape=(stores.height + 1, vocab_size))
+    counts.sum_duplicates()
+    return counts
+
+
 def build_store_context(
-    train: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, emb: np.ndarray, config: CacheConfig
+    baskets: pl.DataFrame, store_lines: sp.spmatrix, emb: np.ndarray, config: CacheConfig
 ) -> tuple[np.ndarray, pl.DataFrame]:
     """Store context [S, 96] float32 (row 0 = store not seen in train) and its index.
+
+    ``baskets``: the train baskets' :func:`basket_columns`; ``store_lines`` [S, V]: their lines per store
+    and token (:func:`store_line_counts`, summed over chunks; rows as :func:`store_index`), read only.
 
     Format one-hot (4) · region one-hot over the train regions sorted, folded into 16 · 18
     standardised statistics: log baskets per week, log mean lines and spend, anonymous share,
@@ -212,25 +273,30 @@ def build_store_context(
     embedding of the store's lines, first 56 dims · zero padding to 96.
     """
     per_store = (
-        train.with_columns(pl.col("spend").list.sum().alias("__spend"), pl.col("store_code").cast(pl.String),
-                           pl.col("store_region").cast(pl.String))
-        .group_by("store_code")
+        baskets.group_by("store_code")
         .agg(
-            pl.col("store_format").cast(pl.String).first(),
-            pl.col("store_region").first(),
+            pl.col("store_format").first().cast(pl.String),
+            pl.col("store_region").first().cast(pl.String),
             (pl.len() / pl.col("week").n_unique()).alias("baskets_per_week"),
             pl.col("n_lines").mean().alias("mean_lines"),
-            pl.col("__spend").mean().alias("mean_spend"),
+            pl.col("basket_spend").mean().alias("mean_spend"),
             pl.col("cust_code").is_null().mean().alias("anonymous_share"),
             *_weekday_exprs("s"),
             *_hour_bin_exprs("s"),
-            pl.col("products").explode().n_unique().alias("distinct_products"),
             pl.col("cust_code").n_unique().alias("distinct_customers"),
         )
-        .sort("store_code")
+        .with_columns(pl.col("store_code").cast(pl.String))  # per store, not per basket
+        .sort("store_code")  # the order of store_index
         .with_row_index("row", offset=1)
     )
     n = per_store.height + 1
+    if store_lines.shape != (n, emb.shape[0]):
+        raise ValueError(f"store line counts of shape {store_lines.shape}: the train baskets have {n - 1} stores and "
+                         f"the embeddings {emb.shape[0]} tokens, expected ({n}, {emb.shape[0]})")
+    lines = sp.csr_matrix(store_lines, dtype=np.float32, copy=True)  # [S, V]
+    lines.sum_duplicates()
+    lines.eliminate_zeros()
+    per_store = per_store.with_columns(pl.Series("distinct_products", np.diff(lines.indptr)[1:]))
     ctx = np.zeros((n, config.store_dim), dtype=np.float32)
     ctx[1:, :4] = per_store.select(*one_hot_exprs("store_format", STORE_FORMAT_CODES, "f")).to_numpy()
     regions = sorted(per_store.get_column("store_region").unique().to_list())
@@ -244,29 +310,64 @@ def build_store_context(
         pl.col("distinct_products").log1p(), pl.col("distinct_customers").log1p(),
     )
     ctx[1:, 20: 20 + stats.shape[1]] = _standardise(stats)
-    store_row = (
-        train.select(pl.col("store_code").cast(pl.String))
-        .join(per_store.select("store_code", "row"), on="store_code", how="left", maintain_order="left")
-        .get_column("row").to_numpy().astype(np.int64)
-    )
     e0 = 20 + stats.shape[1]
     width = min(56, config.store_dim - e0)
-    store_counts = _count_matrix(np.repeat(store_row, np.diff(offsets)), tokens, (n, emb.shape[0]))  # [S, V]
-    ctx[:, e0: e0 + width] = _mean_embedding(store_counts, emb[:, :width])
+    ctx[:, e0: e0 + width] = _mean_embedding(lines, emb[:, :width])
     ctx[0, e0: e0 + width] = 0.0
     index = per_store.select("store_code", pl.col("row").cast(pl.Int32), "store_format")
     return ctx, index
 
 
+def price_value_counts(tokens: np.ndarray, unit_price: np.ndarray) -> pl.DataFrame:
+    """Value counts of the lines' log unit price per token: token (Int32), log_price (Float64), lines
+    (Int64), unordered. Unit prices below £0.001 count as £0.001. Additive over chunks (sum per token and
+    log_price); prices take few distinct values per product, so the counts grow with products, not lines."""
+    log_unit = np.log(np.maximum(unit_price, 1e-3))
+    return (
+        pl.DataFrame({"token": np.asarray(tokens), "log_price": log_unit})
+        .group_by(pl.col("token").cast(pl.Int32), "log_price").agg(pl.len().cast(pl.Int64).alias("lines"))
+    )
+
+
+def median_from_value_counts(values: np.ndarray, counts: np.ndarray, starts: np.ndarray,
+                             like: Literal["polars", "numpy"] = "polars") -> np.ndarray:
+    """Median of each group of a weighted sample, [len(starts)] float64: a group is the run of rows from
+    one of ``starts`` to the next, sorted by value, and a row stands for ``counts`` (≥ 1) copies of its
+    value. Bit for bit the median of the copies as ``like`` computes it: the middle value of an odd
+    count, else from the two middle values ``lower ≤ upper``, ``lower + (upper - lower) * 0.5`` (polars'
+    ``median()``, a linear interpolation) or ``(lower + upper) / 2`` (numpy's, a mean); the two differ in
+    the last bit for some pairs."""
+    cum = np.cumsum(counts)  # copies up to and including each row
+    before = cum[starts] - counts[starts]  # copies before each group
+    n = np.diff(np.append(before, cum[-1] if len(cum) else 0))
+    lower = values[np.searchsorted(cum, before + (n - 1) // 2, side="right")]  # the ((n - 1) // 2)-th from 0
+    upper = values[np.searchsorted(cum, before + n // 2, side="right")]  # the (n // 2)-th: lower when n is odd
+    return lower + (upper - lower) * 0.5 if like == "polars" else (lower + upper) / 2
+
+
+def product_log_price_from_counts(counts: pl.DataFrame, vocab_size: int) -> np.ndarray:
+    """:func:`build_product_log_price` from the train lines' :func:`price_value_counts` (summed over
+    chunks): [V] float32, bit for bit the median of the lines' values as polars (per token) and numpy (over
+    all lines, for the tokens without a line) compute it on the lines themselves."""
+    if counts.is_empty():
+        return np.zeros(vocab_size, np.float32)
+    by_token = counts.sort("token", "log_price")
+    token = by_token.get_column("token").to_numpy()
+    starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
+    per_token = median_from_value_counts(by_token.get_column("log_price").to_numpy(),
+                                         by_token.get_column("lines").to_numpy(), starts)
+    overall = counts.group_by("log_price").agg(pl.col("lines").sum()).sort("log_price")
+    all_lines = median_from_value_counts(overall.get_column("log_price").to_numpy(),
+                                         overall.get_column("lines").to_numpy(), np.zeros(1, np.int64), like="numpy")
+    out = np.full(vocab_size, all_lines[0], np.float32)
+    out[token[starts]] = per_token
+    return out
+
 
 def build_product_log_price(tokens: np.ndarray, unit_price: np.ndarray, vocab_size: int) -> np.ndarray:
     """Log of each token's median train unit price: [V] float32 (tokens without a line, UNK among them:
     the median over all lines). Unit prices below £0.001 count as £0.001."""
-    log_unit = np.log(np.maximum(unit_price, 1e-3))
-    med = pl.DataFrame({"t": tokens, "p": log_unit}).group_by("t").agg(pl.col("p").median())
-    out = np.full(vocab_size, float(np.median(log_unit)) if len(log_unit) else 0.0, np.float32)
-    out[med.get_column("t").to_numpy()] = med.get_column("p").to_numpy()
-    return out
+    return product_log_price_from_counts(price_value_counts(tokens, unit_price), vocab_size)
 
 
 @dataclass(frozen=True)
@@ -283,20 +384,88 @@ class FittedTables:
     product_neighbours: np.ndarray  # [V, cooccurrence_neighbours] int32
     product_neighbour_weights: np.ndarray  # [V, cooccurrence_neighbours] float32
     #: The train split under the vocabulary (offsets, tokens, unit prices, quantities): not a table,
-    #: handed back so the builder does not compute it twice.
-    train_csr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    #: handed back by :func:`fit_train_tables` so the builder does not compute it twice; None from
+    #: :func:`fit_train_tables_streamed`, which never holds the split's lines.
+    train_csr: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def fit_train_tables(train: pl.DataFrame, products: pl.DataFrame, config: CacheConfig) -> FittedTables:
-    """Fit every table on ``train`` (the train split's basket samples) and ``products`` (hierarchy)."""
-    vocab = build_vocabulary(train.lazy(), products)
-    csr = basket_csr(train, vocab)
-    offsets, tokens, unit_price, _ = csr
-    emb = build_product_embeddings(offsets, tokens, vocab, config)
-    product_log_price = build_product_log_price(tokens, unit_price, vocab.height)
-    store_ctx, stores = build_store_context(train, offsets, tokens, emb, config)
-    cust_ctx, customers = build_customer_context(train, stores, config)
-    neighbours, weights = build_product_neighbours(cooccurrence_similarity(offsets, tokens, vocab.height),
-                                                   config.cooccurrence_neighbours)
-    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, stores, neighbours, weights,
-                        csr)
+    """Fit every table on ``train`` (the train split's basket samples) and ``products`` (hierarchy):
+    :func:`fit_train_tables_streamed` with ``train`` as the one chunk, and ``train_csr`` set."""
+    return _fit(lambda: iter([train]), products, config, keep_csr=True)
+
+
+def fit_train_tables_streamed(train_chunks: Callable[[], Iterable[pl.DataFrame]], products: pl.DataFrame,
+                              config: CacheConfig) -> FittedTables:
+    """Fit every table on the train split read in chunks, and ``products`` (hierarchy).
+
+    ``train_chunks()`` returns a fresh iterable over the train split's basket samples (the columns of
+    :mod:`~retailsim_pipeline.prep.samples`), split into frames of whole baskets (e.g. a few weeks each)
+    whose concatenation in order is the split; it is called exactly twice (product line counts, then
+    the lines under the vocabulary) and must yield the same baskets each time (else ValueError).
+
+    The result equals :func:`fit_train_tables` on the concatenated split, bit for bit, except
+    ``train_csr`` = None. Held across chunks: the basket-level columns (:func:`basket_columns`, one row
+    a basket) and counts bounded by products V, stores S and customers: product line counts [V],
+    co-occurrence counts [V, V], store × product line counts [S, V], log unit price value counts per
+    product. Peak memory beyond those: one chunk and its line-level arrays.
+    """
+    return _fit(train_chunks, products, config, keep_csr=False)
+
+
+def _fit(train_chunks: Callable[[], Iterable[pl.DataFrame]], products: pl.DataFrame, config: CacheConfig,
+         keep_csr: bool) -> FittedTables:
+    """:func:`fit_train_tables_streamed`, with ``train_csr`` the chunks' :func:`basket_csr` joined when
+    ``keep_csr`` (the one-shot fit: one chunk, already in memory)."""
+    # Pass 1: what needs no vocabulary — the products' line counts and the basket-level columns.
+    counts = pl.DataFrame(schema={"PROD_CODE": pl.String, "train_count": pl.Int64})
+    basket_parts = []
+    for chunk in train_chunks():
+        counts = _add_counts(counts, product_line_counts(chunk), "train_count")
+        basket_parts.append(basket_columns(chunk))
+    if not basket_parts:
+        raise ValueError("train_chunks() yielded no chunk: it must yield the train split's baskets, a frame of "
+                         "a few weeks at a time")
+    baskets = pl.concat(basket_parts, rechunk=True)  # one chunk: the same aggregates however the split was cut
+    del basket_parts
+    vocab = vocabulary_from_counts(counts, products)
+    stores = store_index(baskets)
+    v = vocab.height
+
+    # Pass 2: the lines under the vocabulary, counted chunk by chunk.
+    cooc = sp.csr_matrix((v, v), dtype=np.float64)  # [V, V] baskets holding both
+    store_lines = sp.csr_matrix((stores.height + 1, v), dtype=np.int64)  # [S, V]
+    prices = pl.DataFrame(schema={"token": pl.Int32, "log_price": pl.Float64, "lines": pl.Int64})
+    csr_parts, n_baskets, n_lines = [], 0, 0
+    for chunk in train_chunks():
+        csr = basket_csr(chunk, vocab)
+        offsets, tokens, unit_price, _ = csr
+        cooc = cooc + cooccurrence_counts(offsets, tokens, v)
+        store_lines = store_lines + store_line_counts(chunk, offsets, tokens, stores, v)
+        prices = _add_counts(prices, price_value_counts(tokens, unit_price), "lines")
+        n_baskets, n_lines = n_baskets + len(offsets) - 1, n_lines + len(tokens)
+        if keep_csr:
+            csr_parts.append(csr)
+    first_lines = int(counts.get_column("train_count").sum())
+    if (n_baskets, n_lines) != (baskets.height, first_lines):
+        raise ValueError(f"train_chunks() yielded {baskets.height:,} baskets and {first_lines:,} lines the first "
+                         f"time and {n_baskets:,} and {n_lines:,} the second: it must return a fresh iterator over "
+                         "the same chunks on every call")
+
+    emb = build_product_embeddings_from_counts(cooc, vocab, config)
+    product_log_price = product_log_price_from_counts(prices, v)
+    store_ctx, store_table = build_store_context(baskets, store_lines, emb, config)
+    cust_ctx, customers = build_customer_context(baskets, store_table, config)
+    neighbours, weights = build_product_neighbours(similarity_from_counts(cooc), config.cooccurrence_neighbours)
+    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, store_table, neighbours,
+                        weights, _concat_csr(csr_parts) if keep_csr else None)
+
+
+def _concat_csr(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One CSR ``(offsets, tokens, unit prices, quantities)`` of consecutive chunks' :func:`basket_csr`."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.concatenate([np.diff(p[0]) for p in parts])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
