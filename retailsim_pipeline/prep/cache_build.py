@@ -8,19 +8,20 @@ writes everything under ``cache/.tmp-<key>-<pid>/`` and renames it to ``cache/<k
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from retailsim_pipeline.config import MASK, PAD, UNK, CacheConfig, config_hash
+from retailsim_pipeline.config import MASK, PAD, TEMPORAL_WIDTH, TRIP_WIDTH, UNK, CacheConfig, config_hash
 from retailsim_pipeline.prep.cache import (
     CACHE_FORMAT,
     CUSTOMERS_FILE,
@@ -30,10 +31,10 @@ from retailsim_pipeline.prep.cache import (
     STORES_FILE,
     VOCABULARY_FILE,
 )
-from retailsim_pipeline.prep.features import temporal_features, trip_features_all, week_index_expr
-from retailsim_pipeline.prep.files import file_sha256
-from retailsim_pipeline.prep.fitting import FittedTables, basket_csr, fit_train_tables, home_stores
-from retailsim_pipeline.prep.history import customer_sequence, point_in_time_memory
+from retailsim_pipeline.prep.features import temporal_features, week_index_expr
+from retailsim_pipeline.prep import features, history
+from retailsim_pipeline.prep.fitting import FittedTables, basket_csr, fit_train_tables_streamed
+from retailsim_pipeline.prep.history import customer_sequence
 from retailsim_pipeline.prep.samples import LABELS, PRODUCTS_FILE, SPLITS, read_manifest, scan_samples
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
 
@@ -115,7 +116,9 @@ def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int
     """Per split: ``customer_key``, ``past_baskets`` (:func:`~.history.customer_sequence` over every split)
     and the point-in-time memory ``history_tokens`` [N, k] int32, ``history_counts`` / ``history_recency``
     [N, k] uint16, ``history_decayed`` [N, k] float16 (:func:`~.history.point_in_time_memory` over every
-    split's lines under the train vocabulary, decayed shares at ``decay`` per basket)."""
+    split's lines under the train vocabulary, decayed shares at ``decay`` per basket). The frames may come
+    in any order (the serving code hands a customer's log and the requests); the builder streams the same
+    arrays through :class:`~.history.SequenceState` and :class:`~.history.MemoryState`."""
     names = list(frames)
     sizes = [frames[s].height for s in names]
     seq = customer_sequence(pl.concat([frames[s].select("basket_id", pl.col("cust_code").cast(pl.String), "date",
@@ -124,13 +127,21 @@ def build_history(frames: dict[str, pl.DataFrame], csr: dict[str, tuple], k: int
     past = seq.get_column("past_baskets").to_numpy()
     tokens = np.concatenate([csr[s][1] for s in names])
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(csr[s][0]) for s in names]))])
-    memory = point_in_time_memory(key, past, offsets, tokens, k, decay=decay)
+    memory = history.point_in_time_memory(key, past, offsets, tokens, k, decay=decay)
     out, lo = {}, 0
     for s, n in zip(names, sizes):
         out[s] = {"customer_key": key[lo:lo + n].astype(np.int32), "past_baskets": past[lo:lo + n].astype(np.int32),
                   **{f"history_{name}": values[lo:lo + n] for name, values in memory._asdict().items()}}
         lo += n
     return out
+
+
+def trip_features_all(frames: dict[str, pl.DataFrame], home: pl.DataFrame) -> pl.DataFrame:
+    """The trip context of ``frames`` — every split, in time order (train, validation, test) — through one
+    :class:`~.features.TripStream`, as the builder computes it chunk by chunk: ``basket_id`` + the trip
+    columns, rows in the frames' order. (Frames in any order: :func:`~.features.trip_features_all`.)"""
+    stream = features.TripStream(home)
+    return pl.concat([stream.step(frame) for frame in frames.values()])
 
 
 def cache_widths(tables: FittedTables, split: dict[str, np.ndarray], config: CacheConfig) -> dict[str, int]:
@@ -147,14 +158,113 @@ def cache_widths(tables: FittedTables, split: dict[str, np.ndarray], config: Cac
     return widths
 
 
-def _describe(arr: np.ndarray, file: str, path: Path) -> dict:
-    return {"file": file, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": file_sha256(path)}
+#: Lines (after truncation) of one chunk of the streamed build: a range of whole weeks of one split. The
+#: chunk's frames and arrays take ~150 bytes a line at their widest (~1.2 GB at this size).
+CHUNK_LINES = 8_000_000
+
+
+@dataclass(frozen=True)
+class _SplitPlan:
+    """One split of the samples as the streamed build reads it: its weeks in chunks, its sizes."""
+
+    name: str
+    chunks: list[tuple[int, int]]  # (first week, last week) of each chunk, in time order
+    n_samples: int
+    n_tokens: int
+    weeks: list[int]
+
+
+def _plan(samples_dir: Path, chunk_lines: int) -> tuple[dict[str, _SplitPlan], pl.Series]:
+    """Pass 0 over the samples, basket-level columns only: each split's weeks grouped into chunks of about
+    ``chunk_lines`` lines, its baskets and lines, and every carded customer's code."""
+    plans, codes = {}, []
+    for split in SPLITS:
+        per_week, split_codes = pl.collect_all([
+            scan_samples(samples_dir, split).group_by("week")
+            .agg(pl.len().alias("baskets"), pl.col("products").list.len().sum().alias("lines")).sort("week"),
+            scan_samples(samples_dir, split).select(pl.col("cust_code").cast(pl.String).unique()),
+        ])
+        codes.append(split_codes.get_column("cust_code"))
+        chunks: list[tuple[int, int]] = []
+        lines = 0
+        for week, n in per_week.select("week", "lines").iter_rows():
+            if chunks and lines + n <= chunk_lines:
+                chunks[-1] = (chunks[-1][0], week)
+                lines += n
+            else:
+                chunks.append((week, week))
+                lines = n
+        plans[split] = _SplitPlan(split, chunks, int(per_week.get_column("baskets").sum()),
+                                  int(per_week.get_column("lines").sum()), per_week.get_column("week").to_list())
+    return plans, pl.concat(codes)
+
+
+def _chunks(samples_dir: Path, plan: _SplitPlan) -> Iterator[pl.DataFrame]:
+    """The split's baskets chunk by chunk, in time order (the week filter prunes the parquet's row groups)."""
+    for lo, hi in plan.chunks:
+        yield scan_samples(samples_dir, plan.name).filter(pl.col("week").is_between(lo, hi)).collect()
+
+
+class _NpyStream:
+    """One ``.npy`` file written front to back in chunks: the header holds the final shape (known up front),
+    the rows follow as they come, and the file's sha256 is computed on the way (no second read)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, tuple(int(d) for d in shape), np.dtype(dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+        self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self._rows = 0
+        self._write(header.getvalue())
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if arr.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path}: rows of shape {arr.shape[1:]}, the file holds {self.shape[1:]}")
+        self._write(memoryview(arr).cast("B"))
+        self._rows += len(arr)
+
+    def close(self) -> dict:
+        self._file.close()
+        if self._rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: {self._rows} rows written, {self.shape[0]} announced")
+        return {"file": None, "shape": list(self.shape), "dtype": str(self.dtype), "sha256": self._hash.hexdigest()}
+
+
+#: Per-sample arrays of a split: dtype and the width of a row (() for a vector).
+_SAMPLE_ARRAYS: dict[str, tuple[type, tuple[int, ...]]] = {
+    "customer_index": (np.int32, ()), "store_index": (np.int32, ()), "labels": (np.int8, (len(LABEL_COLUMNS),)),
+    "basket_id": (np.int64, ()), "week": (np.int32, ()), "n_lines": (np.int32, ()),
+    "customer_key": (np.int32, ()), "past_baskets": (np.int32, ()),
+    "temporal": (np.float16, (TEMPORAL_WIDTH,)), "trip": (np.float16, (TRIP_WIDTH,)),
+}
+_LINE_ARRAYS: dict[str, type] = {"tokens": np.int32, "line_log_price_ratio": np.float32, "line_quantity": np.int16}
+_MEMORY_DTYPES: dict[str, type] = {"tokens": np.int32, "counts": np.uint16, "recency": np.uint16,
+                                   "decayed": np.float16}
 
 
 def build_tensor_cache(
-    samples_dir: Path, cache_root: Path, config: CacheConfig | None = None, *, force: bool = False
+    samples_dir: Path, cache_root: Path, config: CacheConfig | None = None, *, force: bool = False,
+    chunk_lines: int = CHUNK_LINES,
 ) -> CacheBuildResult:
-    """Build (or reuse) the tensor cache for the samples in ``samples_dir``."""
+    """Build (or reuse) the tensor cache for the samples in ``samples_dir``, streamed.
+
+    The contract at any scale: memory grows with products, stores and customers, never with baskets or
+    lines. Pass 0 reads the basket-level columns (weeks, line counts, customer codes); the fit reads the
+    train split chunk by chunk (:func:`~.fitting.fit_train_tables_streamed`); then every split is read
+    chunk by chunk — ``chunk_lines`` lines of whole weeks, train, validation, test, in time order — and
+    each chunk's arrays are appended to their ``.npy`` files (:class:`_NpyStream`), with the customer
+    sequence (:class:`~.history.SequenceState`), the trip context (:class:`~.features.TripStream`) and the
+    memory (:class:`~.history.MemoryState`) carried from chunk to chunk. The arrays do not depend on
+    ``chunk_lines``: any chunking gives the same files, bit for bit.
+    """
     t0 = time.perf_counter()
     config = config or CacheConfig()
     samples_dir, cache_root = Path(samples_dir), Path(cache_root)
@@ -167,22 +277,16 @@ def build_tensor_cache(
         _write_latest(cache_root, key)
         return CacheBuildResult(final, key, manifest, True, time.perf_counter() - t0)
 
-    frames = {s: scan_samples(samples_dir, s).collect() for s in SPLITS}
+    plans, codes = _plan(samples_dir, chunk_lines)
     products = pl.read_parquet(samples_dir / PRODUCTS_FILE)
-    train = frames["train"]
-    # The trip context (polars, multi-threaded) needs no fitted table but the home stores: compute it
-    # beside the fitting (the embeddings' scipy/numpy work is mostly one thread).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        trip_future = pool.submit(trip_features_all, frames, home_stores(train))
-        tables = fit_train_tables(train, products, config)
-        trip = trip_future.result()
+    tables = fit_train_tables_streamed(lambda: _chunks(samples_dir, plans["train"]), products, config)
+    t_fit = time.perf_counter()
     vocab = tables.vocabulary
-    csr = {s: tables.train_csr if s == "train" else basket_csr(frames[s], vocab) for s in SPLITS}
-    train_weeks = sorted(train.get_column("week").unique().to_list())
-    per_split = build_split_features(frames, tables.customers, tables.stores, trip,
-                                     trend_scale=float(len(train_weeks)))
-    for s, arrays in build_history(frames, csr, config.history_items, config.memory_decay).items():
-        per_split[s].update(arrays)
+    train_weeks = plans["train"].weeks
+    trend_scale = float(len(train_weeks))
+    sequence = history.SequenceState(codes)
+    memory = history.MemoryState(config.history_items, config.memory_decay)
+    trip = features.TripStream(tables.customers.select("cust_code", "home_store"))
 
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{key}-{os.getpid()}"
@@ -191,22 +295,43 @@ def build_tensor_cache(
     arrays: dict[str, dict] = {}
     try:
         def save(name: str, arr: np.ndarray) -> None:
-            path = tmp / f"{name}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, np.ascontiguousarray(arr))
-            arrays[name] = _describe(arr, f"{name}.npy", path)
+            stream = _NpyStream(tmp / f"{name}.npy", arr.shape, arr.dtype)
+            stream.append(arr)
+            arrays[name] = stream.close() | {"file": f"{name}.npy"}
 
         for name in FITTED_ARRAYS:
             save(name, getattr(tables, name))
-        for s in SPLITS:
-            off, tok, unit, qty = csr[s]
-            ratio = line_log_price_ratio(unit, tok, tables.product_log_price)
-            save(f"{s}/offsets", off)
-            save(f"{s}/tokens", tok)
-            save(f"{s}/line_log_price_ratio", ratio)
-            save(f"{s}/line_quantity", qty)
-            for name, arr in per_split[s].items():
-                save(f"{s}/{name}", arr)
+        k = config.history_items
+        for split in SPLITS:
+            plan = plans[split]
+            n, n_lines = plan.n_samples, plan.n_tokens
+            streams = {"offsets": _NpyStream(tmp / split / "offsets.npy", (n + 1,), np.int64)}
+            streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n_lines,), dtype)
+                        for name, dtype in _LINE_ARRAYS.items()}
+            streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n, *width), dtype)
+                        for name, (dtype, width) in _SAMPLE_ARRAYS.items()}
+            streams |= {f"history_{name}": _NpyStream(tmp / split / f"history_{name}.npy", (n, k), dtype)
+                        for name, dtype in _MEMORY_DTYPES.items()}
+            streams["offsets"].append(np.zeros(1, np.int64))
+            written = 0
+            for frame in _chunks(samples_dir, plan):
+                off, tok, unit, qty = basket_csr(frame, vocab)
+                streams["offsets"].append(off[1:] + written)
+                written += len(tok)
+                streams["tokens"].append(tok)
+                streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, tables.product_log_price))
+                streams["line_quantity"].append(qty)
+                customer_key, past = sequence.advance(frame.select("basket_id", "cust_code", "date", "hour"))
+                per_sample = build_split_features({split: frame}, tables.customers, tables.stores, trip.step(frame),
+                                                  trend_scale=trend_scale)[split]
+                per_sample |= {"customer_key": customer_key, "past_baskets": past}
+                per_sample |= {f"history_{name}": values for name, values in
+                               memory.advance(customer_key, past, off, tok)._asdict().items()}
+                for name, values in per_sample.items():
+                    streams[name].append(values)
+                log.debug("tensor cache: %s weeks of %d baskets, %d lines", split, frame.height, len(tok))
+            for name, stream in streams.items():
+                arrays[f"{split}/{name}"] = stream.close() | {"file": f"{split}/{name}.npy"}
         vocab.write_parquet(tmp / VOCABULARY_FILE)
         tables.customers.write_parquet(tmp / CUSTOMERS_FILE)
         tables.stores.write_parquet(tmp / STORES_FILE)
@@ -222,13 +347,14 @@ def build_tensor_cache(
             "config_hash": config_hash(config),
             "fit": {"split": "train", "weeks": [train_weeks[0], train_weeks[-1]]},
             "splits": {
-                s: {"n_samples": int(len(frames[s])), "n_tokens": int(len(csr[s][1])),
+                s: {"n_samples": plans[s].n_samples, "n_tokens": plans[s].n_tokens,
                     "weeks": samples_manifest["splits"][s]}
                 for s in SPLITS
             },
             "sizes": {"vocab": int(vocab.height), "customers": int(tables.customer_context.shape[0]),
                       "stores": int(tables.store_context.shape[0])},
-            "widths": cache_widths(tables, per_split["train"], config),
+            "widths": cache_widths(tables, {"temporal": np.zeros((0, TEMPORAL_WIDTH)), "trip": np.zeros((0, TRIP_WIDTH))},
+                                   config),
             "special_tokens": {"PAD": PAD, "MASK": MASK, "UNK": UNK},
             "label_codes": {c.lower(): list(LABEL_CODES[c]) for c in LABEL_COLUMNS},
             "arrays": arrays,
@@ -239,7 +365,8 @@ def build_tensor_cache(
         shutil.rmtree(tmp, ignore_errors=True)
     _write_latest(cache_root, key)
     seconds = time.perf_counter() - t0
-    log.info("tensor cache %s built in %.1fs", final, seconds)
+    log.info("tensor cache %s built in %.1fs (fit %.1fs; %d customers, %s (customer, product) pairs in the memory)",
+             final, seconds, t_fit - t0, sequence.n_customers, f"{memory.n_pairs:,}")
     return CacheBuildResult(final, key, manifest, False, seconds)
 
 

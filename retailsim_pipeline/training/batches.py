@@ -124,14 +124,15 @@ class BatchAssembler:
         self.buckets = tuple(int(b) for b in buckets)
         arrays = cache.split(split)
 
-        # Small per-sample arrays: in RAM, read every step.
-        self._offsets = np.ascontiguousarray(arrays.offsets, dtype=np.int64)  # [N + 1]
-        self._lengths = np.diff(self._offsets)  # [N]
-        self._customer_index = np.ascontiguousarray(arrays.customer_index, dtype=np.int64)  # [N]
-        self._store_index = np.ascontiguousarray(arrays.store_index, dtype=np.int64)  # [N]
-        self._labels = np.ascontiguousarray(arrays.labels, dtype=np.int64)  # [N, 4]
-        # Big per-line / per-sample arrays: memory-mapped.
-        # (np.asarray: a plain ndarray over the same mapping, without np.memmap's per-index Python overhead)
+        # Every per-sample and per-line array stays memory-mapped (np.asarray: a plain ndarray over the same
+        # mapping, without np.memmap's per-index Python overhead); a batch gathers its rows and casts them,
+        # so a full-scale split (tens of millions of baskets) is never copied into RAM. In RAM: the basket
+        # lengths (int16) and the order of an epoch.
+        self._offsets = np.asarray(arrays.offsets)  # [N + 1] int64
+        self._lengths = np.diff(self._offsets).astype(np.int32)  # [N] (≤ max_basket_len)
+        self._customer_index = np.asarray(arrays.customer_index)  # [N] int32
+        self._store_index = np.asarray(arrays.store_index)  # [N] int32
+        self._labels = np.asarray(arrays.labels)  # [N, 4] int8
         self._tokens = np.asarray(arrays.tokens)  # [L] int32
         self._log_ratio = np.asarray(arrays.line_log_price_ratio)  # [L] float32
         self._temporal = np.asarray(arrays.temporal)  # [N, 64] float16
@@ -140,7 +141,7 @@ class BatchAssembler:
         self._history_counts = np.asarray(arrays.history_counts)  # [N, K] uint16
         self._history_recency = np.asarray(arrays.history_recency)  # [N, K] uint16
         self._history_decayed = np.asarray(arrays.history_decayed)  # [N, K] float16
-        self._past_baskets = np.ascontiguousarray(arrays.past_baskets, dtype=np.float32)  # [N]
+        self._past_baskets = np.asarray(arrays.past_baskets)  # [N] int32
         # Small tables: in RAM (numpy gathers beat torch.index_select at these sizes, see the report).
         self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 32]
         self._history_dim = cache.widths["history"]
@@ -208,7 +209,7 @@ class BatchAssembler:
     def assemble(self, indices: np.ndarray, *, mask_prob: float, mask_seed: tuple[int, ...]) -> Batch:
         """The :class:`Batch` of split rows ``indices``, masked with ``np.random.default_rng(mask_seed)``."""
         idx = np.asarray(indices, dtype=np.int64)
-        lengths = self._lengths[idx]  # [B]
+        lengths = self._lengths[idx].astype(np.int64)  # [B]
         B, S = len(idx), int(lengths.max(initial=1))  # batch, longest basket in this batch
         valid = np.arange(S)[None, :] < lengths[:, None]  # [B, S] real positions
         rows, cols = np.nonzero(valid)  # [M] real positions, row-major: line order within each basket
@@ -259,7 +260,7 @@ class BatchAssembler:
         return Batch(
             history_tokens=torch.from_numpy(history_tokens),
             history_counts=torch.from_numpy(history_counts),
-            history_past=torch.from_numpy(self._past_baskets[idx]),
+            history_past=torch.from_numpy(self._past_baskets[idx].astype(np.float32)),
             history_recency=torch.from_numpy(self._history_recency[idx].astype(np.float32)),
             history_decayed=torch.from_numpy(self._history_decayed[idx].astype(np.float32)),
             tokens=torch.from_numpy(tokens.reshape(B, S)),
@@ -267,7 +268,7 @@ class BatchAssembler:
             attention_mask=torch.from_numpy(valid),
             price=torch.from_numpy(price.reshape(B, S, P)),
             context=torch.from_numpy(context),
-            labels=torch.from_numpy(self._labels[idx]),
+            labels=torch.from_numpy(self._labels[idx].astype(np.int64)),
             index=torch.from_numpy(idx.copy()),
         )
 

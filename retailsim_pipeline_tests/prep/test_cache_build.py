@@ -143,3 +143,28 @@ def test_the_widths_are_the_settings(tiny_prepped, tmp_path):
     assert built.store_context.shape[1] == 80
     outcome = check_manifest(built)
     assert outcome.passed, outcome.failures
+
+
+def test_the_streamed_build_does_not_depend_on_its_chunks(tiny_prepped, tmp_path, cache, monkeypatch):
+    """One week per chunk (chunk_lines=1) writes the same files, byte for byte, as one chunk per split; the
+    per-customer states do carry across chunks (customers span them), and every hash streamed into the
+    manifest is the file's."""
+    chunked = build_tensor_cache(tiny_prepped.samples, tmp_path / "cache", force=True, chunk_lines=1)
+    reads = []
+    honest = build_mod._chunks
+    monkeypatch.setattr(build_mod, "_chunks", lambda samples_dir, plan: reads.append(len(plan.chunks))
+                        or honest(samples_dir, plan))
+    whole = build_tensor_cache(tiny_prepped.samples, tmp_path / "whole", force=True, chunk_lines=10**9)
+    assert reads == [1] * 5  # the fit reads train twice (counts, then the tables), then each split once: one chunk each
+    assert chunked.key == whole.key == cache.path.name
+    assert len(np.unique(np.asarray(TensorCache.open(whole.path).split("train").week))) > 3  # > 3 chunks above
+    for name, meta in whole.manifest["arrays"].items():
+        assert chunked.manifest["arrays"][name] == meta, name
+        assert (chunked.path / meta["file"]).read_bytes() == (whole.path / meta["file"]).read_bytes(), name
+        assert (cache.path / meta["file"]).read_bytes() == (whole.path / meta["file"]).read_bytes(), name
+    assert check_manifest(TensorCache.open(chunked.path), verify_hashes=True).passed
+    # Customers of the train split come back in later weeks: the memory and the sequence were carried.
+    train = TensorCache.open(chunked.path).split("train")
+    weeks_of = np.asarray(train.week)
+    later = weeks_of > weeks_of.min()
+    assert (np.asarray(train.history_counts)[later, 0] > 0).any()

@@ -7,7 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-import retailsim_pipeline.prep.cache_build as build_mod
+import retailsim_pipeline.prep.features as features_mod
+import retailsim_pipeline.prep.history as history_mod
 from retailsim_pipeline.config import CacheConfig
 from retailsim_pipeline.prep.cache import CUSTOMERS_FILE, FITTED_ARRAYS, STORES_FILE, VOCABULARY_FILE, TensorCache
 from retailsim_pipeline.prep.cache_build import build_tensor_cache
@@ -71,16 +72,16 @@ _TRIP_LEAKS = {
 def test_trip_features_that_see_the_basket_or_a_later_one_fail_by_name(tiny_prepped, tmp_path, monkeypatch, leak):
     """The builder's trip context reads the basket's own label, the next basket's label, or the days until
     the next trip: the time rule fails and names the column."""
-    honest = build_mod.trip_features_all
+    honest = features_mod.TripStream.step
     column, value = _TRIP_LEAKS[leak]
 
-    def leaky(frames, home):
-        seen = _sequence(frames).select("basket_id", pl.when(pl.col("cust_code").is_not_null()).then(value)
-                                        .otherwise(0.0).alias("__leak"))
-        return (honest(frames, home).join(seen, on="basket_id", how="left", maintain_order="left")
+    def leaky(self, chunk):  # the builder's stream, and the check's recomputation through it (next: in the chunk)
+        seen = _sequence({"chunk": chunk}).select("basket_id", pl.when(pl.col("cust_code").is_not_null())
+                                                  .then(value).otherwise(0.0).alias("__leak"))
+        return (honest(self, chunk).join(seen, on="basket_id", how="left", maintain_order="left")
                 .with_columns(pl.col("__leak").alias(column)).drop("__leak"))
 
-    monkeypatch.setattr(build_mod, "trip_features_all", leaky)
+    monkeypatch.setattr(features_mod.TripStream, "step", leaky)
     leaky_cache = _rebuild(tiny_prepped.samples, tmp_path / "cache")
     outcome = check_leakage(leaky_cache, tiny_prepped.samples)
     assert not outcome.passed and outcome.details["recomputed_equal"]  # the cache is what its code computes
@@ -92,25 +93,25 @@ def test_trip_features_that_see_the_basket_or_a_later_one_fail_by_name(tiny_prep
 
 
 def _memory_after_each_basket(honest):
-    """A point_in_time_memory that counts the basket itself: each basket gets the memory its customer's
-    next basket would have (the last one: that of a phantom basket after it)."""
-    def leaky(customer_key, past_baskets, offsets, tokens, k, **kw):
+    """A MemoryState.advance that counts the basket itself: each basket gets the memory its customer's next
+    basket has (the last of a chunk: the state's after it)."""
+    def leaky(self, customer_key, past_baskets, offsets, tokens):
+        before = honest(self, customer_key, past_baskets, offsets, tokens)
         key, past = np.asarray(customer_key, np.int64), np.asarray(past_baskets, np.int64)
-        carded = np.unique(key[key > 0])
-        last = np.zeros(key.max(initial=0) + 1, np.int64)
-        np.maximum.at(last, key, past)
-        ext_key, ext_past = np.r_[key, carded], np.r_[past, last[carded] + 1]
-        ext_offsets = np.r_[offsets, np.full(len(carded), offsets[-1])]
-        memory = honest(ext_key, ext_past, ext_offsets, tokens, k, **kw)
-        row = {(a, b): i for i, (a, b) in enumerate(zip(ext_key.tolist(), ext_past.tolist()))}
-        nxt = np.array([row[(a, b + 1)] if a > 0 else i for i, (a, b) in enumerate(zip(key.tolist(), past.tolist()))],
-                       dtype=np.int64)
-        return type(memory)(*(a[nxt] for a in memory))
+        carded = np.flatnonzero(key > 0)
+        order = carded[np.lexsort((past[carded], key[carded]))]
+        has_next = np.r_[key[order][1:] == key[order][:-1], False]
+        after = Memory(*(a.copy() for a in before))
+        last = order[~has_next]
+        for dest, src, now in zip(after, before, self.memory_at(key[last], past[last] + 1)):
+            dest[order[has_next]] = src[order[np.flatnonzero(has_next) + 1]]
+            dest[last] = now
+        return after
     return leaky
 
 
 def test_a_memory_that_holds_the_basket_itself_fails_by_name(tiny_prepped, tmp_path, monkeypatch):
-    monkeypatch.setattr(build_mod, "point_in_time_memory", _memory_after_each_basket(build_mod.point_in_time_memory))
+    monkeypatch.setattr(history_mod.MemoryState, "advance", _memory_after_each_basket(history_mod.MemoryState.advance))
     leaky_cache = _rebuild(tiny_prepped.samples, tmp_path / "cache")
     train = leaky_cache.split("train")
     assert np.asarray(train.history_counts)[np.asarray(train.past_baskets) == 0].any()  # the leak is real
@@ -122,19 +123,17 @@ def test_a_memory_that_holds_the_basket_itself_fails_by_name(tiny_prepped, tmp_p
                for f in outcome.failures), outcome.failures
 
 
-def test_a_past_that_counts_the_basket_itself_fails_by_name(tiny_prepped, tmp_path, monkeypatch):
+def test_a_past_that_counts_the_basket_itself_fails_by_name(cache, tiny_prepped, tmp_path):
     """past_baskets + 1: whoever reads a basket's history by it (the as-of history of the baselines and
     the evaluation) would count the basket itself. The perturbation cannot see a count; the check
-    recomputes it, and counts it afresh."""
-    honest = build_mod.customer_sequence
-
-    def leaky(baskets):
-        seq = honest(baskets)
-        return seq.with_columns(pl.when(pl.col("customer_key") > 0).then(pl.col("past_baskets") + 1).otherwise(0)
-                                .cast(pl.Int32).alias("past_baskets"))
-
-    monkeypatch.setattr(build_mod, "customer_sequence", leaky)
-    outcome = check_leakage(_rebuild(tiny_prepped.samples, tmp_path / "cache"), tiny_prepped.samples)
+    recomputes it, and counts it afresh. (The builder cannot write it: its MemoryState refuses a customer
+    whose baskets do not start at 0.)"""
+    leaky = cache
+    for i, split in enumerate(SPLITS):
+        key, past = np.asarray(leaky.split(split).customer_key), np.asarray(leaky.split(split).past_baskets)
+        leaky = _plant(leaky, tmp_path / f"leaky{i}", f"{split}/past_baskets",
+                       np.where(key > 0, past + 1, 0).astype(np.int32))
+    outcome = check_leakage(leaky, tiny_prepped.samples)
     assert not outcome.passed
     for split in SPLITS:
         assert any(f.startswith(f"{split}/past_baskets: ") and "differ from the recomputation" in f
@@ -146,12 +145,12 @@ def test_a_past_that_counts_the_basket_itself_fails_by_name(tiny_prepped, tmp_pa
 def test_a_perturbation_that_changes_nothing_proves_nothing(tiny_prepped, tmp_path, monkeypatch):
     """A builder whose history features ignore what was bought (all trip columns 0, empty memories)
     leaks nothing, but the perturbation cannot show it: the check fails rather than pass on nothing."""
-    honest = build_mod.trip_features_all
-    monkeypatch.setattr(build_mod, "trip_features_all", lambda frames, home: honest(frames, home).select(
+    honest = features_mod.TripStream.step
+    monkeypatch.setattr(features_mod.TripStream, "step", lambda self, chunk: honest(self, chunk).select(
         "basket_id", pl.all().exclude("basket_id") * 0.0))
-    monkeypatch.setattr(build_mod, "point_in_time_memory", lambda key, past, offsets, tokens, k, **kw: Memory(
-        np.zeros((len(key), k), np.int32), np.zeros((len(key), k), np.uint16), np.zeros((len(key), k), np.uint16),
-        np.zeros((len(key), k), np.float16)))
+    monkeypatch.setattr(history_mod.MemoryState, "advance", lambda self, key, past, offsets, tokens: Memory(
+        np.full((len(key), self.k), 0, np.int32), np.zeros((len(key), self.k), np.uint16),
+        np.zeros((len(key), self.k), np.uint16), np.zeros((len(key), self.k), np.float16)))
     outcome = check_leakage(_rebuild(tiny_prepped.samples, tmp_path / "cache"), tiny_prepped.samples)
     assert not outcome.passed and outcome.details["later_baskets_changed"] == 0
     n = outcome.details["probed_baskets"]
