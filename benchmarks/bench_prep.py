@@ -266,7 +266,7 @@ def child_generate(spec: dict) -> dict:
 
     cfg = GeneratorConfig(**spec["config"])
     t0 = time.perf_counter()
-    summary = generate(cfg, Path(spec["out_dir"]), progress=True)
+    summary = generate(cfg, Path(spec["out_dir"]), progress=True, compress=spec.get("compress", False))
     return {
         "seconds": time.perf_counter() - t0,
         "rows": summary.rows,
@@ -859,6 +859,8 @@ PRESET_LINES_PER_BASKET = 10.4
 TRAFFIC_TREND_PER_YEAR = 0.08
 #: Disk per generated line: the CSV (~143 B measured on the full preset) plus the weekly basket truth.
 GENERATED_BYTES_PER_LINE = 145
+#: ``--gzip``: the share of its CSV a gzip-1 week takes (tiny preset: < 0.4; refined on the full preset).
+GZIP_SHARE = 0.3
 #: Disk of the world sidecar (world.npz, customers.parquet) per customer: ~0.55 GB for 500k customers.
 GROUND_TRUTH_BYTES_PER_CUSTOMER = 1_100
 #: Disk of one row's outputs per line: transactions parquet + quarantine + basket_samples + tensor_cache
@@ -886,9 +888,9 @@ def preset_config_dict(name: str, n_weeks: int, seed: int | None = None,
     return type(base).model_validate({**base.model_dump(), **update}).model_dump(mode="json")
 
 
-def preset_data_dir(workdir: Path, cfg: dict, baskets_override: bool) -> Path:
-    """``data-<preset>-<weeks>w-seed<S>[-b<K>]-<hash>``: readable, and keyed by the whole config."""
-    extra = f"-b{cfg['baskets_per_week']}" if baskets_override else ""
+def preset_data_dir(workdir: Path, cfg: dict, baskets_override: bool, compressed: bool = False) -> Path:
+    """``data-<preset>-<weeks>w-seed<S>[-b<K>][-gz]-<hash>``: readable, and keyed by the whole config."""
+    extra = (f"-b{cfg['baskets_per_week']}" if baskets_override else "") + ("-gz" if compressed else "")
     return workdir / f"data-{cfg['preset']}-{cfg['n_weeks']}w-seed{cfg['seed']}{extra}-{config_key(cfg)}"
 
 
@@ -903,11 +905,12 @@ def estimated_lines(baskets_per_week: int, n_weeks: int) -> float:
     return baskets_per_week * n_weeks * PRESET_LINES_PER_BASKET * (1 + TRAFFIC_TREND_PER_YEAR * n_weeks / 52 / 2)
 
 
-def disk_plan(cfg: dict, weeks: list[int], data_dir: Path, keep: bool) -> dict:
+def disk_plan(cfg: dict, weeks: list[int], data_dir: Path, keep: bool, compressed: bool = False) -> dict:
     """Estimated disk this run still needs: generated files not yet present, plus the rows' outputs
     (the largest row's; every row's with ``keep``)."""
     bpw = cfg["baskets_per_week"]
-    generated = (estimated_lines(bpw, cfg["n_weeks"]) * GENERATED_BYTES_PER_LINE
+    per_line = GENERATED_BYTES_PER_LINE * (GZIP_SHARE if compressed else 1.0)
+    generated = (estimated_lines(bpw, cfg["n_weeks"]) * per_line
                  + cfg["n_customers"] * GROUND_TRUTH_BYTES_PER_CUSTOMER)
     present = tree_bytes(data_dir)
     outputs = OUTPUT_BYTES_PER_LINE * (sum(estimated_lines(bpw, n) for n in weeks) if keep
@@ -971,14 +974,14 @@ def run_scaling(args: argparse.Namespace, t_start: float) -> int:
     weeks = sorted(set(args.weeks))
     override = args.baskets_per_week is not None
     cfg = preset_config_dict(args.preset, weeks[-1], args.seed, args.baskets_per_week)
-    data_dir = preset_data_dir(workdir, cfg, override)
-    plan = disk_plan(cfg, weeks, data_dir, args.keep)
+    data_dir = preset_data_dir(workdir, cfg, override, args.gzip)
+    plan = disk_plan(cfg, weeks, data_dir, args.keep, args.gzip)
     free = check_disk(workdir, plan, data_dir)
 
     log(f"data: preset {cfg['preset']}{' (--baskets-per-week: customers scaled)' if override else ''}, "
         f"{cfg['n_weeks']} weeks x {cfg['baskets_per_week']:,} baskets/week, {cfg['n_products']:,} products, "
         f"{cfg['n_stores']:,} stores, {cfg['n_customers']:,} customers, seed {cfg['seed']} -> {data_dir}")
-    gen = run_child("generate", {"config": cfg, "out_dir": str(data_dir)}, workdir / "tmp")
+    gen = run_child("generate", {"config": cfg, "out_dir": str(data_dir), "compress": args.gzip}, workdir / "tmp")
     gen["lines_per_s"] = None if gen["reused"] else round(gen["rows"] / gen["seconds"])
     log(f"  {'reused' if gen['reused'] else 'generated'} {gen['rows']:,} lines, {gen['baskets']:,} baskets, "
         f"{gen['weeks']} weekly files in {gen['wall_seconds']:.1f}s"
@@ -1087,14 +1090,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="--preset: rows on the first N weekly files (several N: one row each; the data has the "
                         "largest N weeks; default: the preset's weeks)")
     p.add_argument("--seed", type=int, default=None, help="--preset: generator seed (default: the preset's)")
+    p.add_argument("--gzip", action="store_true", help="--preset: generate transactions_YYYYWW.csv.gz (a quarter of "
+                   "the disk; the ingest then decompresses, as for the published LGSR weeks)")
     # Debug: a quick, small run of the --preset mode (customers scale with it); not a benchmark figure.
     p.add_argument("--baskets-per-week", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     if args.preset is None and (args.weeks is not None or args.seed is not None
-                                or args.baskets_per_week is not None):
-        p.error("--weeks, --seed and --baskets-per-week need --preset")
+                                or args.baskets_per_week is not None or args.gzip):
+        p.error("--weeks, --seed, --gzip and --baskets-per-week need --preset")
     if args.preset is not None:
         if args.real is not None:
             p.error("--preset and --real are two different modes: give one")

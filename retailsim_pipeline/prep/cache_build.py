@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,36 +303,48 @@ def build_tensor_cache(
         for name in FITTED_ARRAYS:
             save(name, getattr(tables, name))
         k = config.history_items
-        for split in SPLITS:
-            plan = plans[split]
-            n, n_lines = plan.n_samples, plan.n_tokens
-            streams = {"offsets": _NpyStream(tmp / split / "offsets.npy", (n + 1,), np.int64)}
-            streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n_lines,), dtype)
-                        for name, dtype in _LINE_ARRAYS.items()}
-            streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n, *width), dtype)
-                        for name, (dtype, width) in _SAMPLE_ARRAYS.items()}
-            streams |= {f"history_{name}": _NpyStream(tmp / split / f"history_{name}.npy", (n, k), dtype)
-                        for name, dtype in _MEMORY_DTYPES.items()}
-            streams["offsets"].append(np.zeros(1, np.int64))
-            written = 0
-            for frame in _chunks(samples_dir, plan):
-                off, tok, unit, qty = basket_csr(frame, vocab)
-                streams["offsets"].append(off[1:] + written)
-                written += len(tok)
-                streams["tokens"].append(tok)
-                streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, tables.product_log_price))
-                streams["line_quantity"].append(qty)
-                customer_key, past = sequence.advance(frame.select("basket_id", "cust_code", "date", "hour"))
-                per_sample = build_split_features({split: frame}, tables.customers, tables.stores, trip.step(frame),
-                                                  trend_scale=trend_scale)[split]
-                per_sample |= {"customer_key": customer_key, "past_baskets": past}
-                per_sample |= {f"history_{name}": values for name, values in
-                               memory.advance(customer_key, past, off, tok)._asdict().items()}
-                for name, values in per_sample.items():
-                    streams[name].append(values)
-                log.debug("tensor cache: %s weeks of %d baskets, %d lines", split, frame.height, len(tok))
-            for name, stream in streams.items():
-                arrays[f"{split}/{name}"] = stream.close() | {"file": f"{split}/{name}.npy"}
+        # The memory (numpy, one core) of chunk i runs in a worker thread while this thread reads chunk
+        # i + 1 and computes its other arrays (polars, the other core); chunks still enter each state in order.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory") as worker:
+            for split in SPLITS:
+                plan = plans[split]
+                n, n_lines = plan.n_samples, plan.n_tokens
+                streams = {"offsets": _NpyStream(tmp / split / "offsets.npy", (n + 1,), np.int64)}
+                streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n_lines,), dtype)
+                            for name, dtype in _LINE_ARRAYS.items()}
+                streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n, *width), dtype)
+                            for name, (dtype, width) in _SAMPLE_ARRAYS.items()}
+                streams |= {f"history_{name}": _NpyStream(tmp / split / f"history_{name}.npy", (n, k), dtype)
+                            for name, dtype in _MEMORY_DTYPES.items()}
+                streams["offsets"].append(np.zeros(1, np.int64))
+
+                def write_memory(future: Future) -> None:
+                    for name, values in future.result()._asdict().items():
+                        streams[f"history_{name}"].append(values)
+
+                written, pending = 0, None
+                for frame in _chunks(samples_dir, plan):
+                    off, tok, unit, qty = basket_csr(frame, vocab)
+                    customer_key, past = sequence.advance(frame.select("basket_id", "cust_code", "date", "hour"))
+                    memory_future = worker.submit(memory.advance, customer_key, past, off, tok)
+                    streams["offsets"].append(off[1:] + written)
+                    written += len(tok)
+                    streams["tokens"].append(tok)
+                    streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, tables.product_log_price))
+                    streams["line_quantity"].append(qty)
+                    per_sample = build_split_features({split: frame}, tables.customers, tables.stores,
+                                                      trip.step(frame), trend_scale=trend_scale)[split]
+                    per_sample |= {"customer_key": customer_key, "past_baskets": past}
+                    for name, values in per_sample.items():
+                        streams[name].append(values)
+                    if pending is not None:
+                        write_memory(pending)
+                    pending = memory_future
+                    log.debug("tensor cache: %s weeks of %d baskets, %d lines", split, frame.height, len(tok))
+                if pending is not None:
+                    write_memory(pending)
+                for name, stream in streams.items():
+                    arrays[f"{split}/{name}"] = stream.close() | {"file": f"{split}/{name}.npy"}
         vocab.write_parquet(tmp / VOCABULARY_FILE)
         tables.customers.write_parquet(tmp / CUSTOMERS_FILE)
         tables.stores.write_parquet(tmp / STORES_FILE)

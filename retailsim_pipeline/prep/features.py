@@ -164,17 +164,42 @@ def _with_history(df: pl.DataFrame) -> pl.DataFrame:
     ``__past_*`` (Float32, exclusive: strictly before this basket) for every :data:`_INCREMENTS`
     column, and ``__last_date`` (the previous row's date, null for a customer's first row). A row may
     be a carried state (:class:`TripStream`): its increments are then the sums of everything before
-    the frame.
+    the frame. Anonymous rows (null ``cust_code``, sorted last) form one run; their sums are never read.
     """
+    n = df.height
+    starts = df.get_column("cust_code").ne_missing(df.get_column("cust_code").shift(1)).fill_null(True).to_numpy()
+    increments = df.select(_INCREMENTS).to_numpy().astype(np.float64, copy=False)  # [n, c]
+    cum = _segmented_cumsum(increments, starts)
     # Exclusive sums shifted from the inclusive ones, not "inclusive sum - own value": in floating
     # point (a + b) - b is not a, so the own spend would leak into the last bits.
+    past = np.zeros_like(cum, dtype=np.float32)
+    later = np.flatnonzero(~starts)
+    past[later] = cum[later - 1]
+    date = df.get_column("date")
     return df.with_columns(
-        pl.col(c).cum_sum().over("cust_code").alias(c.replace("__ind_", "__cum_")) for c in _INCREMENTS
-    ).with_columns(
-        *[pl.col(c.replace("__ind_", "__cum_")).shift(1, fill_value=0.0).over("cust_code")
-          .cast(pl.Float32).alias(c.replace("__ind_", "__past_")) for c in _INCREMENTS],
-        pl.col("date").shift(1).over("cust_code").alias("__last_date"),
+        *[pl.Series(c.replace("__ind_", "__cum_"), cum[:, i]) for i, c in enumerate(_INCREMENTS)],
+        *[pl.Series(c.replace("__ind_", "__past_"), past[:, i]) for i, c in enumerate(_INCREMENTS)],
+        pl.when(pl.Series(starts)).then(None).otherwise(date.shift(1)).alias("__last_date") if n else
+        date.alias("__last_date"),
     )
+
+
+def _segmented_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Inclusive running sums of ``values`` [n, c] within runs of rows (a run begins where ``starts``),
+    each row added to the previous row's sum in order — the very additions of a sequential float64
+    ``cum_sum`` per run, so the sums are bit-identical to it. Vectorized over runs: step r adds the r-th
+    row of every run at least r + 1 long (steps = the longest run)."""
+    out = np.array(values, dtype=np.float64, copy=True)
+    if not len(out):
+        return out
+    index = np.arange(len(out))
+    position = index - np.maximum.accumulate(np.where(starts, index, 0))  # row's place in its run
+    order = np.argsort(position, kind="stable")
+    bounds = np.searchsorted(position[order], np.arange(int(position.max()) + 2))
+    for r in range(1, int(position.max()) + 1):
+        rows = order[bounds[r]:bounds[r + 1]]
+        out[rows] += out[rows - 1]
+    return out
 
 
 def _trip_columns(df: pl.DataFrame, home_store: pl.DataFrame, *keep: str) -> pl.DataFrame:

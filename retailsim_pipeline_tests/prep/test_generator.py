@@ -317,6 +317,23 @@ def test_changed_file_or_config_regenerates(tmp_path):
     assert sorted((tmp_path / "raw").iterdir()) == fewer.files
 
 
+def test_gzip_weeks_hold_the_same_rows_and_switching_replaces_the_other_kind(tiny, tmp_path):
+    """``compress=True`` writes ``.csv.gz`` weeks whose text is the plain generation's, byte for byte; it is
+    reused as such, and switching kind regenerates and removes the other kind's files (else a week
+    would be in the raw folder twice)."""
+    import gzip
+
+    _, plain = tiny
+    packed = generate(generator_preset("tiny"), tmp_path, compress=True)
+    assert [f.name for f in packed.files] == [f.name + ".gz" for f in plain.files]
+    assert [gzip.decompress(f.read_bytes()) for f in packed.files] == [f.read_bytes() for f in plain.files]
+    assert sum(f.stat().st_size for f in packed.files) < 0.4 * sum(f.stat().st_size for f in plain.files)
+    assert generate(generator_preset("tiny"), tmp_path, compress=True).reused
+    unpacked = generate(generator_preset("tiny"), tmp_path)
+    assert not unpacked.reused and sorted((tmp_path / "raw").iterdir()) == unpacked.files
+    assert _digest(unpacked.files) == _digest(plain.files)
+
+
 # ---- planted structure -------------------------------------------------------------------------
 
 
