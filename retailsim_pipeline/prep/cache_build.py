@@ -201,9 +201,22 @@ def _plan(samples_dir: Path, chunk_lines: int) -> tuple[dict[str, _SplitPlan], p
 
 
 def _chunks(samples_dir: Path, plan: _SplitPlan) -> Iterator[pl.DataFrame]:
-    """The split's baskets chunk by chunk, in time order (the week filter prunes the parquet's row groups)."""
-    for lo, hi in plan.chunks:
-        yield scan_samples(samples_dir, plan.name).filter(pl.col("week").is_between(lo, hi)).collect()
+    """The split's baskets chunk by chunk, in time order (the week filter prunes the parquet's row groups).
+    The next chunk is read in a background thread while the caller works on this one (one chunk ahead)."""
+    return _read_ahead(scan_samples(samples_dir, plan.name).filter(pl.col("week").is_between(lo, hi))
+                       for lo, hi in plan.chunks)
+
+
+def _read_ahead(queries: Iterator[pl.LazyFrame]) -> Iterator[pl.DataFrame]:
+    """``query.collect()`` of each query in order, the next one collected in a thread meanwhile."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
+        ahead = None
+        for query in queries:
+            current, ahead = ahead, reader.submit(query.collect)
+            if current is not None:
+                yield current.result()
+        if ahead is not None:
+            yield ahead.result()
 
 
 class _NpyStream:

@@ -193,13 +193,13 @@ class MemoryState:
         self.k, self.decay, self.log_decay = int(k), float(decay), float(np.log(decay))
         self._tokens = np.full((1, k), PAD, dtype=np.int32)  # [K + 1, k] row = customer key
         self._g = np.full((1, k), -np.inf)
-        self._counts = np.zeros((1, k), dtype=np.int64)
-        self._last = np.zeros((1, k), dtype=np.int64)
+        self._counts = np.zeros((1, k), dtype=np.int32)
+        self._last = np.zeros((1, k), dtype=np.int32)
         self.n_seen = np.zeros(1, dtype=np.int64)  # [K + 1] baskets of each customer advanced so far
         self._pairs = np.zeros(0, dtype=np.int64)  # sorted key << _TOKEN_BITS | token
         self._pair_g = np.zeros(0)
-        self._pair_counts = np.zeros(0, dtype=np.int64)
-        self._pair_last = np.zeros(0, dtype=np.int64)
+        self._pair_counts = np.zeros(0, dtype=np.int32)  # line counts (saturating in the output, not here)
+        self._pair_last = np.zeros(0, dtype=np.int32)
         self._pair_in_memory = np.zeros(0, dtype=bool)  # the pair is in its customer's top k now
 
     @property
@@ -214,8 +214,8 @@ class MemoryState:
         extra = max(max_key + 1, 2 * n) - n
         self._tokens = np.concatenate([self._tokens, np.full((extra, self.k), PAD, dtype=np.int32)])
         self._g = np.concatenate([self._g, np.full((extra, self.k), -np.inf)])
-        self._counts = np.concatenate([self._counts, np.zeros((extra, self.k), dtype=np.int64)])
-        self._last = np.concatenate([self._last, np.zeros((extra, self.k), dtype=np.int64)])
+        self._counts = np.concatenate([self._counts, np.zeros((extra, self.k), dtype=np.int32)])
+        self._last = np.concatenate([self._last, np.zeros((extra, self.k), dtype=np.int32)])
         self.n_seen = np.concatenate([self.n_seen, np.zeros(extra, dtype=np.int64)])
 
     def memory_at(self, customer_key: np.ndarray, j: np.ndarray) -> Memory:
@@ -361,8 +361,8 @@ class MemoryState:
         k_slot = kept_rank + np.take_along_axis(entries_by, np.maximum(kept_rank, 0), axis=1)
         new_tokens = np.full(m * k, PAD, dtype=np.int32)
         new_g = np.full(m * k, -np.inf)
-        new_counts = np.zeros(m * k, dtype=np.int64)
-        new_last = np.zeros(m * k, dtype=np.int64)
+        new_counts = np.zeros(m * k, dtype=np.int32)
+        new_last = np.zeros(m * k, dtype=np.int32)
         placed = e_slot < k
         dst = group[placed] * k + e_slot[placed]
         new_tokens[dst], new_g[dst] = token[placed], e_g[placed]
@@ -413,6 +413,7 @@ def _rank_in_rows(g: np.ndarray, tie: np.ndarray, rows: np.ndarray, q_g: np.ndar
 def _tie(counts: np.ndarray, last: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """The memory's tie-break between products of equal ``G`` as one int64, smaller first: more lines, then
     bought more recently, then the smaller token."""
+    counts, last = np.asarray(counts, dtype=np.int64), np.asarray(last, dtype=np.int64)
     return (((_COUNT_CAP - np.minimum(counts, _COUNT_CAP)) << 40) | ((_LAST_CAP - last) << _TOKEN_BITS)
             | tokens.astype(np.int64))
 
