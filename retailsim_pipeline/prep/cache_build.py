@@ -34,7 +34,7 @@ from retailsim_pipeline.prep.cache import (
 )
 from retailsim_pipeline.prep.features import temporal_features, week_index_expr
 from retailsim_pipeline.prep import features, history
-from retailsim_pipeline.prep.fitting import FittedTables, basket_csr, fit_train_tables_streamed
+from retailsim_pipeline.prep.fitting import FittedTables, TrainFit, basket_csr
 from retailsim_pipeline.prep.history import customer_sequence
 from retailsim_pipeline.prep.samples import LABELS, PRODUCTS_FILE, SPLITS, read_manifest, scan_samples
 from retailsim_pipeline.prep.schema import LABEL_CODES, LABEL_COLUMNS
@@ -159,9 +159,11 @@ def cache_widths(tables: FittedTables, split: dict[str, np.ndarray], config: Cac
     return widths
 
 
-#: Lines (after truncation) of one chunk of the streamed build: a range of whole weeks of one split. The
-#: chunk's frames and arrays take ~150 bytes a line at their widest (~1.2 GB at this size).
-CHUNK_LINES = 8_000_000
+#: Lines (after truncation) of one chunk of the streamed build, a range of whole weeks of one split: by
+#: default 1/32 of all the lines, between these bounds. Small chunks pipeline better (the memory of one
+#: chunk runs beside the next one's other work) and hold less (~150 bytes a line at their widest); each
+#: chunk costs a pass over the memory's (customer, product) table, which large data makes large.
+CHUNK_LINES_MIN, CHUNK_LINES_MAX = 2_000_000, 8_000_000
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,11 @@ class _SplitPlan:
     weeks: list[int]
 
 
-def _plan(samples_dir: Path, chunk_lines: int) -> tuple[dict[str, _SplitPlan], pl.Series]:
+def _plan(samples_dir: Path, chunk_lines: int | None) -> tuple[dict[str, _SplitPlan], pl.Series]:
     """Pass 0 over the samples, basket-level columns only: each split's weeks grouped into chunks of about
-    ``chunk_lines`` lines, its baskets and lines, and every carded customer's code."""
-    plans, codes = {}, []
+    ``chunk_lines`` lines (None: 1/32 of all, within ``CHUNK_LINES_MIN`` .. ``CHUNK_LINES_MAX``), its
+    baskets and lines, and every carded customer's code."""
+    plans, codes, weekly = {}, [], {}
     for split in SPLITS:
         per_week, split_codes = pl.collect_all([
             scan_samples(samples_dir, split).group_by("week")
@@ -186,6 +189,11 @@ def _plan(samples_dir: Path, chunk_lines: int) -> tuple[dict[str, _SplitPlan], p
             scan_samples(samples_dir, split).select(pl.col("cust_code").cast(pl.String).unique()),
         ])
         codes.append(split_codes.get_column("cust_code"))
+        weekly[split] = per_week
+    if chunk_lines is None:
+        total = sum(int(w.get_column("lines").sum()) for w in weekly.values())
+        chunk_lines = min(CHUNK_LINES_MAX, max(CHUNK_LINES_MIN, total // 32))
+    for split, per_week in weekly.items():
         chunks: list[tuple[int, int]] = []
         lines = 0
         for week, n in per_week.select("week", "lines").iter_rows():
@@ -266,14 +274,15 @@ _MEMORY_DTYPES: dict[str, type] = {"tokens": np.int32, "counts": np.uint16, "rec
 
 def build_tensor_cache(
     samples_dir: Path, cache_root: Path, config: CacheConfig | None = None, *, force: bool = False,
-    chunk_lines: int = CHUNK_LINES,
+    chunk_lines: int | None = None,
 ) -> CacheBuildResult:
     """Build (or reuse) the tensor cache for the samples in ``samples_dir``, streamed.
 
     The contract at any scale: memory grows with products, stores and customers, never with baskets or
     lines. Pass 0 reads the basket-level columns (weeks, line counts, customer codes); the fit reads the
     train split chunk by chunk (:func:`~.fitting.fit_train_tables_streamed`); then every split is read
-    chunk by chunk — ``chunk_lines`` lines of whole weeks, train, validation, test, in time order — and
+    chunk by chunk — ``chunk_lines`` lines of whole weeks (default: see :data:`CHUNK_LINES_MIN`), train,
+    validation, test, in time order — and
     each chunk's arrays are appended to their ``.npy`` files (:class:`_NpyStream`), with the customer
     sequence (:class:`~.history.SequenceState`), the trip context (:class:`~.features.TripStream`) and the
     memory (:class:`~.history.MemoryState`) carried from chunk to chunk. The arrays do not depend on
@@ -293,14 +302,15 @@ def build_tensor_cache(
 
     plans, codes = _plan(samples_dir, chunk_lines)
     products = pl.read_parquet(samples_dir / PRODUCTS_FILE)
-    tables = fit_train_tables_streamed(lambda: _chunks(samples_dir, plans["train"]), products, config)
+    fit = TrainFit(products, config)
+    fit.first_pass(_chunks(samples_dir, plans["train"]))
     t_fit = time.perf_counter()
-    vocab = tables.vocabulary
+    vocab = fit.vocabulary
     train_weeks = plans["train"].weeks
     trend_scale = float(len(train_weeks))
     sequence = history.SequenceState(codes)
     memory = history.MemoryState(config.history_items, config.memory_decay)
-    trip = features.TripStream(tables.customers.select("cust_code", "home_store"))
+    trip = features.TripStream(fit.customers.select("cust_code", "home_store"))
 
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{key}-{os.getpid()}"
@@ -313,12 +323,12 @@ def build_tensor_cache(
             stream.append(arr)
             arrays[name] = stream.close() | {"file": f"{name}.npy"}
 
-        for name in FITTED_ARRAYS:
-            save(name, getattr(tables, name))
         k = config.history_items
+        finished = None  # the fit's last part, computed beside the validation and test chunks
         # The memory (numpy, one core) of chunk i runs in a worker thread while this thread reads chunk
         # i + 1 and computes its other arrays (polars, the other core); chunks still enter each state in order.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory") as worker:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory") as worker, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit") as fitter:
             for split in SPLITS:
                 plan = plans[split]
                 n, n_lines = plan.n_samples, plan.n_tokens
@@ -338,14 +348,16 @@ def build_tensor_cache(
                 written, pending = 0, None
                 for frame in _chunks(samples_dir, plan):
                     off, tok, unit, qty = basket_csr(frame, vocab)
+                    if split == "train":
+                        fit.add_lines(frame, off, tok)
                     customer_key, past = sequence.advance(frame.select("basket_id", "cust_code", "date", "hour"))
                     memory_future = worker.submit(memory.advance, customer_key, past, off, tok)
                     streams["offsets"].append(off[1:] + written)
                     written += len(tok)
                     streams["tokens"].append(tok)
-                    streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, tables.product_log_price))
+                    streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, fit.product_log_price))
                     streams["line_quantity"].append(qty)
-                    per_sample = build_split_features({split: frame}, tables.customers, tables.stores,
+                    per_sample = build_split_features({split: frame}, fit.customers, fit.stores,
                                                       trip.step(frame), trend_scale=trend_scale)[split]
                     per_sample |= {"customer_key": customer_key, "past_baskets": past}
                     for name, values in per_sample.items():
@@ -358,6 +370,11 @@ def build_tensor_cache(
                     write_memory(pending)
                 for name, stream in streams.items():
                     arrays[f"{split}/{name}"] = stream.close() | {"file": f"{split}/{name}.npy"}
+                if split == "train":
+                    finished = fitter.submit(fit.finish)
+            tables = finished.result()
+        for name in FITTED_ARRAYS:
+            save(name, getattr(tables, name))
         vocab.write_parquet(tmp / VOCABULARY_FILE)
         tables.customers.write_parquet(tmp / CUSTOMERS_FILE)
         tables.stores.write_parquet(tmp / STORES_FILE)

@@ -168,8 +168,20 @@ def _with_history(df: pl.DataFrame) -> pl.DataFrame:
     """
     n = df.height
     starts = df.get_column("cust_code").ne_missing(df.get_column("cust_code").shift(1)).fill_null(True).to_numpy()
+    starts[:1] = True  # the first row begins a run, anonymous (null == null) included
     increments = df.select(_INCREMENTS).to_numpy().astype(np.float64, copy=False)  # [n, c]
-    cum = _segmented_cumsum(increments, starts)
+    cum = np.empty_like(increments)
+    # The counts (every column but the spend) are integers, exact in float64 below 2^53: a running sum over
+    # the whole frame minus the sum before each run equals the per-run sum bit for bit. The spend is not:
+    # its sums need the per-run sequential additions.
+    counts = [i for i, c in enumerate(_INCREMENTS) if c != "__ind_spend"]
+    spend = _INCREMENTS.index("__ind_spend")
+    if df.height:
+        running = np.cumsum(increments[:, counts], axis=0)
+        run = np.cumsum(starts) - 1
+        before = np.vstack([np.zeros((1, len(counts))), running[np.flatnonzero(starts)[1:] - 1]])  # [runs, c]
+        cum[:, counts] = running - before[run]
+    cum[:, spend] = _segmented_cumsum(increments[:, [spend]], starts)[:, 0]
     # Exclusive sums shifted from the inclusive ones, not "inclusive sum - own value": in floating
     # point (a + b) - b is not a, so the own spend would leak into the last bits.
     past = np.zeros_like(cum, dtype=np.float32)
@@ -187,19 +199,36 @@ def _with_history(df: pl.DataFrame) -> pl.DataFrame:
 def _segmented_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Inclusive running sums of ``values`` [n, c] within runs of rows (a run begins where ``starts``),
     each row added to the previous row's sum in order — the very additions of a sequential float64
-    ``cum_sum`` per run, so the sums are bit-identical to it. Vectorized over runs: step r adds the r-th
-    row of every run at least r + 1 long (steps = the longest run)."""
-    out = np.array(values, dtype=np.float64, copy=True)
-    if not len(out):
-        return out
-    index = np.arange(len(out))
-    position = index - np.maximum.accumulate(np.where(starts, index, 0))  # row's place in its run
-    order = np.argsort(position, kind="stable")
-    bounds = np.searchsorted(position[order], np.arange(int(position.max()) + 2))
-    for r in range(1, int(position.max()) + 1):
-        rows = order[bounds[r]:bounds[r + 1]]
-        out[rows] += out[rows - 1]
-    return out
+    ``cum_sum`` per run, so the sums are bit-identical to it.
+
+    Vectorized over runs, with slices only: the rows are laid out step-major (the first row of every
+    run, then the second row of every run at least 2 long, ...) with the runs longest first, so the
+    runs still going at step r are a prefix of those at step r - 1, and step r is one slice added to
+    the head of the previous step's slice."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if not n:
+        return values.copy()
+    index = np.arange(n)
+    run_start = np.flatnonzero(starts)
+    length = np.diff(np.r_[run_start, n])
+    by_length = np.argsort(-length, kind="stable")  # runs, longest first
+    # Step-major order: for step r, the r-th row of each run longer than r, runs in by_length order.
+    rank_of_run = np.empty(len(length), dtype=np.int64)
+    rank_of_run[by_length] = np.arange(len(length))
+    run = np.cumsum(starts) - 1  # [n] the row's run
+    position = index - run_start[run]
+    alive = np.bincount(position, minlength=int(length.max()))  # runs still going at each step
+    step_start = np.r_[0, np.cumsum(alive)[:-1]]
+    layout = np.empty(n, dtype=np.int64)
+    layout[step_start[position] + rank_of_run[run]] = index  # layout slot -> row
+    out = values[layout]
+    for r in range(1, len(alive)):
+        a, prev = step_start[r], step_start[r - 1]
+        out[a:a + alive[r]] += out[prev:prev + alive[r]]
+    result = np.empty_like(out)
+    result[layout] = out
+    return result
 
 
 def _trip_columns(df: pl.DataFrame, home_store: pl.DataFrame, *keep: str) -> pl.DataFrame:

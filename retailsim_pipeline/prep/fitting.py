@@ -20,6 +20,7 @@ and a fit from the summed counts. Both entry points run the same code, so they a
   anonymous or not seen in train. (What customers bought is point-in-time, :mod:`.history`.)
 """
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -235,6 +236,16 @@ def basket_columns(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(*BASKET_COLUMNS, pl.col("spend").list.sum().alias("basket_spend"))
 
 
+def store_table(baskets: pl.DataFrame) -> pl.DataFrame:
+    """The store index :func:`build_store_context` returns — store_code (String, sorted), row (Int32, from
+    1), store_format (String, of the store's first basket) — from the basket-level columns alone."""
+    return (
+        baskets.group_by("store_code").agg(pl.col("store_format").first().cast(pl.String))
+        .with_columns(pl.col("store_code").cast(pl.String)).sort("store_code")
+        .with_row_index("row", offset=1).select("store_code", pl.col("row").cast(pl.Int32), "store_format")
+    )
+
+
 def store_index(baskets: pl.DataFrame) -> pl.DataFrame:
     """The rows of the store context: store_code (String) of the train stores, sorted, and row (UInt32)
     from 1 (row 0 = a store not seen in train), as :func:`build_store_context` numbers them."""
@@ -413,52 +424,99 @@ def fit_train_tables_streamed(train_chunks: Callable[[], Iterable[pl.DataFrame]]
     return _fit(train_chunks, products, config, keep_csr=False)
 
 
+class TrainFit:
+    """The fit of :func:`fit_train_tables_streamed` in the order the streamed cache builder needs it.
+
+    1. :meth:`first_pass` over the train chunks: the product line counts (→ the vocabulary), the
+       basket-level columns (→ the store and customer tables) and the log unit price value counts per
+       product (→ the product log price). Everything a basket's arrays read is then known.
+    2. :meth:`add_lines` for each train chunk under the vocabulary (the builder calls it with the CSR it
+       computes for the chunk anyway, so the lines are read once): co-occurrence and store × product
+       line counts.
+    3. :meth:`finish`: the product embeddings, neighbours and store context (what no basket reads: the
+       builder computes them beside the validation and test chunks).
+
+    Held: the basket-level columns (~35 bytes a train basket) and counts bounded by products, stores and
+    customers; never the split's lines.
+    """
+
+    def __init__(self, products: pl.DataFrame, config: CacheConfig):
+        self.products, self.config = products, config
+
+    def first_pass(self, chunks: Iterable[pl.DataFrame]) -> None:
+        counts = pl.DataFrame(schema={"PROD_CODE": pl.String, "train_count": pl.Int64})
+        prices = pl.DataFrame(schema={"PROD_CODE": pl.String, "log_price": pl.Float64, "lines": pl.Int64})
+        basket_parts = []
+        for chunk in chunks:
+            counts = _add_counts(counts, product_line_counts(chunk), "train_count")
+            prices = _add_counts(prices, _product_price_counts(chunk), "lines")
+            basket_parts.append(basket_columns(chunk))
+        if not basket_parts:
+            raise ValueError("train_chunks() yielded no chunk: it must yield the train split's baskets, a frame of "
+                             "a few weeks at a time")
+        self.baskets = pl.concat(basket_parts, rechunk=True)  # one block: the same aggregates however cut
+        self.n_lines = int(counts.get_column("train_count").sum())
+        self.vocabulary = vocabulary_from_counts(counts, self.products)
+        self.stores = store_table(self.baskets)
+        self.customer_context, self.customers = build_customer_context(self.baskets, self.stores, self.config)
+        token_prices = (prices.join(self.vocabulary.select("PROD_CODE", "token_id"), on="PROD_CODE", how="inner")
+                        .select(pl.col("token_id").cast(pl.Int32).alias("token"), "log_price", "lines"))
+        self.product_log_price = product_log_price_from_counts(token_prices, self.vocabulary.height)
+        v = self.vocabulary.height
+        self._cooc = sp.csr_matrix((v, v), dtype=np.float64)  # [V, V] baskets holding both
+        self._store_lines = sp.csr_matrix((self.stores.height + 1, v), dtype=np.int64)  # [S, V]
+        self._seen = (0, 0)
+
+    def add_lines(self, chunk: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray) -> None:
+        """Count a train chunk's lines: ``(offsets, tokens)`` its :func:`basket_csr` under the vocabulary."""
+        v = self.vocabulary.height
+        self._cooc = self._cooc + cooccurrence_counts(offsets, tokens, v)
+        self._store_lines = self._store_lines + store_line_counts(chunk, offsets, tokens, self.stores, v)
+        self._seen = (self._seen[0] + len(offsets) - 1, self._seen[1] + len(tokens))
+
+    def finish(self) -> FittedTables:
+        if self._seen != (self.baskets.height, self.n_lines):
+            raise ValueError(f"the train chunks gave {self.baskets.height:,} baskets and {self.n_lines:,} lines in the "
+                             f"first pass and {self._seen[0]:,} and {self._seen[1]:,} to add_lines: train_chunks() must return "
+                             "a fresh iterator over the same chunks on every call, and add_lines see every chunk")
+        emb = build_product_embeddings_from_counts(self._cooc, self.vocabulary, self.config)
+        store_ctx, stores = build_store_context(self.baskets, self._store_lines, emb, self.config)
+        if not stores.equals(self.stores):
+            raise AssertionError("store_table and build_store_context number the stores differently")
+        neighbours, weights = build_product_neighbours(similarity_from_counts(self._cooc),
+                                                       self.config.cooccurrence_neighbours)
+        return FittedTables(self.vocabulary, emb, self.product_log_price, self.customer_context, self.customers,
+                            store_ctx, self.stores, neighbours, weights)
+
+
+def _product_price_counts(chunk: pl.DataFrame) -> pl.DataFrame:
+    """:func:`price_value_counts` keyed by PROD_CODE (String), before the vocabulary exists: the same unit
+    prices (spend / max(quantity, 1)) and logs, computed by the same numpy operations as
+    :func:`basket_csr` and :func:`price_value_counts`, so the medians are bit for bit the same."""
+    lines = chunk.select(pl.col("products").explode().alias("PROD_CODE"), pl.col("spend").explode(),
+                         pl.col("quantity").explode())
+    q = lines.get_column("quantity").to_numpy()
+    unit = lines.get_column("spend").to_numpy() / np.maximum(q, 1)
+    log_unit = np.log(np.maximum(unit.astype(np.float64), 1e-3))
+    return (pl.DataFrame({"PROD_CODE": lines.get_column("PROD_CODE"), "log_price": log_unit})
+            .group_by("PROD_CODE", "log_price").agg(pl.len().cast(pl.Int64).alias("lines"))
+            .with_columns(pl.col("PROD_CODE").cast(pl.String)))
+
+
 def _fit(train_chunks: Callable[[], Iterable[pl.DataFrame]], products: pl.DataFrame, config: CacheConfig,
          keep_csr: bool) -> FittedTables:
     """:func:`fit_train_tables_streamed`, with ``train_csr`` the chunks' :func:`basket_csr` joined when
     ``keep_csr`` (the one-shot fit: one chunk, already in memory)."""
-    # Pass 1: what needs no vocabulary — the products' line counts and the basket-level columns.
-    counts = pl.DataFrame(schema={"PROD_CODE": pl.String, "train_count": pl.Int64})
-    basket_parts = []
+    fit = TrainFit(products, config)
+    fit.first_pass(train_chunks())
+    csr_parts = []
     for chunk in train_chunks():
-        counts = _add_counts(counts, product_line_counts(chunk), "train_count")
-        basket_parts.append(basket_columns(chunk))
-    if not basket_parts:
-        raise ValueError("train_chunks() yielded no chunk: it must yield the train split's baskets, a frame of "
-                         "a few weeks at a time")
-    baskets = pl.concat(basket_parts, rechunk=True)  # one chunk: the same aggregates however the split was cut
-    del basket_parts
-    vocab = vocabulary_from_counts(counts, products)
-    stores = store_index(baskets)
-    v = vocab.height
-
-    # Pass 2: the lines under the vocabulary, counted chunk by chunk.
-    cooc = sp.csr_matrix((v, v), dtype=np.float64)  # [V, V] baskets holding both
-    store_lines = sp.csr_matrix((stores.height + 1, v), dtype=np.int64)  # [S, V]
-    prices = pl.DataFrame(schema={"token": pl.Int32, "log_price": pl.Float64, "lines": pl.Int64})
-    csr_parts, n_baskets, n_lines = [], 0, 0
-    for chunk in train_chunks():
-        csr = basket_csr(chunk, vocab)
-        offsets, tokens, unit_price, _ = csr
-        cooc = cooc + cooccurrence_counts(offsets, tokens, v)
-        store_lines = store_lines + store_line_counts(chunk, offsets, tokens, stores, v)
-        prices = _add_counts(prices, price_value_counts(tokens, unit_price), "lines")
-        n_baskets, n_lines = n_baskets + len(offsets) - 1, n_lines + len(tokens)
+        csr = basket_csr(chunk, fit.vocabulary)
+        fit.add_lines(chunk, csr[0], csr[1])
         if keep_csr:
             csr_parts.append(csr)
-    first_lines = int(counts.get_column("train_count").sum())
-    if (n_baskets, n_lines) != (baskets.height, first_lines):
-        raise ValueError(f"train_chunks() yielded {baskets.height:,} baskets and {first_lines:,} lines the first "
-                         f"time and {n_baskets:,} and {n_lines:,} the second: it must return a fresh iterator over "
-                         "the same chunks on every call")
-
-    emb = build_product_embeddings_from_counts(cooc, vocab, config)
-    product_log_price = product_log_price_from_counts(prices, v)
-    store_ctx, store_table = build_store_context(baskets, store_lines, emb, config)
-    cust_ctx, customers = build_customer_context(baskets, store_table, config)
-    neighbours, weights = build_product_neighbours(similarity_from_counts(cooc), config.cooccurrence_neighbours)
-    return FittedTables(vocab, emb, product_log_price, cust_ctx, customers, store_ctx, store_table, neighbours,
-                        weights, _concat_csr(csr_parts) if keep_csr else None)
+    tables = fit.finish()
+    return dataclasses.replace(tables, train_csr=_concat_csr(csr_parts)) if keep_csr else tables
 
 
 def _concat_csr(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
