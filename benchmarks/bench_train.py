@@ -145,7 +145,8 @@ def main() -> int:
     cpu_tflops = steps["flops_per_step"] / steps["seconds_per_step"] / 1e12
     result["cpu"]["achieved_tflops"] = cpu_tflops
     rows = [
-        ("batch assembly (batch 256, demo cache)", f"{assembly:,.0f} samples/s"),
+        (f"batch assembly (batch 256, train split of {len(cache.split('train')):,} baskets)",
+         f"{assembly:,.0f} samples/s"),
         (f"demo train step on CPU ({steps['parameters']:,} params)", f"{steps['samples_per_s']:,.0f} samples/s "
          f"({steps['seconds_per_step'] * 1000:.0f} ms/step)"),
         ("demo train step FLOPs (counted)", f"{steps['flops_per_step'] / 1e9:,.1f} GFLOP/step, "

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from retailsim_pipeline.config import BATCH_LENGTH_BOUNDS, MASK, N_SPECIAL, PAD
-from retailsim_pipeline.prep.cache import TensorCache
+from retailsim_pipeline.prep.cache import SplitArrays, TensorCache, advise_random
 from retailsim_pipeline.prep.features import history_vector, price_features
 from retailsim_pipeline.model.batch import IGNORE_INDEX, Batch
 
@@ -142,6 +142,9 @@ class BatchAssembler:
         self._history_recency = np.asarray(arrays.history_recency)  # [N, K] uint16
         self._history_decayed = np.asarray(arrays.history_decayed)  # [N, K] float16
         self._past_baskets = np.asarray(arrays.past_baskets)  # [N] int32
+        if shuffle:  # batches gather rows from all over the split: no read-around on page faults
+            for name in SplitArrays.__dataclass_fields__:
+                advise_random(getattr(arrays, name))
         # Small tables: in RAM (numpy gathers beat torch.index_select at these sizes, see the report).
         self._customer_context = np.ascontiguousarray(cache.customer_context, dtype=np.float32)  # [C, 32]
         self._history_dim = cache.widths["history"]

@@ -89,3 +89,15 @@ def test_a_cache_of_another_format_is_refused(cache, tmp_path):
     (tmp_path / "LATEST").write_text(copy.name)
     with pytest.raises(ValueError, match="rebuild it"):
         TensorCache.latest(tmp_path)
+
+
+def test_advise_random_reaches_the_mapping_through_views(cache):
+    """A shuffled batch reads a few bytes in thousands of places: the mapping is told so (MADV_RANDOM),
+    through the plain-ndarray views the batch assembly holds; an array that is not mapped is left alone."""
+    import numpy as np
+
+    from retailsim_pipeline.prep.cache import advise_random
+
+    tokens = cache.split("train").tokens
+    assert advise_random(tokens) and advise_random(np.asarray(tokens)) and advise_random(np.asarray(tokens)[5:])
+    assert not advise_random(np.zeros(3))
