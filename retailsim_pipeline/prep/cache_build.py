@@ -229,9 +229,12 @@ def _read_ahead(queries: Iterator[pl.LazyFrame]) -> Iterator[pl.DataFrame]:
 
 class _NpyStream:
     """One ``.npy`` file written front to back in chunks: the header holds the final shape (known up front),
-    the rows follow as they come, and the file's sha256 is computed on the way (no second read)."""
+    the rows follow as they come, and the file's sha256 is computed on the way (no second read). The file
+    is ``root/<name>.npy``; :meth:`close` returns its manifest entry."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, root: Path, name: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.file = f"{name}.npy"
+        path = root / self.file
         self.path, self.shape, self.dtype = path, tuple(int(d) for d in shape), np.dtype(dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = io.BytesIO()
@@ -257,7 +260,7 @@ class _NpyStream:
         self._file.close()
         if self._rows != self.shape[0]:
             raise RuntimeError(f"{self.path}: {self._rows} rows written, {self.shape[0]} announced")
-        return {"file": None, "shape": list(self.shape), "dtype": str(self.dtype), "sha256": self._hash.hexdigest()}
+        return {"file": self.file, "shape": list(self.shape), "dtype": str(self.dtype), "sha256": self._hash.hexdigest()}
 
 
 #: Per-sample arrays of a split: dtype and the width of a row (() for a vector).
@@ -319,9 +322,9 @@ def build_tensor_cache(
     arrays: dict[str, dict] = {}
     try:
         def save(name: str, arr: np.ndarray) -> None:
-            stream = _NpyStream(tmp / f"{name}.npy", arr.shape, arr.dtype)
+            stream = _NpyStream(tmp, name, arr.shape, arr.dtype)
             stream.append(arr)
-            arrays[name] = stream.close() | {"file": f"{name}.npy"}
+            arrays[name] = stream.close()
 
         k = config.history_items
         finished = None  # the fit's last part, computed beside the validation and test chunks
@@ -332,12 +335,12 @@ def build_tensor_cache(
             for split in SPLITS:
                 plan = plans[split]
                 n, n_lines = plan.n_samples, plan.n_tokens
-                streams = {"offsets": _NpyStream(tmp / split / "offsets.npy", (n + 1,), np.int64)}
-                streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n_lines,), dtype)
+                streams = {"offsets": _NpyStream(tmp, f"{split}/offsets", (n + 1,), np.int64)}
+                streams |= {name: _NpyStream(tmp, f"{split}/{name}", (n_lines,), dtype)
                             for name, dtype in _LINE_ARRAYS.items()}
-                streams |= {name: _NpyStream(tmp / split / f"{name}.npy", (n, *width), dtype)
+                streams |= {name: _NpyStream(tmp, f"{split}/{name}", (n, *width), dtype)
                             for name, (dtype, width) in _SAMPLE_ARRAYS.items()}
-                streams |= {f"history_{name}": _NpyStream(tmp / split / f"history_{name}.npy", (n, k), dtype)
+                streams |= {f"history_{name}": _NpyStream(tmp, f"{split}/history_{name}", (n, k), dtype)
                             for name, dtype in _MEMORY_DTYPES.items()}
                 streams["offsets"].append(np.zeros(1, np.int64))
 
@@ -369,7 +372,7 @@ def build_tensor_cache(
                 if pending is not None:
                     write_memory(pending)
                 for name, stream in streams.items():
-                    arrays[f"{split}/{name}"] = stream.close() | {"file": f"{split}/{name}.npy"}
+                    arrays[f"{split}/{name}"] = stream.close()
                 if split == "train":
                     finished = fitter.submit(fit.finish)
             tables = finished.result()

@@ -49,7 +49,7 @@ __all__ = ["BASKET_COLUMNS", "FittedTables", "basket_columns", "basket_csr", "bu
            "build_product_log_price", "build_product_neighbours", "build_store_context", "build_vocabulary",
            "cooccurrence_similarity", "fit_train_tables", "fit_train_tables_streamed", "home_stores",
            "median_from_value_counts", "price_value_counts", "product_line_counts", "product_log_price_from_counts",
-           "product_sets", "similarity_from_counts", "store_index", "store_line_counts", "vocabulary_from_counts"]
+           "product_sets", "similarity_from_counts", "store_table", "store_line_counts", "vocabulary_from_counts"]
 
 
 def _add_counts(total: pl.DataFrame, part: pl.DataFrame, count: str) -> pl.DataFrame:
@@ -104,8 +104,18 @@ def basket_csr(frame: pl.DataFrame, vocab: pl.DataFrame) -> tuple[np.ndarray, np
     lines = lines.join(mapping, on="PROD_CODE", how="left", maintain_order="left")
     tokens = lines.get_column("token_id").fill_null(UNK).to_numpy().astype(np.int32)
     q = lines.get_column("quantity").to_numpy()
-    unit = lines.get_column("spend").to_numpy() / np.maximum(q, 1)
-    return offsets, tokens, unit.astype(np.float64), q.astype(np.int16)
+    return offsets, tokens, _unit_price(lines), q.astype(np.int16)
+
+
+def _unit_price(lines: pl.DataFrame) -> np.ndarray:
+    """[L] float64 SPEND / max(QUANTITY, 1) of exploded lines (columns spend, quantity)."""
+    return (lines.get_column("spend").to_numpy() / np.maximum(lines.get_column("quantity").to_numpy(), 1)
+            ).astype(np.float64)
+
+
+def _log_unit_price(unit_price: np.ndarray) -> np.ndarray:
+    """log of the unit price, below £0.001 counted as £0.001: the values whose median is the price normaliser."""
+    return np.log(np.maximum(unit_price, 1e-3))
 
 
 def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
@@ -246,17 +256,10 @@ def store_table(baskets: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def store_index(baskets: pl.DataFrame) -> pl.DataFrame:
-    """The rows of the store context: store_code (String) of the train stores, sorted, and row (UInt32)
-    from 1 (row 0 = a store not seen in train), as :func:`build_store_context` numbers them."""
-    return (baskets.select(pl.col("store_code").unique().cast(pl.String)).sort("store_code")
-            .with_row_index("row", offset=1))
-
-
 def store_line_counts(frame: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray, stores: pl.DataFrame,
                       vocab_size: int) -> sp.csr_matrix:
     """[S, V] int64 CSR (canonical): the lines of each token in each store's baskets, S = ``stores.height``
-    + 1 with rows from :func:`store_index` (a store not in ``stores`` counts in row 0). ``(offsets [n + 1],
+    + 1 with rows from :func:`store_table` (a store not in ``stores`` counts in row 0). ``(offsets [n + 1],
     tokens)`` are ``frame``'s baskets under the vocabulary (:func:`basket_csr`). Additive over chunks."""
     row = (
         frame.select(pl.col("store_code").cast(pl.String))
@@ -276,7 +279,7 @@ def build_store_context(
     """Store context [S, 96] float32 (row 0 = store not seen in train) and its index.
 
     ``baskets``: the train baskets' :func:`basket_columns`; ``store_lines`` [S, V]: their lines per store
-    and token (:func:`store_line_counts`, summed over chunks; rows as :func:`store_index`), read only.
+    and token (:func:`store_line_counts`, summed over chunks; rows as :func:`store_table`), read only.
 
     Format one-hot (4) · region one-hot over the train regions sorted, folded into 16 · 18
     standardised statistics: log baskets per week, log mean lines and spend, anonymous share,
@@ -297,7 +300,7 @@ def build_store_context(
             pl.col("cust_code").n_unique().alias("distinct_customers"),
         )
         .with_columns(pl.col("store_code").cast(pl.String))  # per store, not per basket
-        .sort("store_code")  # the order of store_index
+        .sort("store_code")  # the order of store_table
         .with_row_index("row", offset=1)
     )
     n = per_store.height + 1
@@ -333,9 +336,8 @@ def price_value_counts(tokens: np.ndarray, unit_price: np.ndarray) -> pl.DataFra
     """Value counts of the lines' log unit price per token: token (Int32), log_price (Float64), lines
     (Int64), unordered. Unit prices below £0.001 count as £0.001. Additive over chunks (sum per token and
     log_price); prices take few distinct values per product, so the counts grow with products, not lines."""
-    log_unit = np.log(np.maximum(unit_price, 1e-3))
     return (
-        pl.DataFrame({"token": np.asarray(tokens), "log_price": log_unit})
+        pl.DataFrame({"token": np.asarray(tokens), "log_price": _log_unit_price(unit_price)})
         .group_by(pl.col("token").cast(pl.Int32), "log_price").agg(pl.len().cast(pl.Int64).alias("lines"))
     )
 
@@ -491,13 +493,11 @@ class TrainFit:
 
 def _product_price_counts(chunk: pl.DataFrame) -> pl.DataFrame:
     """:func:`price_value_counts` keyed by PROD_CODE (String), before the vocabulary exists: the same unit
-    prices (spend / max(quantity, 1)) and logs, computed by the same numpy operations as
-    :func:`basket_csr` and :func:`price_value_counts`, so the medians are bit for bit the same."""
+    prices and logs as :func:`basket_csr` and :func:`price_value_counts` (the same functions), so the
+    medians are bit for bit the same."""
     lines = chunk.select(pl.col("products").explode().alias("PROD_CODE"), pl.col("spend").explode(),
                          pl.col("quantity").explode())
-    q = lines.get_column("quantity").to_numpy()
-    unit = lines.get_column("spend").to_numpy() / np.maximum(q, 1)
-    log_unit = np.log(np.maximum(unit.astype(np.float64), 1e-3))
+    log_unit = _log_unit_price(_unit_price(lines))
     return (pl.DataFrame({"PROD_CODE": lines.get_column("PROD_CODE"), "log_price": log_unit})
             .group_by("PROD_CODE", "log_price").agg(pl.len().cast(pl.Int64).alias("lines"))
             .with_columns(pl.col("PROD_CODE").cast(pl.String)))
