@@ -281,9 +281,16 @@ def ingest_weekly_file(
     return write_outputs(source, accepted, quarantined, family, out_dir, quarantine_dir)
 
 
+def accepted_counts() -> list[pl.Expr]:
+    """The accepted rows' distinct baskets and customers (an :class:`IngestResult`'s counts)."""
+    return [pl.col("BASKET_ID").n_unique().alias("baskets"),
+            pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers")]
+
+
 def write_outputs(source: Path, accepted: pl.DataFrame, quarantined: pl.DataFrame, family: str | None,
-                  out_dir: Path, quarantine_dir: Path) -> IngestResult:
-    """Write one file's accepted rows and quarantine, each atomically (quarantine first), and count them."""
+                  out_dir: Path, quarantine_dir: Path, counts: dict[str, int] | None = None) -> IngestResult:
+    """Write one file's accepted rows and quarantine, each atomically (quarantine first), and count them
+    (``counts``: :func:`accepted_counts` of ``accepted``, when the caller has them)."""
     output = transactions_output_path(out_dir, source)
     quarantine = transactions_output_path(quarantine_dir, source)
     # Weekly files are always read whole: no column statistics to write.
@@ -292,10 +299,8 @@ def write_outputs(source: Path, accepted: pl.DataFrame, quarantined: pl.DataFram
     else:
         write_parquet_atomic(quarantined, quarantine, statistics=False)
     write_parquet_atomic(accepted, output, statistics=False)
-    counts = accepted.select(
-        pl.col("BASKET_ID").n_unique().alias("baskets"),
-        pl.col("CUST_CODE").drop_nulls().n_unique().alias("customers"),
-    ).row(0, named=True)
+    if counts is None:
+        counts = accepted.select(accepted_counts()).row(0, named=True)
     reasons = {} if quarantined.is_empty() else dict(
         quarantined.group_by("reason").len().sort("len", descending=True).iter_rows())
     if len(quarantined):

@@ -50,6 +50,7 @@ from retailsim_pipeline.prep.errors import LgsrFormatError
 from retailsim_pipeline.prep.ingest import (
     MISNAMED_SHARE,
     IngestResult,
+    accepted_counts,
     check_file,
     ingest_weekly_file,
     quarantine_rows,
@@ -57,7 +58,7 @@ from retailsim_pipeline.prep.ingest import (
     write_outputs,
 )
 from retailsim_pipeline.prep.lossy import ids_look_rounded, scientific_columns, scientific_rows
-from retailsim_pipeline.prep.reading import is_gzip, read_header, typed_scan
+from retailsim_pipeline.prep.reading import is_gzip, read_header, typed_scan, typed_scan_schema, working_frame
 from retailsim_pipeline.prep.schema import LGSR_COLUMNS, week_of_file
 
 __all__ = ["IngestOutcome", "ingest_weekly_files", "plan_batches"]
@@ -155,10 +156,15 @@ def _alone(source: Path, out_dir: Path, quarantine_dir: Path, limits: IngestConf
         return IngestOutcome(source, error=exc)
 
 
-def _read(scans: list[pl.LazyFrame]) -> tuple[pl.DataFrame, set[int]]:
-    """The batch frame, and the files whose strict read failed (read one by one to find them)."""
+def _read(sources: list[Path], header: list[str]) -> tuple[pl.DataFrame, set[int]]:
+    """The batch frame, and the files whose strict read failed (read one by one to find them).
+
+    The files are read in one ``collect_all`` and joined by :func:`working_frame` (each row tagged
+    with its file's index and week); tagging each scan before the concatenation costs ~20 % more.
+    """
+    scans = [typed_scan(path, header) for path in sources]
     try:
-        return pl.concat(scans).collect(), set()
+        frames, failed = pl.collect_all(scans), set()
     except (pl.exceptions.PolarsError, OSError):
         frames, failed = [], set()
         for i, scan in enumerate(scans):
@@ -166,7 +172,11 @@ def _read(scans: list[pl.LazyFrame]) -> tuple[pl.DataFrame, set[int]]:
                 frames.append(scan.collect())
             except (pl.exceptions.PolarsError, OSError):
                 failed.add(i)
-        return (pl.concat(frames) if frames else pl.DataFrame(schema=scans[0].collect_schema())), failed
+                frames.append(pl.DataFrame(schema=typed_scan_schema(header)))
+    return working_frame(frames, {
+        FILE_COL: pl.Series(range(len(sources)), dtype=pl.UInt32),
+        WEEK_COL: pl.Series([week_of_file(path.name) for path in sources], dtype=pl.Int32),
+    }), failed
 
 
 def _file_stats(df: pl.DataFrame, last_column: str) -> dict[int, dict]:
@@ -207,10 +217,7 @@ def _leaves_batch(stats: dict | None, ids: tuple[int, int]) -> str | None:
 
 def _ingest_batch(sources: list[Path], header: list[str], out_dir: Path, quarantine_dir: Path,
                   limits: IngestConfig) -> Iterator[IngestOutcome]:
-    scans = [typed_scan(path, header).with_columns(pl.lit(i, pl.UInt32).alias(FILE_COL),
-                                                   pl.lit(week_of_file(path.name), pl.Int32).alias(WEEK_COL))
-             for i, path in enumerate(sources)]
-    df, unreadable = _read(scans)
+    df, unreadable = _read(sources, header)
     stats = _file_stats(df, header[-1])
     seen = {i: {c: set(s[c]) for c in SEGMENT_COLUMNS} for i, s in stats.items()}
     # Typing the card fields is exact for every file that does not mix the code families (the others leave).
@@ -239,14 +246,16 @@ def _ingest_batch(sources: list[Path], header: list[str], out_dir: Path, quarant
     # Each file's rows are one contiguous slice, files in batch order (slices are zero-copy).
     if not (accepted.get_column(FILE_COL).is_sorted() and bad.get_column(FILE_COL).is_sorted()):
         raise AssertionError(f"batch of {sources[0]} …: rows left file order")
-    n_accepted = dict(accepted.group_by(FILE_COL).len().iter_rows())
+    counts = {row.pop(FILE_COL): row for row in
+              accepted.group_by(FILE_COL).agg(pl.len(), *accepted_counts()).iter_rows(named=True)}
     n_bad = dict(bad.group_by(FILE_COL).len().iter_rows())
     at_accepted = at_bad = 0
     for i, source in enumerate(sources):
         if i in alone:
             yield _alone(source, out_dir, quarantine_dir, limits)
             continue
-        a, b = n_accepted.get(i, 0), n_bad.get(i, 0)
+        file_counts = counts.get(i, {"len": 0, "baskets": 0, "customers": 0})
+        a, b = file_counts.pop("len"), n_bad.get(i, 0)
         if a + b != stats[i]["rows"]:  # row accounting: every line lands or is quarantined
             raise AssertionError(f"{source}: {stats[i]['rows']} lines read but {a} accepted + {b} rejected")
         rows, rejected = accepted.slice(at_accepted, a), bad.slice(at_bad, b)
@@ -254,7 +263,7 @@ def _ingest_batch(sources: list[Path], header: list[str], out_dir: Path, quarant
         try:
             outcome = IngestOutcome(source, result=write_outputs(
                 source, rows.select(LGSR_COLUMNS), quarantine_rows(rejected, source.name, raw_available=False),
-                families[i], out_dir, quarantine_dir,
+                families[i], out_dir, quarantine_dir, counts=file_counts,
             ))
         except OSError as exc:  # this file's outputs could not be written; the others still are
             outcome = IngestOutcome(source, error=exc)
