@@ -164,11 +164,14 @@ def _with_history(df: pl.DataFrame) -> pl.DataFrame:
     ``__past_*`` (Float32, exclusive: strictly before this basket) for every :data:`_INCREMENTS`
     column, and ``__last_date`` (the previous row's date, null for a customer's first row). A row may
     be a carried state (:class:`TripStream`): its increments are then the sums of everything before
-    the frame. Anonymous rows (null ``cust_code``, sorted last) form one run; their sums are never read.
+    the frame. An anonymous row (null ``cust_code``, sorted last) is a run of its own: its sums are
+    never read (:func:`_trip_columns` zeroes them), and one run of every anonymous basket would make
+    the spend's step-major sum take one step per anonymous basket.
     """
     n = df.height
-    starts = df.get_column("cust_code").ne_missing(df.get_column("cust_code").shift(1)).fill_null(True).to_numpy()
-    starts[:1] = True  # the first row begins a run, anonymous (null == null) included
+    cust = df.get_column("cust_code")
+    starts = (cust.ne_missing(cust.shift(1)) | cust.is_null()).fill_null(True).to_numpy()
+    starts[:1] = True  # the first row begins a run
     increments = df.select(_INCREMENTS).to_numpy().astype(np.float64, copy=False)  # [n, c]
     cum = np.empty_like(increments)
     # The counts (every column but the spend) are integers, exact in float64 below 2^53: a running sum over

@@ -146,19 +146,39 @@ def similarity_from_counts(counts: sp.spmatrix, normalize: Literal["cosine", "co
     return (sp.diags(inv) @ c @ sp.diags(inv)).tocsr()
 
 
-def build_product_neighbours(similarity: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+def build_product_neighbours(similarity: sp.csr_matrix, k: int, block_rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Each product's ``k`` most co-occurring products from :func:`cooccurrence_similarity`: tokens
-    [V, k] int32 (PAD-filled) and similarities [V, k] float32, most similar first (ties: smaller token)."""
-    coo = similarity.tocoo()
-    order = np.lexsort((coo.col, -coo.data, coo.row))
-    r, c, v = coo.row[order], coo.col[order], coo.data[order]
-    n = similarity.shape[0]
-    rank = np.arange(len(r)) - np.searchsorted(r, np.arange(n))[r]
-    keep = rank < k
+    [V, k] int32 (PAD-filled) and similarities [V, k] float32, most similar first (ties: smaller token).
+
+    Rows are taken ``block_rows`` at a time as dense blocks (absent entries -inf): a partition finds
+    each row's k-th largest value, and only the entries at or above it (ties included) are sorted.
+    """
+    csr = sp.csr_matrix(similarity, dtype=np.float64, copy=True)
+    csr.sum_duplicates()
+    n, width = csr.shape
     neighbours = np.full((n, k), PAD, dtype=np.int32)
     weights = np.zeros((n, k), dtype=np.float32)
-    neighbours[r[keep], rank[keep]] = c[keep]
-    weights[r[keep], rank[keep]] = v[keep]
+    if k <= 0:
+        return neighbours, weights
+    for lo in range(0, n, block_rows):
+        block = csr[lo:lo + block_rows]
+        if not block.nnz:
+            continue
+        dense = np.full(block.shape, -np.inf)
+        dense[np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)), block.indices] = block.data
+        if k < width:  # each row's k-th largest value (-inf: the row holds fewer than k entries)
+            kth = -np.partition(-dense, k - 1, axis=1)[:, k - 1]
+            hit = (dense >= kth[:, None]) & (dense > -np.inf)
+        else:
+            hit = dense > -np.inf
+        r, c = np.nonzero(hit)  # row-major: columns ascending within a row
+        v = dense[r, c]
+        order = np.lexsort((c, -v, r))
+        r, c, v = r[order], c[order], v[order]
+        rank = np.arange(len(r)) - np.searchsorted(r, np.arange(block.shape[0]))[r]
+        keep = rank < k
+        neighbours[lo + r[keep], rank[keep]] = c[keep]
+        weights[lo + r[keep], rank[keep]] = v[keep]
     return neighbours, weights
 
 

@@ -71,3 +71,31 @@ def test_customer_context_is_the_profile_of_train_customers(cache, tiny_prepped)
         codes = read_samples(tiny_prepped.samples, split).get_column("cust_code").cast(pl.String)
         unseen = (codes.is_not_null() & ~codes.is_in(customers.get_column("cust_code").implode())).to_numpy()
         assert (np.asarray(a.customer_index)[unseen] == 0).all()
+
+
+def _neighbours_by_definition(dense: np.ndarray, present: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k present entries, largest first, ties by smaller column: sorted in plain Python."""
+    n = dense.shape[0]
+    tokens, weights = np.full((n, k), PAD, dtype=np.int32), np.zeros((n, k), dtype=np.float32)
+    for i in range(n):
+        best = sorted((-dense[i, j], j) for j in np.flatnonzero(present[i]))[:k]
+        for slot, (v, j) in enumerate(best):
+            tokens[i, slot], weights[i, slot] = j, -v
+    return tokens, weights
+
+
+def test_product_neighbours_are_each_rows_top_k_ties_by_token_in_any_block_size():
+    import scipy.sparse as sp
+
+    from retailsim_pipeline.prep.fitting import build_product_neighbours
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        present = rng.random((n, n)) < rng.uniform(0.0, 1.0)
+        dense = np.where(present, rng.integers(1, 4, (n, n)).astype(float), 0.0)  # few values: many ties
+        similarity = sp.csr_matrix(dense)
+        want = _neighbours_by_definition(dense, present, k)
+        got = build_product_neighbours(similarity, k, block_rows=int(rng.integers(1, 9)))
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"trial {trial}: tokens")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"trial {trial}: weights")
