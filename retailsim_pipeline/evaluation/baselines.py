@@ -30,7 +30,7 @@ import torch
 
 from retailsim_pipeline.config import N_SPECIAL
 from retailsim_pipeline.prep.cache import SplitArrays, TensorCache
-from retailsim_pipeline.prep.fitting import cooccurrence_similarity, product_sets
+from retailsim_pipeline.prep.fitting import basket_ranges, cooccurrence_similarity, product_sets
 from retailsim_pipeline.prep.history import AsOfHistory
 
 __all__ = ["product_sets"]  # re-exported: the baselines' historical home of it
@@ -43,7 +43,10 @@ class Scorer(Protocol):
 
 def train_counts(train: SplitArrays, vocab_size: int) -> np.ndarray:
     """[V] float64: train lines per token; special tokens 0."""
-    counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for lo, hi in basket_ranges(train.offsets):  # a chunk at a time: the split stays memory-mapped
+        a, b = int(train.offsets[lo]), int(train.offsets[hi])
+        counts += np.bincount(np.asarray(train.tokens[a:b], dtype=np.int64), minlength=vocab_size)[:vocab_size]
     counts = counts.astype(np.float64)
     counts[:N_SPECIAL] = 0.0
     return counts
@@ -75,7 +78,7 @@ def scored_history_keys(scored: SplitArrays, history: AsOfHistory, vocab_size: i
         raise ValueError(f"the history has {history.vocab_size} tokens, the scorer {vocab_size}")
     key = np.asarray(scored.customer_key, dtype=np.int64)
     past = np.asarray(scored.past_baskets, dtype=np.int64)
-    held = np.diff(np.append(history.start, history.lines.shape[0]))  # [K + 1] baskets per key
+    held = history.held()  # [K + 1] baskets per key
     carded = key > 0
     if (key[carded] >= len(held)).any() or (past[carded] > held[np.minimum(key[carded], len(held) - 1)]).any():
         raise ValueError("the as-of history does not hold every basket before the scored ones: build it over "

@@ -34,11 +34,13 @@ from retailsim_pipeline.evaluation.baselines import (
     train_counts,
 )
 from retailsim_pipeline.prep.cache import SplitArrays
-from retailsim_pipeline.prep.history import AsOfHistory
+from retailsim_pipeline.prep.history import AsOfHistory, gather_baskets
 
 #: Dense cells of one chunk of the customer × customer similarity (float64: 32 MiB), bounding the
 #: k-NN search's memory whatever the number of customers.
 KNN_CHUNK_CELLS = 1 << 22
+#: Baskets per piece of :func:`decayed_customer_vectors` (whole customers; ~2.6M lines).
+VECTOR_CHUNK_BASKETS = 1 << 18
 _TIE_SCALE = 1e-3  # the tie-breaker's share of a row's smallest positive primary score
 
 
@@ -128,8 +130,23 @@ def decayed_customer_vectors(train: SplitArrays, n_customers: int, vocab_size: i
     age = last - 1 - np.arange(len(order))  # [N'] 0 for the newest basket
     weight = np.power(float(decay), age)  # [N']
     total = np.bincount(cust, weights=weight, minlength=n_customers)  # [C]
-    mix = sp.csr_matrix((weight / total[cust], (cust, order)), shape=(n_customers, len(customer)))  # [C, N]
-    return (mix @ product_sets(train.offsets, train.tokens, vocab_size)).tocsr()  # [C, V]
+    share = weight / total[cust]  # [N']
+    # Rows = mix [C, N] @ product sets [N, V], computed a range of customers at a time over their baskets
+    # alone, read from the (memory-mapped) split: each row is the same sum, in the same order, as in
+    # the whole product, so the vectors are the same bit for bit and the split is never copied whole.
+    starts = np.zeros(n_customers + 1, dtype=np.int64)  # [C + 1] first position of each customer in order
+    np.cumsum(np.bincount(cust, minlength=n_customers), out=starts[1:])
+    pieces, lo = [], 0
+    while lo < n_customers:
+        hi = int(np.searchsorted(starts, starts[lo] + VECTOR_CHUNK_BASKETS, side="right")) - 1
+        hi = min(n_customers, max(hi, lo + 1))
+        a, b = starts[lo], starts[hi]
+        baskets = np.sort(order[a:b])  # columns in basket order, as in the whole mix
+        mix = sp.csr_matrix((share[a:b], (cust[a:b] - lo, np.searchsorted(baskets, order[a:b]))),
+                            shape=(hi - lo, len(baskets)))
+        pieces.append((mix @ product_sets(*gather_baskets(train.offsets, train.tokens, baskets), vocab_size)).tocsr())
+        lo = hi
+    return sp.vstack(pieces, format="csr")  # [C, V]
 
 
 def nearest_customers(vectors: sp.csr_matrix, k: int, *, chunk_cells: int = KNN_CHUNK_CELLS

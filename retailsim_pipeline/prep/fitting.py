@@ -21,7 +21,7 @@ and a fit from the summed counts. Both entry points run the same code, so they a
 """
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,13 +123,36 @@ def _numbered(frame: pl.DataFrame, *exprs: pl.Expr) -> np.ndarray:
     return frame.select(e.alias(f"__stat{i}") for i, e in enumerate(exprs)).to_numpy().astype(np.float64)
 
 
+#: Lines of a split read at a time by the counts over a whole split (:func:`basket_ranges`): a
+#: memory-mapped split is never copied whole.
+COUNT_CHUNK_LINES = 1 << 22
+
+
+def basket_ranges(offsets: np.ndarray, max_lines: int | None = None) -> Iterator[tuple[int, int]]:
+    """Consecutive basket ranges ``[lo, hi)`` of a token CSR, each of at most ``max_lines`` lines (or one
+    basket, if longer; default :data:`COUNT_CHUNK_LINES`), covering every basket."""
+    max_lines = COUNT_CHUNK_LINES if max_lines is None else max_lines
+    offsets = np.asarray(offsets)
+    n, lo = len(offsets) - 1, 0
+    while lo < n:
+        hi = int(np.searchsorted(offsets, int(offsets[lo]) + max_lines, side="right")) - 1
+        hi = min(n, max(hi, lo + 1))
+        yield lo, hi
+        lo = hi
+
+
 def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int,
                             normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:
     """[V, V] float64 CSR co-occurrence of the baskets given: C_ij, the baskets holding both i and j
     (``"count"``), or C_ij / sqrt(c_i c_j) with c_i the baskets holding i (``"cosine"``); diagonal and
     special tokens 0. The one definition of "co-occurrence": the item-kNN baseline and the model's
-    co-occurrence path (cosine) read it."""
-    return similarity_from_counts(cooccurrence_counts(offsets, tokens, vocab_size), normalize)
+    co-occurrence path (cosine) read it. Counted :data:`COUNT_CHUNK_LINES` lines at a time (integer
+    counts: exact in any order)."""
+    counts = sp.csr_matrix((vocab_size, vocab_size))
+    for lo, hi in basket_ranges(offsets):
+        off = np.asarray(offsets[lo:hi + 1], dtype=np.int64)
+        counts = counts + cooccurrence_counts(off - off[0], tokens[off[0]:off[-1]], vocab_size)
+    return similarity_from_counts(counts, normalize)
 
 
 def similarity_from_counts(counts: sp.spmatrix, normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:

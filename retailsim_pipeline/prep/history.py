@@ -424,6 +424,18 @@ def _tie(counts: np.ndarray, last: np.ndarray, tokens: np.ndarray) -> np.ndarray
             | tokens.astype(np.int64))
 
 
+def gather_baskets(offsets: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR ``(offsets [n + 1], tokens)`` of the baskets at ``rows`` (any order, repeats allowed) of a
+    token CSR, read from it in place: on a memory-mapped split only those baskets' pages are read."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lo = np.asarray(offsets[rows], dtype=np.int64)
+    length = np.asarray(offsets[rows + 1], dtype=np.int64) - lo
+    out = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(length, out=out[1:])
+    index = np.repeat(lo - out[:-1], length) + np.arange(int(out[-1]))
+    return out, np.asarray(tokens[index], dtype=np.int64)
+
+
 class AsOfHistory:
     """Every basket of a tensor cache's splits, indexed by customer and time, to answer "what had this
     customer bought before this basket?" for any scored basket — the as-of history the baselines and
@@ -431,33 +443,41 @@ class AsOfHistory:
     same ``customer_key``, any split).
 
     Baskets are sorted by (customer_key, past_baskets), so customer ``c``'s earlier baskets of a basket
-    with ``past_baskets = p`` are the rows ``start[c] .. start[c] + p - 1`` of that order. ``lines``
-    [N_all, V] counts each sorted basket's lines per product (special tokens dropped).
+    with ``past_baskets = p`` are the rows ``start[c] .. start[c] + p - 1`` of that order.
+
+    Bounded memory: the splits' token arrays (memory-mapped in a tensor cache) are not copied. The
+    index holds ``start`` [K + 2] and the sorted order as one int32 per basket (each basket's row in the
+    splits laid end to end: 128 MB for the full-scale 32M baskets); a query gathers the lines of its
+    earlier baskets, and only theirs, from the splits. The sums are the very sparse products of the
+    complete ``[N_all, V]`` line matrix, restricted to the rows a query reads (in the same order), so
+    the values are bit-identical to it.
     """
 
     def __init__(self, splits: list, vocab_size: int):
         key = np.concatenate([np.asarray(s.customer_key, dtype=np.int64) for s in splits])
         past = np.concatenate([np.asarray(s.past_baskets, dtype=np.int64) for s in splits])
-        lengths = np.concatenate([np.diff(np.asarray(s.offsets, dtype=np.int64)) for s in splits])
-        tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in splits])
-        order = np.lexsort((past, key))  # sorted position → basket (of the concatenation)
+        if len(key) >= 2**31:
+            raise ValueError(f"{len(key):,} baskets: the as-of index numbers them in int32")
         self.vocab_size = vocab_size
+        self._splits = splits
+        self._bounds = np.cumsum([0, *(len(np.asarray(s.offsets)) - 1 for s in splits)])  # [S + 1] first row of each
+        self.order = np.lexsort((past, key)).astype(np.int32)  # sorted position → basket (of the concatenation)
+        del past
         self.start = np.zeros(int(key.max(initial=0)) + 2, dtype=np.int64)  # [K + 1]: first sorted row per key
         np.add.at(self.start, key + 1, 1)
         self.start = np.cumsum(self.start)[:-1]
-        position = np.empty(len(order), dtype=np.int64)
-        position[order] = np.arange(len(order))
-        line_row = np.repeat(position, lengths)  # [L] sorted row of each line
-        keep = (np.repeat(key, lengths) > 0) & (tokens >= N_SPECIAL)
-        self.lines = sp.csr_matrix((np.ones(int(keep.sum()), np.float64), (line_row[keep], tokens[keep])),
-                                   shape=(len(order), vocab_size))
-        self.lines.sum_duplicates()
-        self._sets = self.lines.copy()
-        self._sets.data[:] = 1.0
+        self.n_baskets = len(key)
 
-    def mix(self, customer_key: np.ndarray, past_baskets: np.ndarray, decay: float = 1.0) -> sp.csr_matrix:
-        """[n, N_all] weights over each scored basket's earlier baskets (anonymous: none). With ``decay``
-        < 1 the i-th most recent earlier basket weighs ``decay ** i`` (1 for the latest)."""
+    def held(self) -> np.ndarray:
+        """[K + 1] the baskets of each customer key in the splits (key 0: anonymous)."""
+        return np.diff(np.append(self.start, self.n_baskets))
+
+    def mix(self, customer_key: np.ndarray, past_baskets: np.ndarray, decay: float = 1.0
+            ) -> tuple[sp.csr_matrix, np.ndarray]:
+        """``(weights, rows)``: [n, B] weights over each scored basket's earlier baskets (anonymous: none),
+        column j standing for the sorted row ``rows[j]`` (ascending: the columns of the complete [n, N_all]
+        mix that hold a weight, in their order). With ``decay`` < 1 the i-th most recent earlier basket
+        weighs ``decay ** i`` (1 for the latest)."""
         key = np.asarray(customer_key, dtype=np.int64)
         past = np.where(key > 0, np.asarray(past_baskets, dtype=np.int64), 0)
         rows = np.repeat(np.arange(len(key)), past)
@@ -466,16 +486,39 @@ class AsOfHistory:
         cols = self.start[np.repeat(key, past)] + rank
         age = np.repeat(past, past) - 1 - rank  # 0 = the latest earlier basket
         weights = np.ones(len(rows)) if decay == 1.0 else np.power(float(decay), age)
-        return sp.csr_matrix((weights, (rows, cols)), shape=(len(key), self.lines.shape[0]))
+        used, local = np.unique(cols, return_inverse=True)
+        return sp.csr_matrix((weights, (rows, local.reshape(-1))), shape=(len(key), len(used))), used
+
+    def lines(self, sorted_rows: np.ndarray) -> sp.csr_matrix:
+        """[B, V] float64 line counts per product of the baskets at these sorted rows (special tokens
+        dropped; anonymous baskets are never an earlier basket), gathered from the splits."""
+        basket = self.order[np.asarray(sorted_rows, dtype=np.int64)].astype(np.int64)
+        split = np.searchsorted(self._bounds, basket, side="right") - 1
+        line_row, tokens = [], []
+        for s in np.unique(split):
+            at = np.flatnonzero(split == s)
+            offsets, part = gather_baskets(self._splits[s].offsets, self._splits[s].tokens, basket[at] - self._bounds[s])
+            line_row.append(np.repeat(at, np.diff(offsets)))
+            tokens.append(part)
+        line_row = np.concatenate(line_row) if line_row else np.zeros(0, np.int64)
+        tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+        keep = tokens >= N_SPECIAL
+        out = sp.csr_matrix((np.ones(int(keep.sum()), np.float64), (line_row[keep], tokens[keep])),
+                            shape=(len(basket), self.vocab_size))
+        out.sum_duplicates()
+        return out
 
     def counts(self, customer_key: np.ndarray, past_baskets: np.ndarray) -> sp.csr_matrix:
         """[n, V] the customer's line counts per product over the baskets before each scored basket."""
-        return (self.mix(customer_key, past_baskets) @ self.lines).tocsr()
+        mix, rows = self.mix(customer_key, past_baskets)
+        return (mix @ self.lines(rows)).tocsr()
 
     def decayed_sets(self, customer_key: np.ndarray, past_baskets: np.ndarray, decay: float) -> sp.csr_matrix:
         """[n, V] the time-decayed mean of the earlier baskets' product sets (entries in [0, 1]): basket
         i-th most recent weighs ``decay ** i``, weights normalised to sum to 1 (empty row: no history)."""
-        mix = self.mix(customer_key, past_baskets, decay)
+        mix, rows = self.mix(customer_key, past_baskets, decay)
+        sets = self.lines(rows)
+        sets.data[:] = 1.0
         total = np.asarray(mix.sum(axis=1)).ravel()
         inv = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
-        return (sp.diags(inv) @ mix @ self._sets).tocsr()
+        return (sp.diags(inv) @ mix @ sets).tocsr()

@@ -232,3 +232,18 @@ def test_tuning_picks_grid_points_and_beats_personal_frequency(cache, validation
     for name in STRONG_BASELINES:
         assert recall[name] == pytest.approx(tuned[name]["validation_recall@10"])  # rebuilt = tuned
         assert recall[name] >= recall["personal_frequency"], recall
+
+
+def test_customer_vectors_by_pieces_of_customers_are_bit_identical(cache, monkeypatch):
+    """The TIFU vectors are computed a range of customers at a time over their own baskets (gathered from
+    the memory-mapped split): the same CSR, bit for bit, as one piece."""
+    import retailsim_pipeline.evaluation.strong_baselines as strong
+
+    train = cache.split("train")
+    n, v = n_customer_rows(train), len(cache.product_log_price)
+    whole = decayed_customer_vectors(train, n, v, 0.9)
+    monkeypatch.setattr(strong, "VECTOR_CHUNK_BASKETS", 5)
+    pieces = decayed_customer_vectors(train, n, v, 0.9)
+    assert pieces.shape == whole.shape
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(pieces, name), getattr(whole, name), err_msg=name)

@@ -99,3 +99,25 @@ def test_product_neighbours_are_each_rows_top_k_ties_by_token_in_any_block_size(
         got = build_product_neighbours(similarity, k, block_rows=int(rng.integers(1, 9)))
         np.testing.assert_array_equal(got[0], want[0], err_msg=f"trial {trial}: tokens")
         np.testing.assert_array_equal(got[1], want[1], err_msg=f"trial {trial}: weights")
+
+
+def test_whole_split_counts_by_chunks_equal_one_pass(cache, monkeypatch):
+    """Co-occurrence and train counts read a split a few lines at a time: any chunking gives the same
+    numbers (integer counts), including chunks of a single basket."""
+    import retailsim_pipeline.prep.fitting as fitting
+    from retailsim_pipeline.evaluation.baselines import train_counts
+    from retailsim_pipeline.prep.embeddings import cooccurrence_counts
+
+    train = cache.split("train")
+    v = int(cache.product_embeddings.shape[0])
+    whole = fitting.similarity_from_counts(cooccurrence_counts(train.offsets, train.tokens, v)).toarray()
+    want_counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=v).astype(np.float64)
+    want_counts[:3] = 0.0
+    ranges = list(fitting.basket_ranges(train.offsets, max_lines=7))
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(train) and len(ranges) > 1
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    lines = [int(train.offsets[hi] - train.offsets[lo]) for lo, hi in ranges]
+    assert all(n <= 7 or hi - lo == 1 for n, (lo, hi) in zip(lines, ranges))
+    monkeypatch.setattr(fitting, "COUNT_CHUNK_LINES", 7)
+    np.testing.assert_array_equal(fitting.cooccurrence_similarity(train.offsets, train.tokens, v).toarray(), whole)
+    np.testing.assert_array_equal(train_counts(train, v), want_counts)

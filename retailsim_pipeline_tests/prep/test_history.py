@@ -15,6 +15,7 @@ from retailsim_pipeline.prep.history import (
     MemoryState,
     SequenceState,
     customer_sequence,
+    gather_baskets,
     point_in_time_memory,
 )
 
@@ -239,3 +240,32 @@ def test_sequence_state_streams_the_customer_sequence():
     # A chunk earlier than what the state has seen is refused, by name.
     with pytest.raises(ValueError, match="of an earlier chunk: chunks must be in time order"):
         state.advance(frame.filter(pl.Series(day < 3) & pl.col("cust_code").is_not_null()))
+
+
+def test_gather_baskets_reads_the_rows_asked_in_their_order_repeats_included():
+    b = _random_baskets(3)
+    rows = np.array([5, 0, 5, len(b.customer_key) - 1, 2])
+    offsets, tokens = gather_baskets(b.offsets, b.tokens, rows)
+    assert offsets.dtype == np.int64 and offsets[0] == 0 and len(offsets) == len(rows) + 1
+    for i, r in enumerate(rows):
+        assert tokens[offsets[i]:offsets[i + 1]].tolist() == b.tokens[b.offsets[r]:b.offsets[r + 1]].tolist()
+    empty = gather_baskets(b.offsets, b.tokens, np.zeros(0, np.int64))
+    assert empty[0].tolist() == [0] and len(empty[1]) == 0
+
+
+def test_as_of_history_holds_no_line_of_the_splits(tmp_path):
+    """The history reads memory-mapped splits in place: what it keeps is an index of one int32 per basket
+    (and one start per customer), never the lines; the answers are those of the brute force."""
+    b = _random_baskets(4)
+    np.save(tmp_path / "tokens.npy", np.asarray(b.tokens))
+    mapped = SimpleNamespace(customer_key=b.customer_key, past_baskets=b.past_baskets, offsets=b.offsets,
+                             tokens=np.load(tmp_path / "tokens.npy", mmap_mode="r"))
+    history = AsOfHistory([mapped], VOCAB)
+    kept = [v for v in vars(history).values() if isinstance(v, np.ndarray)]
+    assert sum(v.nbytes for v in kept) <= 4 * len(b.customer_key) + 8 * (b.customer_key.max() + 2) + 8 * 2
+    counts = history.counts(b.customer_key, b.past_baskets).toarray()
+    for i in range(len(b.customer_key)):
+        want = np.zeros(VOCAB)
+        for j in _earlier(b, i):
+            np.add.at(want, [t for t in b.tokens[b.offsets[j]:b.offsets[j + 1]].tolist() if t >= N_SPECIAL], 1)
+        assert np.array_equal(counts[i], want), i
