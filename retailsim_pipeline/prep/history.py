@@ -497,7 +497,8 @@ class AsOfHistory:
         line_row, tokens = [], []
         for s in np.unique(split):
             at = np.flatnonzero(split == s)
-            offsets, part = gather_baskets(self._splits[s].offsets, self._splits[s].tokens, basket[at] - self._bounds[s])
+            split_s = self._splits[s]
+            offsets, part = gather_baskets(split_s.offsets, split_s.tokens, basket[at] - self._bounds[s])
             line_row.append(np.repeat(at, np.diff(offsets)))
             tokens.append(part)
         line_row = np.concatenate(line_row) if line_row else np.zeros(0, np.int64)

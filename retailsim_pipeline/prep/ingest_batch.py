@@ -2,14 +2,14 @@
 
 Why: a published week holds ~27k lines, and validating one file alone costs about 15 small polars
 queries, each with its fixed cost, and as many passes over the week's distinct ids. Here a batch of
-files is read as one query (their strict scans concatenated, each row tagged with its file) and
-validated at once: the queries run once per batch (~16 published weeks), the distinct ids are
-checked once for all of them. Each file's rows are then written to its own outputs, atomically, as
+files is read as one query (their strict scans collected together, then joined with each row tagged
+with its file: :func:`~retailsim_pipeline.prep.reading.working_frame`) and validated at once: the
+queries run once per batch (~16 published weeks), the distinct ids are checked once for all of them. Each file's rows are then written to its own outputs, atomically, as
 the per-file path does. (Reading and writing cost the same either way: they are per row.)
 
 What is a file's own, and how the batch keeps it so:
 
-- its line numbers: each file's scan numbers its own lines (the header is line 1);
+- its line numbers: each file's rows are numbered from its own first line (the header is line 1);
 - its week (the rule "SHOP_WEEK differs from the file's week"): a column of the batch (:data:`WEEK_COL`);
 - its segment code family: decided per file from its distinct values (:func:`segment_family`);
 - its baskets: consistency is checked per (file, BASKET_ID);
