@@ -34,6 +34,7 @@ from retailsim_pipeline.evaluation.baselines import (
     train_counts,
 )
 from retailsim_pipeline.prep.cache import SplitArrays
+from retailsim_pipeline.prep.fitting import basket_ranges
 from retailsim_pipeline.prep.history import AsOfHistory, gather_baskets
 
 #: Dense cells of one chunk of the customer × customer similarity (float64: 32 MiB), bounding the
@@ -136,16 +137,13 @@ def decayed_customer_vectors(train: SplitArrays, n_customers: int, vocab_size: i
     # the whole product, so the vectors are the same bit for bit and the split is never copied whole.
     starts = np.zeros(n_customers + 1, dtype=np.int64)  # [C + 1] first position of each customer in order
     np.cumsum(np.bincount(cust, minlength=n_customers), out=starts[1:])
-    pieces, lo = [], 0
-    while lo < n_customers:
-        hi = int(np.searchsorted(starts, starts[lo] + VECTOR_CHUNK_BASKETS, side="right")) - 1
-        hi = min(n_customers, max(hi, lo + 1))
+    pieces = []
+    for lo, hi in basket_ranges(starts, VECTOR_CHUNK_BASKETS):  # ranges of customers (rows of ``starts``)
         a, b = starts[lo], starts[hi]
         baskets = np.sort(order[a:b])  # columns in basket order, as in the whole mix
         mix = sp.csr_matrix((share[a:b], (cust[a:b] - lo, np.searchsorted(baskets, order[a:b]))),
                             shape=(hi - lo, len(baskets)))
         pieces.append((mix @ product_sets(*gather_baskets(train.offsets, train.tokens, baskets), vocab_size)).tocsr())
-        lo = hi
     return sp.vstack(pieces, format="csr")  # [C, V]
 
 

@@ -179,7 +179,7 @@ def _with_history(df: pl.DataFrame) -> pl.DataFrame:
     # its sums need the per-run sequential additions.
     counts = [i for i, c in enumerate(_INCREMENTS) if c != "__ind_spend"]
     spend = _INCREMENTS.index("__ind_spend")
-    if df.height:
+    if n:
         running = np.cumsum(increments[:, counts], axis=0)
         run = np.cumsum(starts) - 1
         before = np.vstack([np.zeros((1, len(counts))), running[np.flatnonzero(starts)[1:] - 1]])  # [runs, c]

@@ -130,7 +130,8 @@ COUNT_CHUNK_LINES = 1 << 22
 
 def basket_ranges(offsets: np.ndarray, max_lines: int | None = None) -> Iterator[tuple[int, int]]:
     """Consecutive basket ranges ``[lo, hi)`` of a token CSR, each of at most ``max_lines`` lines (or one
-    basket, if longer; default :data:`COUNT_CHUNK_LINES`), covering every basket."""
+    basket, if longer; default :data:`COUNT_CHUNK_LINES`), covering every basket. Any CSR's rows work
+    alike (e.g. customers over their baskets)."""
     max_lines = COUNT_CHUNK_LINES if max_lines is None else max_lines
     offsets = np.asarray(offsets)
     n, lo = len(offsets) - 1, 0
@@ -521,9 +522,10 @@ class TrainFit:
 
     def finish(self) -> FittedTables:
         if self._seen != (self.baskets.height, self.n_lines):
-            raise ValueError(f"the train chunks gave {self.baskets.height:,} baskets and {self.n_lines:,} lines in the "
-                             f"first pass and {self._seen[0]:,} and {self._seen[1]:,} to add_lines: train_chunks() must return "
-                             "a fresh iterator over the same chunks on every call, and add_lines see every chunk")
+            raise ValueError(f"the train chunks gave {self.baskets.height:,} baskets and {self.n_lines:,} lines in "
+                             f"the first pass and {self._seen[0]:,} and {self._seen[1]:,} to add_lines: train_chunks() "
+                             "must return a fresh iterator over the same chunks on every call, and add_lines see every "
+                             "chunk")
         emb = build_product_embeddings_from_counts(self._cooc, self.vocabulary, self.config)
         store_ctx, stores = build_store_context(self.baskets, self._store_lines, emb, self.config)
         if not stores.equals(self.stores):
