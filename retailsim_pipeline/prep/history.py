@@ -164,6 +164,8 @@ _TOKEN_MASK = (1 << _TOKEN_BITS) - 1
 #: Tie-break fields packed into one int64 (count desc, last purchase desc, token asc).
 _COUNT_CAP = (1 << 23) - 1
 _LAST_CAP = (1 << 20) - 1
+#: The tie key of an empty slot (no lines, last purchase 0, token PAD).
+_EMPTY_TIE = (_COUNT_CAP << 40) | (_LAST_CAP << _TOKEN_BITS) | PAD
 
 
 class MemoryState:
@@ -176,9 +178,11 @@ class MemoryState:
     it ∪ the basket's products, with their updated ``G``): one row sort of ``k`` + (products in the
     basket) entries per basket, whatever the length of the history. The state is
 
-    * per customer: the ``k`` memory slots (token, ``G``, line count, basket of the last purchase) and how
-      many of its baskets were seen;
-    * per (customer, product) ever bought: ``G``, line count, last purchase (a sorted table of pair codes),
+    * per customer: the ``k`` memory slots (``G`` and the tie key :func:`_tie`, which packs the token, the
+      line count and the basket of the last purchase) and how many of its baskets were seen;
+    * per (customer, product) ever bought: ``G``, line count, last purchase, whether it is in the memory
+      now; stored by pair id (the order of first purchase: new pairs are appended, never inserted) and
+      found by its pair code through :meth:`_pair_ids`,
 
     so it grows with customers × products they bought, never with baskets or lines. :meth:`advance` takes
     any chunk of baskets whose every customer's baskets continue where the previous chunk stopped
@@ -191,41 +195,41 @@ class MemoryState:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.k, self.decay, self.log_decay = int(k), float(decay), float(np.log(decay))
-        self._tokens = np.full((1, k), PAD, dtype=np.int32)  # [K + 1, k] row = customer key
-        self._g = np.full((1, k), -np.inf)
-        self._counts = np.zeros((1, k), dtype=np.int32)
-        self._last = np.zeros((1, k), dtype=np.int32)
+        self._g = np.full((1, k), -np.inf)  # [K + 1, k] row = customer key, best first (empty: -inf)
+        self._tie = np.full((1, k), _EMPTY_TIE, dtype=np.int64)  # [K + 1, k] the slots' _tie (token in it)
         self.n_seen = np.zeros(1, dtype=np.int64)  # [K + 1] baskets of each customer advanced so far
-        self._pairs = np.zeros(0, dtype=np.int64)  # sorted key << _TOKEN_BITS | token
+        # Per pair id, the first _n_pairs entries of each (the rest is spare capacity, zero).
+        self._n_pairs = 0
         self._pair_g = np.zeros(0)
         self._pair_counts = np.zeros(0, dtype=np.int32)  # line counts (saturating in the output, not here)
         self._pair_last = np.zeros(0, dtype=np.int32)
         self._pair_in_memory = np.zeros(0, dtype=bool)  # the pair is in its customer's top k now
+        # Pair code (key << _TOKEN_BITS | token) -> pair id: (sorted codes, their ids) in two levels, the
+        # large one and the recent one, merged when the recent one outgrows a quarter of the large one.
+        self._index = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) for _ in range(2)]
 
     @property
     def n_pairs(self) -> int:
         """(customer, product) pairs bought so far: the size of the state beyond the ``k`` slots."""
-        return len(self._pairs)
+        return self._n_pairs
 
     def _grow(self, max_key: int) -> None:
         n = len(self.n_seen)
         if max_key < n:
             return
         extra = max(max_key + 1, 2 * n) - n
-        self._tokens = np.concatenate([self._tokens, np.full((extra, self.k), PAD, dtype=np.int32)])
         self._g = np.concatenate([self._g, np.full((extra, self.k), -np.inf)])
-        self._counts = np.concatenate([self._counts, np.zeros((extra, self.k), dtype=np.int32)])
-        self._last = np.concatenate([self._last, np.zeros((extra, self.k), dtype=np.int32)])
+        self._tie = np.concatenate([self._tie, np.full((extra, self.k), _EMPTY_TIE, dtype=np.int64)])
         self.n_seen = np.concatenate([self.n_seen, np.zeros(extra, dtype=np.int64)])
 
     def memory_at(self, customer_key: np.ndarray, j: np.ndarray) -> Memory:
         """The memory of each customer's next basket, its ``j``-th (``j`` = baskets before it), from the
         state as it stands."""
         key, j = np.asarray(customer_key, dtype=np.int64), np.asarray(j, dtype=np.int64)
-        tokens = self._tokens[key]
+        tokens, slot_counts, last = _untie(self._tie[key])
         filled = tokens != PAD
-        counts = np.where(filled, np.minimum(self._counts[key], MAX_COUNT), 0).astype(np.uint16)
-        recency = np.where(filled, np.minimum(j[:, None] - 1 - self._last[key], MAX_COUNT), 0).astype(np.uint16)
+        counts = np.where(filled, np.minimum(slot_counts, MAX_COUNT), 0).astype(np.uint16)
+        recency = np.where(filled, np.minimum(j[:, None] - 1 - last, MAX_COUNT), 0).astype(np.uint16)
         scale = np.exp((j - 1).astype(np.float64) * self.log_decay)  # decay ** (j - 1)
         total = j.astype(np.float64) if self.decay == 1.0 else -np.expm1(j * self.log_decay) / -np.expm1(self.log_decay)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -275,9 +279,10 @@ class MemoryState:
         pair = (key[entry_basket] << _TOKEN_BITS) | entry_token
         by_pair = np.argsort(pair, kind="stable")
         sorted_pairs = pair[by_pair]
-        self._insert(sorted_pairs[_run_starts(sorted_pairs)])
-        entry_pair = np.empty(len(pair), dtype=np.int64)
-        entry_pair[by_pair] = np.searchsorted(self._pairs, sorted_pairs)  # sorted needles: cache-friendly, ~5x
+        first = _run_starts(sorted_pairs)
+        entry_pair = np.empty(len(pair), dtype=np.int64)  # the entry's pair id
+        entry_pair[by_pair] = np.repeat(self._pair_ids(sorted_pairs[first], add=True),
+                                        np.diff(np.r_[first, len(sorted_pairs)]))
         round_of = np.empty(n, dtype=np.int64)
         round_of[order] = rank
         by_round = np.argsort(round_of[entry_basket], kind="stable")  # entries by round, then basket, token
@@ -296,20 +301,48 @@ class MemoryState:
         self.n_seen += np.bincount(ks, minlength=len(self.n_seen))
         return out
 
-    def _insert(self, pairs: np.ndarray) -> None:
-        """Add the (customer, product) pairs not in the table yet (``pairs`` sorted, unique)."""
-        at = np.searchsorted(self._pairs, pairs)
-        known = np.zeros(len(pairs), dtype=bool)
-        inside = at < len(self._pairs)
-        known[inside] = self._pairs[at[inside]] == pairs[inside]
-        new = pairs[~known]
-        if len(new):
-            where = at[~known]
-            self._pairs = np.insert(self._pairs, where, new)
-            self._pair_g = np.insert(self._pair_g, where, 0.0)
-            self._pair_counts = np.insert(self._pair_counts, where, 0)
-            self._pair_last = np.insert(self._pair_last, where, 0)
-            self._pair_in_memory = np.insert(self._pair_in_memory, where, False)
+    def _pair_ids(self, pairs: np.ndarray, add: bool) -> np.ndarray:
+        """The pair ids of the pair codes ``pairs`` (sorted, unique); with ``add``, codes not seen yet get
+        the next ids (their values zero), else every code must be known.
+
+        A lookup is a binary search in each level of the index, with sorted needles (cache-friendly). New
+        codes go into the recent level, so an insertion moves that level's entries, not the large one's
+        (at full scale the table holds 10^8 pairs, and each chunk adds ~2·10^6)."""
+        (keys, ids), (recent_keys, recent_ids) = self._index
+        found = _find(keys, ids, pairs)
+        miss = np.flatnonzero(found < 0)
+        if not len(miss):
+            return found
+        at = np.searchsorted(recent_keys, pairs[miss])
+        found[miss] = _find(recent_keys, recent_ids, pairs[miss], at)
+        new = found[miss] < 0
+        if not new.any():
+            return found
+        if not add:
+            raise KeyError(f"MemoryState: pair code {int(pairs[miss[new][0]])} is not in the table")
+        new_ids = np.arange(self._n_pairs, self._n_pairs + int(new.sum()))
+        found[miss[new]] = new_ids
+        self._reserve(self._n_pairs + len(new_ids))
+        self._n_pairs += len(new_ids)
+        recent_keys = np.insert(recent_keys, at[new], pairs[miss[new]])
+        recent_ids = np.insert(recent_ids, at[new], new_ids)
+        if 4 * len(recent_keys) > len(keys):
+            where = np.searchsorted(keys, recent_keys)
+            keys, ids = np.insert(keys, where, recent_keys), np.insert(ids, where, recent_ids)
+            recent_keys, recent_ids = recent_keys[:0], recent_ids[:0]
+        self._index = [(keys, ids), (recent_keys, recent_ids)]
+        return found
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` pairs in the per-pair arrays (growing by half again: appends are amortized O(1))."""
+        if n <= len(self._pair_g):
+            return
+        size = max(n, len(self._pair_g) * 3 // 2)
+        for name in ("_pair_g", "_pair_counts", "_pair_last", "_pair_in_memory"):
+            old = getattr(self, name)
+            grown = np.zeros(size, dtype=old.dtype)
+            grown[:self._n_pairs] = old[:self._n_pairs]
+            setattr(self, name, grown)
 
     def _buy(self, basket: np.ndarray, token: np.ndarray, lines: np.ndarray, pair: np.ndarray,
              key: np.ndarray, past: np.ndarray) -> None:
@@ -335,9 +368,8 @@ class MemoryState:
         group = np.cumsum(start) - 1  # [E] the entry's customer among this round's
         cust = key[basket[start]]  # [m] distinct customers
         m = len(cust)
-        mem_tokens, mem_g = self._tokens[cust], self._g[cust]  # [m, k], best first, PAD (G -inf) last
-        mem_counts, mem_last = self._counts[cust], self._last[cust]
-        mem_tie = _tie(mem_counts, mem_last, mem_tokens)
+        mem_g, mem_tie = self._g[cust], self._tie[cust]  # [m, k], best first, PAD (G -inf) last
+        mem_tokens = mem_tie & _TOKEN_MASK
         # Products of the memory bought again: found at their old key; their old slot goes.
         again = np.zeros((m, k), dtype=bool)
         hit = np.flatnonzero(in_memory)
@@ -360,27 +392,21 @@ class MemoryState:
         entries_by = np.cumsum(np.bincount(group * (k + 1) + above, minlength=m * (k + 1)).reshape(m, k + 1), axis=1)
         kept_rank = np.cumsum(kept, axis=1) - 1
         k_slot = kept_rank + np.take_along_axis(entries_by, np.maximum(kept_rank, 0), axis=1)
-        new_tokens = np.full(m * k, PAD, dtype=np.int32)
         new_g = np.full(m * k, -np.inf)
-        new_counts = np.zeros(m * k, dtype=np.int32)
-        new_last = np.zeros(m * k, dtype=np.int32)
+        new_tie = np.full(m * k, _EMPTY_TIE, dtype=np.int64)
         placed = e_slot < k
         dst = group[placed] * k + e_slot[placed]
-        new_tokens[dst], new_g[dst] = token[placed], e_g[placed]
-        new_counts[dst], new_last[dst] = self._pair_counts[pair][placed], p[placed]
+        new_g[dst], new_tie[dst] = e_g[placed], e_tie[placed]
         stays = kept & (k_slot < k)
         src = np.flatnonzero(stays)
         dst = (src // k) * k + k_slot.ravel()[src]
-        new_tokens[dst], new_g[dst] = mem_tokens.ravel()[src], mem_g.ravel()[src]
-        new_counts[dst], new_last[dst] = mem_counts.ravel()[src], mem_last.ravel()[src]
-        new_tokens, new_g = new_tokens.reshape(m, k), new_g.reshape(m, k)
-        new_counts, new_last = new_counts.reshape(m, k), new_last.reshape(m, k)
-        self._tokens[cust], self._g[cust], self._counts[cust], self._last[cust] = new_tokens, new_g, new_counts, new_last
+        new_g[dst], new_tie[dst] = mem_g.ravel()[src], mem_tie.ravel()[src]
+        self._g[cust], self._tie[cust] = new_g.reshape(m, k), new_tie.reshape(m, k)
         self._pair_in_memory[pair] = placed
         pushed = np.flatnonzero(kept & (k_slot >= k))  # out of the memory now
         if len(pushed):
-            out = (cust[pushed // k] << _TOKEN_BITS) | mem_tokens.ravel()[pushed].astype(np.int64)
-            self._pair_in_memory[np.searchsorted(self._pairs, np.sort(out, kind="stable"))] = False  # sorted: faster
+            out = (cust[pushed // k] << _TOKEN_BITS) | mem_tokens.ravel()[pushed]
+            self._pair_in_memory[self._pair_ids(np.sort(out), add=False)] = False
 
 
 def _unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +420,16 @@ def _unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _run_starts(ordered: np.ndarray) -> np.ndarray:
     """Positions where a sorted array's runs of equal values begin."""
     return np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.zeros(0, np.int64)
+
+
+def _find(keys: np.ndarray, ids: np.ndarray, needles: np.ndarray, at: np.ndarray | None = None) -> np.ndarray:
+    """The ids of ``needles`` in one level of the pair index (``keys`` sorted, ``ids`` beside them), -1
+    where absent; ``at``: ``np.searchsorted(keys, needles)`` if already known."""
+    if not len(keys):
+        return np.full(len(needles), -1, dtype=np.int64)
+    at = np.searchsorted(keys, needles) if at is None else at
+    at = np.minimum(at, len(keys) - 1)
+    return np.where(keys[at] == needles, ids[at], -1)
 
 
 def _rank_in_rows(g: np.ndarray, tie: np.ndarray, rows: np.ndarray, q_g: np.ndarray, q_tie: np.ndarray
@@ -422,6 +458,12 @@ def _tie(counts: np.ndarray, last: np.ndarray, tokens: np.ndarray) -> np.ndarray
     counts, last = np.asarray(counts, dtype=np.int64), np.asarray(last, dtype=np.int64)
     return (((_COUNT_CAP - np.minimum(counts, _COUNT_CAP)) << 40) | ((_LAST_CAP - last) << _TOKEN_BITS)
             | tokens.astype(np.int64))
+
+
+def _untie(tie: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_tie` unpacked: tokens (int32), line counts (capped at ``_COUNT_CAP``), last purchases."""
+    return ((tie & _TOKEN_MASK).astype(np.int32), _COUNT_CAP - (tie >> 40),
+            _LAST_CAP - ((tie >> _TOKEN_BITS) & _LAST_CAP))
 
 
 def gather_baskets(offsets: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

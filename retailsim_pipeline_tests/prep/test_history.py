@@ -218,6 +218,27 @@ def test_memory_state_refuses_chunks_out_of_time_order():
         state.advance(b.customer_key[later], b.past_baskets[later], np.r_[0, np.cumsum(lengths)], b.tokens[lines])
 
 
+def test_memory_state_pair_ids_are_stable_across_the_index_levels():
+    """The pair table's index (a large sorted level and a recent one, merged when the recent one grows):
+    a code keeps the id it got when first added, new codes get the next ids, a lookup of an unknown code
+    without ``add`` raises; batches of every size exercise both levels and their merges."""
+    rng = np.random.default_rng(3)
+    state, known = MemoryState(4), {}
+    levels_seen = set()
+    for size in [50, 3, 1, 200, 7, 7, 30, 1000, 2, 60, 5, 400]:
+        codes = np.unique(rng.integers(1, 5000, size))
+        ids = state._pair_ids(codes, add=True)
+        for code, i in zip(codes.tolist(), ids.tolist()):
+            assert known.setdefault(code, i) == i
+        assert sorted(known.values()) == list(range(len(known))) and state.n_pairs == len(known)
+        levels_seen.add(tuple(len(keys) > 0 for keys, _ in state._index))
+        probe = np.array(sorted(rng.choice(list(known), 20)))
+        assert state._pair_ids(np.unique(probe), add=False).tolist() == [known[c] for c in np.unique(probe).tolist()]
+    assert (True, True) in levels_seen and (True, False) in levels_seen  # both levels used, and merged
+    with pytest.raises(KeyError, match="not in the table"):
+        state._pair_ids(np.array([5001]), add=False)
+
+
 def test_sequence_state_streams_the_customer_sequence():
     rng = np.random.default_rng(5)
     n = 400
