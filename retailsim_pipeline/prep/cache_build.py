@@ -361,7 +361,8 @@ def build_tensor_cache(
                     streams["line_log_price_ratio"].append(line_log_price_ratio(unit, tok, fit.product_log_price))
                     streams["line_quantity"].append(qty)
                     per_sample = build_split_features({split: frame}, fit.customers, fit.stores,
-                                                      trip.step(frame), trend_scale=trend_scale)[split]
+                                                      trip.step(frame, customer_key),
+                                                      trend_scale=trend_scale)[split]
                     per_sample |= {"customer_key": customer_key, "past_baskets": past}
                     for name, values in per_sample.items():
                         streams[name].append(values)

@@ -52,8 +52,50 @@ def cooccurrence_counts(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int
 
     Additive over baskets: the counts of a split are the sum of its chunks' counts, exact (integers in
     float64) up to 2^53, so a split can be counted a few weeks at a time."""
+    counts = _xtx(offsets, tokens, vocab_size)
+    counts.sort_indices()
+    return counts
+
+
+def _xtx(offsets: np.ndarray, tokens: np.ndarray, vocab_size: int) -> sp.csr_matrix:
+    """:func:`cooccurrence_counts` with its column indices in any order within a row (no sort: the
+    summing callers do not need one)."""
     x = product_sets(offsets, tokens, vocab_size)
-    return (x.T @ x).tocsr()
+    return x.T.tocsr() @ x  # CSR @ CSR: no CSC product to convert
+
+
+#: :class:`CooccurrenceSum` adds densely up to this size of a [V, V] float64 (V ≤ 11,585).
+COOC_DENSE_MAX_BYTES = 1 << 30
+
+
+class CooccurrenceSum:
+    """The :func:`cooccurrence_counts` of chunks of baskets, summed: :meth:`add` a chunk, :meth:`csr` the
+    total, the same canonical CSR (bit for bit: integer counts, exact in float64 up to 2^53) as the
+    counts of all the baskets at once.
+
+    The sum is held as a dense [V, V] float64 while that takes at most :data:`COOC_DENSE_MAX_BYTES`
+    (adding a chunk is then a dense add, ~0.25 s at V = 5,000, where a sparse sum of two 15M-entry
+    matrices takes twice that and a sorted product a further 0.5 s), else as a sparse sum."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        dense = self.vocab_size ** 2 * 8 <= COOC_DENSE_MAX_BYTES
+        self._dense = np.zeros((self.vocab_size, self.vocab_size)) if dense else None
+        self._sparse = None if dense else sp.csr_matrix((self.vocab_size, self.vocab_size))
+
+    def add(self, offsets: np.ndarray, tokens: np.ndarray) -> None:
+        counts = _xtx(offsets, tokens, self.vocab_size)
+        if self._dense is not None:
+            self._dense += counts.toarray()
+        else:
+            self._sparse = self._sparse + counts
+
+    def csr(self) -> sp.csr_matrix:
+        if self._dense is not None:
+            return sp.csr_matrix(self._dense)
+        total = self._sparse.tocsr(copy=True)
+        total.sum_duplicates()
+        return total
 
 
 def build_product_embeddings(

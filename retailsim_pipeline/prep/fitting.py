@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from retailsim_pipeline.config import MASK, N_SPECIAL, PAD, SPECIAL_CODES, UNK, CacheConfig
 from retailsim_pipeline.prep.embeddings import (
     build_product_embeddings_from_counts,
-    cooccurrence_counts,
+    CooccurrenceSum,
     product_sets,  # re-exported: callers import it from here
 )
 from retailsim_pipeline.prep.features import one_hot_exprs
@@ -149,11 +149,11 @@ def cooccurrence_similarity(offsets: np.ndarray, tokens: np.ndarray, vocab_size:
     special tokens 0. The one definition of "co-occurrence": the item-kNN baseline and the model's
     co-occurrence path (cosine) read it. Counted :data:`COUNT_CHUNK_LINES` lines at a time (integer
     counts: exact in any order)."""
-    counts = sp.csr_matrix((vocab_size, vocab_size))
+    counts = CooccurrenceSum(vocab_size)
     for lo, hi in basket_ranges(offsets):
         off = np.asarray(offsets[lo:hi + 1], dtype=np.int64)
-        counts = counts + cooccurrence_counts(off - off[0], tokens[off[0]:off[-1]], vocab_size)
-    return similarity_from_counts(counts, normalize)
+        counts.add(off - off[0], tokens[off[0]:off[-1]])
+    return similarity_from_counts(counts.csr(), normalize)
 
 
 def similarity_from_counts(counts: sp.spmatrix, normalize: Literal["cosine", "count"] = "cosine") -> sp.csr_matrix:
@@ -509,14 +509,14 @@ class TrainFit:
                         .select(pl.col("token_id").cast(pl.Int32).alias("token"), "log_price", "lines"))
         self.product_log_price = product_log_price_from_counts(token_prices, self.vocabulary.height)
         v = self.vocabulary.height
-        self._cooc = sp.csr_matrix((v, v), dtype=np.float64)  # [V, V] baskets holding both
+        self._cooc = CooccurrenceSum(v)  # [V, V] baskets holding both
         self._store_lines = sp.csr_matrix((self.stores.height + 1, v), dtype=np.int64)  # [S, V]
         self._seen = (0, 0)
 
     def add_lines(self, chunk: pl.DataFrame, offsets: np.ndarray, tokens: np.ndarray) -> None:
         """Count a train chunk's lines: ``(offsets, tokens)`` its :func:`basket_csr` under the vocabulary."""
         v = self.vocabulary.height
-        self._cooc = self._cooc + cooccurrence_counts(offsets, tokens, v)
+        self._cooc.add(offsets, tokens)
         self._store_lines = self._store_lines + store_line_counts(chunk, offsets, tokens, self.stores, v)
         self._seen = (self._seen[0] + len(offsets) - 1, self._seen[1] + len(tokens))
 
@@ -526,11 +526,12 @@ class TrainFit:
                              f"the first pass and {self._seen[0]:,} and {self._seen[1]:,} to add_lines: train_chunks() "
                              "must return a fresh iterator over the same chunks on every call, and add_lines see every "
                              "chunk")
-        emb = build_product_embeddings_from_counts(self._cooc, self.vocabulary, self.config)
+        cooc = self._cooc.csr()
+        emb = build_product_embeddings_from_counts(cooc, self.vocabulary, self.config)
         store_ctx, stores = build_store_context(self.baskets, self._store_lines, emb, self.config)
         if not stores.equals(self.stores):
             raise AssertionError("store_table and build_store_context number the stores differently")
-        neighbours, weights = build_product_neighbours(similarity_from_counts(self._cooc),
+        neighbours, weights = build_product_neighbours(similarity_from_counts(cooc),
                                                        self.config.cooccurrence_neighbours)
         return FittedTables(self.vocabulary, emb, self.product_log_price, self.customer_context, self.customers,
                             store_ctx, self.stores, neighbours, weights)

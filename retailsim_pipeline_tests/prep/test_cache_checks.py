@@ -75,10 +75,10 @@ def test_trip_features_that_see_the_basket_or_a_later_one_fail_by_name(tiny_prep
     honest = features_mod.TripStream.step
     column, value = _TRIP_LEAKS[leak]
 
-    def leaky(self, chunk):  # the builder's stream, and the check's recomputation through it (next: in the chunk)
+    def leaky(self, chunk, customer_key=None):  # the builder's stream, and the check's recomputation through it
         seen = _sequence({"chunk": chunk}).select("basket_id", pl.when(pl.col("cust_code").is_not_null())
-                                                  .then(value).otherwise(0.0).alias("__leak"))
-        return (honest(self, chunk).join(seen, on="basket_id", how="left", maintain_order="left")
+                                                  .then(value).otherwise(0.0).alias("__leak"))  # next: in the chunk
+        return (honest(self, chunk, customer_key).join(seen, on="basket_id", how="left", maintain_order="left")
                 .with_columns(pl.col("__leak").alias(column)).drop("__leak"))
 
     monkeypatch.setattr(features_mod.TripStream, "step", leaky)
@@ -146,7 +146,7 @@ def test_a_perturbation_that_changes_nothing_proves_nothing(tiny_prepped, tmp_pa
     """A builder whose history features ignore what was bought (all trip columns 0, empty memories)
     leaks nothing, but the perturbation cannot show it: the check fails rather than pass on nothing."""
     honest = features_mod.TripStream.step
-    monkeypatch.setattr(features_mod.TripStream, "step", lambda self, chunk: honest(self, chunk).select(
+    monkeypatch.setattr(features_mod.TripStream, "step", lambda self, chunk, key=None: honest(self, chunk, key).select(
         "basket_id", pl.all().exclude("basket_id") * 0.0))
     monkeypatch.setattr(history_mod.MemoryState, "advance", lambda self, key, past, offsets, tokens: Memory(
         np.full((len(key), self.k), 0, np.int32), np.zeros((len(key), self.k), np.uint16),

@@ -2,6 +2,7 @@
 
 import numpy as np
 import polars as pl
+import pytest
 
 from retailsim_pipeline.config import MASK, PAD, UNK, CacheConfig
 from retailsim_pipeline.prep.samples import SPLITS, read_samples
@@ -121,3 +122,32 @@ def test_whole_split_counts_by_chunks_equal_one_pass(cache, monkeypatch):
     monkeypatch.setattr(fitting, "COUNT_CHUNK_LINES", 7)
     np.testing.assert_array_equal(fitting.cooccurrence_similarity(train.offsets, train.tokens, v).toarray(), whole)
     np.testing.assert_array_equal(train_counts(train, v), want_counts)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_cooccurrence_sum_of_chunks_is_the_counts_of_all_baskets(dense, monkeypatch):
+    """CooccurrenceSum (dense or sparse) over chunks of baskets: the very CSR of cooccurrence_counts of
+    all of them, structure and values, canonical."""
+    import retailsim_pipeline.prep.embeddings as embeddings
+
+    monkeypatch.setattr(embeddings, "COOC_DENSE_MAX_BYTES", 1 << 30 if dense else 0)
+    rng = np.random.default_rng(11)
+    v = 40
+    lengths = rng.integers(0, 9, 300)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    tokens = rng.integers(0, v, int(offsets[-1])).astype(np.int32)  # specials and repeats too
+    whole = embeddings.cooccurrence_counts(offsets, tokens, v)
+    total = embeddings.CooccurrenceSum(v)
+    assert (total._dense is not None) == dense
+    for lo, hi in [(0, 1), (1, 120), (120, 120), (120, 300)]:
+        off = offsets[lo:hi + 1]
+        total.add(off - off[0], tokens[off[0]:off[-1]])
+    got = total.csr()
+    assert got.has_canonical_format and whole.has_canonical_format
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
+    sets = np.zeros((len(lengths), v))  # [n, V] which products each basket holds (specials not)
+    for b in range(len(lengths)):
+        sets[b, tokens[offsets[b]:offsets[b + 1]]] = 1.0
+    sets[:, :3] = 0.0
+    np.testing.assert_array_equal(whole.toarray(), sets.T @ sets)  # the definition: baskets holding both

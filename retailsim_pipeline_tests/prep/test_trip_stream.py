@@ -88,6 +88,30 @@ def test_rows_in_any_order_within_a_chunk(frames, home, one_shot):
     assert_bit_identical(got, in_order_of(ids, one_shot))
 
 
+@pytest.mark.parametrize("weeks_per_chunk", [1, 3])
+def test_grouped_by_the_customer_keys_the_same_bits(frames, home, one_shot, weeks_per_chunk):
+    """With the SequenceState's customer keys (as the cache builder calls it) the rows are grouped by an
+    integer, not by the codes: the same features bit for bit, the same state; rows shuffled in a chunk."""
+    from retailsim_pipeline.prep.history import SequenceState
+
+    chunks = [c.sample(fraction=1.0, shuffle=True, seed=i) for i, c in enumerate(week_chunks(frames, weeks_per_chunk))]
+    sequence = SequenceState(pl.concat([c.get_column("cust_code").cast(pl.String) for c in chunks]))
+    keyed, plain = TripStream(home), TripStream(home)
+    got = []
+    for c in chunks:
+        key, _ = sequence.advance(c.select("basket_id", "cust_code", "date", "hour"))
+        assert (key == 0).any() and (key > 0).any()
+        got.append(keyed.step(c, key))
+        plain.step(c)
+    got = pl.concat(got)
+    ids = pl.concat([c.get_column("basket_id") for c in chunks])
+    assert got.get_column("basket_id").equals(ids)
+    assert_bit_identical(got, in_order_of(ids, one_shot))
+    assert_frame_equal(keyed.state.drop("__key").sort("cust_code"), plain.state.drop("__key").sort("cust_code"),
+                       check_exact=True)
+    assert keyed.state.get_column("__key").null_count() == 0 and plain.state.get_column("__key").null_count() == plain.state.height
+
+
 def synthetic_baskets(template: pl.DataFrame) -> pl.DataFrame:
     """Customer A: 300 baskets over 150 days with spends 0.1, 0.2, 0.3 …; customer B: a few; and
     anonymous baskets. Every other column copies one real carded basket (the dtypes of the samples)."""
