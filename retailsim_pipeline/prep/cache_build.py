@@ -61,8 +61,12 @@ def _label_codes(frame: pl.DataFrame) -> np.ndarray:
     cols = []
     for col in LABEL_COLUMNS:
         codes = LABEL_CODES[col]
-        cols.append(frame.get_column(col.lower()).cast(pl.String)
-                    .replace_strict({c: i for i, c in enumerate(codes)}, return_dtype=pl.Int8).to_numpy())
+        values = frame.get_column(col.lower())
+        if values.dtype == pl.Enum(list(codes)) and not values.null_count():
+            cols.append(values.to_physical().to_numpy())  # the Enum's own index: the code's (the samples')
+        else:
+            cols.append(values.cast(pl.String).replace_strict({c: i for i, c in enumerate(codes)},
+                                                              return_dtype=pl.Int8).to_numpy())
     return np.stack(cols, axis=1).astype(np.int8)
 
 
@@ -92,18 +96,25 @@ def build_split_features(
             .join(trip, on="basket_id", how="left", maintain_order="left")
         )
         week = joined.get_column("week").to_numpy()
-        date = joined.get_column("date")
+        # The temporal features read only (week, date, weekday, hour): computed once per distinct moment
+        # (a chunk of two weeks has a few hundred) and gathered, the same values row by row.
+        moments = joined.select("week", "date", "weekday", "hour")
+        distinct = moments.unique(maintain_order=True)
+        at = (moments.join(distinct.with_row_index("__moment"), on=["week", "date", "weekday", "hour"], how="left",
+                           maintain_order="left", nulls_equal=True)
+              .get_column("__moment").to_numpy())
+        date = distinct.get_column("date")
         temporal = temporal_features(
-            joined.select(week_index_expr(pl.col("week"))).to_series().to_numpy(),
+            distinct.select(week_index_expr(pl.col("week"))).to_series().to_numpy(),
             date.dt.ordinal_day().to_numpy(), date.dt.month().to_numpy(),
-            joined.get_column("weekday").to_numpy(), joined.get_column("hour").to_numpy(), trend_scale,
-        )
+            distinct.get_column("weekday").to_numpy(), distinct.get_column("hour").to_numpy(), trend_scale,
+        ).astype(np.float16)[at]
         trip_cols = [c for c in trip.columns if c != "basket_id"]
         out[name] = {
             "customer_index": joined.get_column("row").fill_null(0).to_numpy().astype(np.int32),
             "store_index": joined.get_column("store_row").fill_null(0).to_numpy().astype(np.int32),
-            "temporal": temporal.astype(np.float16),
-            "trip": joined.select(trip_cols).to_numpy().astype(np.float16),
+            "temporal": temporal,
+            "trip": joined.select(trip_cols).to_numpy(order="c").astype(np.float16),
             "labels": _label_codes(joined),
             "basket_id": joined.get_column("basket_id").to_numpy().astype(np.int64),
             "week": week.astype(np.int32),

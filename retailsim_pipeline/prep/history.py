@@ -206,7 +206,7 @@ class MemoryState:
         self._pair_in_memory = np.zeros(0, dtype=bool)  # the pair is in its customer's top k now
         # Pair code (key << _TOKEN_BITS | token) -> pair id: (sorted codes, their ids) in two levels, the
         # large one and the recent one, merged when the recent one outgrows a quarter of the large one.
-        self._index = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) for _ in range(2)]
+        self._index = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)) for _ in range(2)]
 
     @property
     def n_pairs(self) -> int:
@@ -320,7 +320,9 @@ class MemoryState:
             return found
         if not add:
             raise KeyError(f"MemoryState: pair code {int(pairs[miss[new][0]])} is not in the table")
-        new_ids = np.arange(self._n_pairs, self._n_pairs + int(new.sum()))
+        if self._n_pairs + int(new.sum()) > np.iinfo(np.int32).max:
+            raise OverflowError("MemoryState: more than 2^31 (customer, product) pairs")
+        new_ids = np.arange(self._n_pairs, self._n_pairs + int(new.sum()), dtype=np.int32)
         found[miss[new]] = new_ids
         self._reserve(self._n_pairs + len(new_ids))
         self._n_pairs += len(new_ids)
@@ -334,10 +336,11 @@ class MemoryState:
         return found
 
     def _reserve(self, n: int) -> None:
-        """Room for ``n`` pairs in the per-pair arrays (growing by half again: appends are amortized O(1))."""
+        """Room for ``n`` pairs in the per-pair arrays (growing by a quarter: appends are amortized O(1),
+        and the spare room at most a quarter of the table)."""
         if n <= len(self._pair_g):
             return
-        size = max(n, len(self._pair_g) * 3 // 2)
+        size = max(n, len(self._pair_g) * 5 // 4)
         for name in ("_pair_g", "_pair_counts", "_pair_last", "_pair_in_memory"):
             old = getattr(self, name)
             grown = np.zeros(size, dtype=old.dtype)
@@ -426,7 +429,7 @@ def _find(keys: np.ndarray, ids: np.ndarray, needles: np.ndarray, at: np.ndarray
     """The ids of ``needles`` in one level of the pair index (``keys`` sorted, ``ids`` beside them), -1
     where absent; ``at``: ``np.searchsorted(keys, needles)`` if already known."""
     if not len(keys):
-        return np.full(len(needles), -1, dtype=np.int64)
+        return np.full(len(needles), -1, dtype=ids.dtype)
     at = np.searchsorted(keys, needles) if at is None else at
     at = np.minimum(at, len(keys) - 1)
     return np.where(keys[at] == needles, ids[at], -1)
