@@ -357,6 +357,9 @@ class TripStream:
             key = pl.Series("__key", np.asarray(customer_key), dtype=pl.Int32)
             rows, by = rows.with_columns(pl.when(key > 0).then(key).alias("__key")), "__key"
         carried = self._state.join(rows.select("cust_code").unique(), on="cust_code", how="semi")
+        if by == "__key" and carried.get_column("__key").null_count():
+            raise ValueError("TripStream: customer keys given with this chunk but not with an earlier one of the "
+                             "same customers: give them with every chunk or with none")
         self._check_time_order(rows, carried)
         df = _with_history(pl.concat([carried, rows], how="diagonal").sort(by, *_TIME_ORDER, nulls_last=True),
                            by)

@@ -110,6 +110,11 @@ def test_grouped_by_the_customer_keys_the_same_bits(frames, home, one_shot, week
     assert_frame_equal(keyed.state.drop("__key").sort("cust_code"), plain.state.drop("__key").sort("cust_code"),
                        check_exact=True)
     assert keyed.state.get_column("__key").null_count() == 0 and plain.state.get_column("__key").null_count() == plain.state.height
+    later = chunks[0].with_columns(pl.col("date") + pl.duration(days=10_000))  # after everything: in time order
+    fresh_keys, _ = SequenceState(later.get_column("cust_code").cast(pl.String)).advance(
+        later.select("basket_id", "cust_code", "date", "hour"))
+    with pytest.raises(ValueError, match="give them with every chunk or with none"):
+        plain.step(later, fresh_keys)  # keys now, none before: refused rather than mis-grouped
 
 
 def synthetic_baskets(template: pl.DataFrame) -> pl.DataFrame:
